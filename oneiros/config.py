@@ -1,0 +1,74 @@
+"""One frozen configuration for the engine; the CLI is built from it. Nothing is read at import."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from oneiros.core import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": MiB, "mb": 10**6,
+          "mib": MiB, "g": GiB, "gb": 10**9, "gib": GiB}
+
+
+def parse_bytes(value: str | int | float) -> int | float:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, '0.5' -> 0.5 (a fraction), 1024 -> 1024."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    s = str(value).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ConfigError(f"cannot read {value!r} as a size (examples: 2GiB, 512MiB, 0.8)")
+    num, unit = float(m.group(1)), m.group(2)
+    if unit == "" and num <= 1.0 and "." in m.group(1):
+        return num
+    return int(num * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs. `models` maps a tenant name to a model source."""
+
+    models: dict[str, str] = field(default_factory=lambda: {"smollm2": "smollm2"})
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    # Bytes (int or '4GiB'), or a fraction (0, 1] of the device's free memory. None: on CPU the
+    # weights plus 1 GiB of KV cache, on CUDA 0.9 of free memory.
+    memory_budget: int | float | str | None = None
+    page_bytes: int = 2 * MiB
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("at least one model is needed")
+        for name in self.models:
+            if not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
+                raise ConfigError(f"model name {name!r} may use letters, digits and ._:/- only")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.page_bytes < 4096 or self.page_bytes % 4096:
+            raise ConfigError(f"page_bytes must be a multiple of 4096, got {self.page_bytes}")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+
+
+def free_device_memory(device: str) -> int:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,240 @@
+"""Plain domain types shared by the scheduler, the memory accounting and the executors.
+
+Nothing here imports torch: the scheduler and the block accounting run on these alone, so they can be
+driven by the simulated executor and unit-tested without tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+
+class OneirosError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class InvalidRequestError(OneirosError, ValueError):
+    """The request itself is wrong (bad field, empty prompt, too long): the caller must change it."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownModelError(OneirosError, KeyError):
+    """A request or a command named a model the engine does not serve."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a readable sentence.
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+class ConfigError(OneirosError, ValueError):
+    """A setting cannot work (for example a memory budget too small for the model's weights)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick the next token and when to stop. Mirrors vLLM's names.
+
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus sampling.
+    `logprobs` is the number of top alternatives to report per token besides the chosen one (None: none).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
+            raise InvalidRequestError("max_tokens must be an integer", "max_tokens")
+        if self.max_tokens <= 0:
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens"
+            )
+        if not 0.0 <= float(self.temperature) <= 100.0:
+            raise InvalidRequestError(
+                f"temperature must be in [0, 100], got {self.temperature}", "temperature"
+            )
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1, 0 or positive, got {self.top_k}", "top_k")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidRequestError(
+                f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop must be non-empty strings", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: every finished state sorts after the live ones."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+_ids = itertools.count()
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation request and everything the engine tracks about it.
+
+    Token bookkeeping follows vLLM v1: `num_computed_tokens` catches up with `len(all_token_ids)`;
+    a step schedules `num_tokens - num_computed_tokens` (or a chunk of it) new tokens.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    model: str = "default"
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival_time: float = field(default_factory=time.perf_counter)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    stop_reason: str | int | None = None
+    output_text: str = ""
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    """One request's share of a step: `num_new_tokens` tokens starting at `start`."""
+
+    request: Request
+    start: int  # index of the first new token in request.all_token_ids
+    num_new_tokens: int
+
+    @property
+    def context_len(self) -> int:
+        """Tokens whose K/V are visible to the last new token after this step (cache + new)."""
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so a new token is sampled."""
+        return self.context_len == self.request.num_tokens
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step does: which requests run with how many tokens, for which model."""
+
+    model: str
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.seqs if s.start < s.request.num_prompt_tokens)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the executor returns: one sampled token (and its log-probability) per sampling seq."""
+
+    request_ids: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None = None
+    elapsed: float = 0.0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What the engine hands back for a request after a step (final when `finished`)."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+    finished: bool
+    finish_reason: str | None
+    arrival_time: float
+    token_times: list[float]
+    num_preemptions: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token, seconds."""
+        return self.token_times[0] - self.arrival_time if self.token_times else None
+
+    @property
+    def tbt(self) -> list[float]:
+        """Gaps between consecutive tokens, seconds."""
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]

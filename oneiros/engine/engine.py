@@ -1,0 +1,304 @@
+"""LLMEngine: a step is plan -> execute -> commit.
+
+    plan    = scheduler.schedule()          which requests, how many tokens, blocks reserved
+    result  = executor.execute(plan)        forward pass + sampling (real or simulated)
+    outputs = self._commit(plan, result)    append tokens, apply stop rules, free finished requests
+
+Several models ("tenants") share one page arena; each has its own layer slabs, KV pool and scheduler.
+One model runs per step, chosen round-robin among the models with work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from oneiros.config import MiB, EngineConfig, free_device_memory
+from oneiros.core import (
+    ConfigError,
+    InvalidRequestError,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    StepPlan,
+    StepResult,
+    UnknownModelError,
+)
+from oneiros.engine.executor import Executor, ModelRunner, TorchExecutor
+from oneiros.engine.sampler import Sampler
+from oneiros.engine.scheduler import Scheduler
+from oneiros.engine.tokenizer import Tokenizer, stable_text
+from oneiros.memory.arena import PageArena
+from oneiros.memory.kv import KVPool
+from oneiros.memory.storage import DeviceArena
+from oneiros.memory.weights import ModelWeights, weight_pages
+from oneiros.models.base import DecoderModel
+from oneiros.models.loader import ModelSource, resolve
+from oneiros.models.registry import build_model
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Tenant:
+    """One served model and everything that belongs to it."""
+
+    name: str
+    source: ModelSource
+    model: DecoderModel
+    weights: ModelWeights
+    pool: KVPool
+    scheduler: Scheduler
+    tokenizer: Tokenizer | None
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported (use cpu or cuda[:N])")
+    return dev
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _device(config.device)
+        dt = config.dtype
+        self.dtype = _DTYPES[dt] if dt != "auto" else (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        )
+        sources = {name: resolve(src) for name, src in config.models.items()}
+        models = {n: build_model(s.config, self.dtype, self.device) for n, s in sources.items()}
+        page = config.page_bytes
+        budget = self._budget(sum(weight_pages(m, page) for m in models.values()) * page)
+        self.arena = PageArena(budget // page, page)
+        self.storage = DeviceArena(self.arena.num_pages, page, self.device)
+        self.tenants: dict[str, Tenant] = {}
+        for name, model in models.items():
+            self.tenants[name] = self._load_tenant(name, sources[name], model)
+        self.executor: Executor = TorchExecutor(
+            {
+                n: ModelRunner(t.model, t.pool, self.storage, Sampler(self.device, config.seed))
+                for n, t in self.tenants.items()
+            }
+        )
+        self._rr = 0
+        self._requests: dict[str, tuple[Tenant, Request]] = {}
+
+    # ---- construction ---------------------------------------------------------------------------
+    def _budget(self, weight_bytes: int) -> int:
+        b = self.config.memory_budget
+        if b is None:
+            b = weight_bytes + 1024 * MiB if self.device.type == "cpu" else 0.9
+        if isinstance(b, float):
+            if not 0.0 < b <= 1.0:
+                raise ConfigError(f"a fractional memory budget must be in (0, 1], got {b}")
+            b = int(b * free_device_memory(str(self.device)))
+        if b < weight_bytes + self.config.page_bytes:
+            raise ConfigError(
+                f"memory budget of {b / MiB:.0f} MiB is too small: the weights alone need "
+                f"{weight_bytes / MiB:.0f} MiB, plus at least one page for KV cache"
+            )
+        return int(b)
+
+    def _load_tenant(self, name: str, source: ModelSource, model: DecoderModel) -> Tenant:
+        cfg, c = self.config, model.cfg
+        weights = ModelWeights(name, model, self.arena, self.storage)
+        weights.load(source)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block_bytes = cfg.block_size * c.kv_bytes_per_token(itemsize)
+        pool = KVPool(name, self.arena, block_bytes, cfg.block_size)
+        max_len = min(cfg.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
+        sched = Scheduler(name, pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
+        tok = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
+        eos = set(c.eos_token_ids)
+        if tok is not None and tok.eos_token_id is not None:
+            eos.add(tok.eos_token_id)
+        return Tenant(name, source, model, weights, pool, sched, tok, frozenset(eos), max_len)
+
+    # ---- requests -------------------------------------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.tenants)
+
+    def tenant(self, model: str | None) -> Tenant:
+        if model is None:
+            if len(self.tenants) == 1:
+                return next(iter(self.tenants.values()))
+            raise InvalidRequestError(
+                f"this engine serves several models ({', '.join(self.tenants)}): name one", "model"
+            )
+        if model not in self.tenants:
+            raise UnknownModelError(
+                f"model {model!r} is not served here (served: {', '.join(self.tenants)})"
+            )
+        return self.tenants[model]
+
+    def encode(
+        self,
+        model: str | None,
+        prompt: str | list[int] | None = None,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        t = self.tenant(model)
+        if messages is not None:
+            if t.tokenizer is None:
+                raise InvalidRequestError(f"model {t.name!r} has no tokenizer", "messages")
+            return t.tokenizer.encode_chat(messages)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty", "prompt")
+            if t.tokenizer is None:
+                raise InvalidRequestError(
+                    f"model {t.name!r} has no tokenizer: pass token ids instead of text", "prompt"
+                )
+            return t.tokenizer.encode(prompt)
+        if prompt is None:
+            raise InvalidRequestError("a prompt is required", "prompt")
+        ids = list(prompt)
+        vocab = t.model.cfg.vocab_size
+        if any(not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+            raise InvalidRequestError(f"token ids must be integers in [0, {vocab})", "prompt")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        model: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        t = self.tenant(model)
+        params = params or SamplingParams()
+        if params.stop and t.tokenizer is None:
+            raise InvalidRequestError(f"model {t.name!r} has no tokenizer for stop strings", "stop")
+        req = Request(self.encode(t.name, prompt, messages), params, t.name)
+        if request_id is not None:
+            if request_id in self._requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            req.request_id = request_id
+        t.scheduler.add(req)
+        self._requests[req.request_id] = (t, req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        entry = self._requests.pop(request_id, None)
+        if entry is None:
+            return False
+        t, _ = entry
+        t.scheduler.abort(request_id)
+        self.executor.release(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return any(t.scheduler.has_work for t in self.tenants.values())
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        tenant = self._next_tenant()
+        if tenant is None:
+            return []
+        plan = tenant.scheduler.schedule()
+        outputs = [self._finish(tenant, r) for r in tenant.scheduler.finished_in_schedule]
+        tenant.scheduler.finished_in_schedule.clear()
+        if plan.empty:
+            return outputs
+        result = self.executor.execute(plan)
+        return outputs + self._commit(tenant, plan, result)
+
+    def _next_tenant(self) -> Tenant | None:
+        names = list(self.tenants)
+        for k in range(len(names)):
+            t = self.tenants[names[(self._rr + k) % len(names)]]
+            if t.scheduler.has_work:
+                self._rr = (self._rr + k + 1) % len(names)
+                return t
+        return None
+
+    def _commit(self, t: Tenant, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        now = time.perf_counter()
+        index = {rid: k for k, rid in enumerate(result.request_ids)}
+        outputs = []
+        for s in plan.seqs:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            if not s.samples:
+                continue
+            k = index[req.request_id]
+            req.output_token_ids.append(result.token_ids[k])
+            req.output_logprobs.append(result.logprobs[k])
+            if result.top_logprobs is not None:
+                req.top_logprobs.append(result.top_logprobs[k])
+            req.token_times.append(now)
+            status = self._stop_status(t, req)
+            if status is not None:
+                t.scheduler.finish(req, status)
+                outputs.append(self._finish(t, req))
+            else:
+                outputs.append(self._output(t, req))
+        return outputs
+
+    def _stop_status(self, t: Tenant, req: Request) -> RequestStatus | None:
+        p, tok = req.params, req.output_token_ids[-1]
+        if not p.ignore_eos and tok in t.eos_token_ids:
+            req.stop_reason = tok
+            return RequestStatus.FINISHED_STOPPED
+        if tok in p.stop_token_ids:
+            req.stop_reason = tok
+            return RequestStatus.FINISHED_STOPPED
+        if p.stop and t.tokenizer is not None:
+            text = stable_text(t.tokenizer, req.output_token_ids)
+            hits = [(i, s) for s in p.stop if (i := text.find(s)) >= 0]
+            if hits:
+                i, s = min(hits)
+                req.output_text = text[: i + len(s)] if p.include_stop_str_in_output else text[:i]
+                req.stop_reason = s
+                return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= t.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _output(self, t: Tenant, req: Request) -> RequestOutput:
+        if not req.finished and t.tokenizer is not None:
+            req.output_text = stable_text(t.tokenizer, req.output_token_ids)
+        return RequestOutput(
+            request_id=req.request_id,
+            model=t.name,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids),
+            text=req.output_text,
+            logprobs=list(req.output_logprobs),
+            top_logprobs=list(req.top_logprobs),
+            finished=req.finished,
+            finish_reason=req.status.finish_reason,
+            arrival_time=req.arrival_time,
+            token_times=list(req.token_times),
+            num_preemptions=req.num_preemptions,
+        )
+
+    def _finish(self, t: Tenant, req: Request) -> RequestOutput:
+        self._requests.pop(req.request_id, None)
+        self.executor.release(req.request_id)
+        stopped_by_string = isinstance(req.stop_reason, str) and req.stop_reason in req.params.stop
+        if t.tokenizer is not None and not stopped_by_string:
+            req.output_text = t.tokenizer.decode(req.output_token_ids)
+        return self._output(t, req)
+
+    # ---- invariants -----------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.arena.check_integrity()
+        for t in self.tenants.values():
+            t.pool.check_integrity()
+            t.scheduler.check_integrity()

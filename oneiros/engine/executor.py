@@ -1,0 +1,143 @@
+"""Executors run one `StepPlan`. The real one runs the PyTorch model; a simulated one (same
+interface) advances a virtual clock instead."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+from oneiros.attention.torch_ref import AttentionMetadata, PrefillSeq
+from oneiros.core import ScheduledSeq, StepPlan, StepResult
+from oneiros.engine.sampler import Sampler
+from oneiros.memory.kv import KVPool
+from oneiros.memory.storage import DeviceArena
+from oneiros.models.base import DecoderModel
+
+
+class Executor(ABC):
+    @abstractmethod
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run the plan's forward pass and sample one token per sequence that reaches its end."""
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (e.g. a seeded generator) of a finished request."""
+
+
+class ModelRunner:
+    """Turns a plan into tensors for one model and runs it."""
+
+    def __init__(
+        self, model: DecoderModel, pool: KVPool, storage: DeviceArena, sampler: Sampler
+    ) -> None:
+        c = model.cfg
+        self.model = model
+        self.pool = pool
+        self.sampler = sampler
+        self.device = storage.device
+        self.block_size = pool.block_size
+        # [num_pages, blocks_per_page, layers, 2, block_size, Hkv, D] over the whole arena.
+        self.kv = storage.kv_view(
+            (c.num_layers, 2, pool.block_size, c.num_kv_heads, c.head_dim),
+            model.dtype,
+            pool.blocks_per_page,
+        )
+
+    def kv_layer(self, i: int) -> torch.Tensor:
+        return self.kv[:, :, i]  # [P, bpp, 2, bs, Hkv, D]
+
+    def run(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
+        # Decodes (one new token) first: they are attended in one batched call.
+        seqs = sorted(plan.seqs, key=lambda s: s.num_new_tokens != 1)
+        ids, pos, meta = self._prepare(seqs)
+        with torch.inference_mode():
+            h = self.model.forward(ids, pos, self.kv_layer, meta)
+            rows, reqs, offset = [], [], 0
+            for s in seqs:
+                offset += s.num_new_tokens
+                if s.samples:
+                    rows.append(offset - 1)
+                    reqs.append(s.request)
+            tokens: list[int] = []
+            logprobs: list[float] = []
+            top = None
+            if rows:
+                logits = self.model.lm_head(h[torch.tensor(rows, device=self.device)])
+                tokens, logprobs, top = self.sampler.sample(logits, reqs)
+        return StepResult(
+            [r.request_id for r in reqs], tokens, logprobs, top, time.perf_counter() - t0
+        )
+
+    def _prepare(
+        self, seqs: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs, bpp = self.block_size, self.pool.blocks_per_page
+        ids: list[int] = []
+        pos: list[int] = []
+        w_blocks: list[int] = []
+        w_off: list[int] = []
+        decode: list[ScheduledSeq] = []
+        prefills: list[PrefillSeq] = []
+        for s in seqs:
+            req = s.request
+            toks = req.all_token_ids[s.start : s.context_len]
+            p = range(s.start, s.context_len)
+            ids.extend(toks)
+            pos.extend(p)
+            w_blocks.extend(req.block_ids[j // bs] for j in p)
+            w_off.extend(j % bs for j in p)
+            if s.num_new_tokens == 1:
+                decode.append(s)
+            else:
+                blocks = torch.tensor(req.block_ids[: -(-s.context_len // bs)])
+                prefills.append(
+                    PrefillSeq(
+                        token_start=len(ids) - s.num_new_tokens,
+                        q_len=s.num_new_tokens,
+                        ctx_len=s.context_len,
+                        pages=(blocks // bpp).to(self.device),
+                        slots=(blocks % bpp).to(self.device),
+                    )
+                )
+        dev = self.device
+        wb = torch.tensor(w_blocks)
+        meta = AttentionMetadata(
+            write_pages=(wb // bpp).to(dev),
+            write_slots=(wb % bpp).to(dev),
+            write_offsets=torch.tensor(w_off).to(dev),
+            num_decode=len(decode),
+            decode_pages=None,
+            decode_slots=None,
+            decode_ctx_lens=None,
+            decode_mask=None,
+            prefills=prefills,
+        )
+        if decode:
+            nb = max(-(-s.context_len // bs) for s in decode)
+            table = torch.zeros(len(decode), nb, dtype=torch.long)
+            for r, s in enumerate(decode):
+                b = s.request.block_ids[: -(-s.context_len // bs)]
+                table[r, : len(b)] = torch.tensor(b)
+            lens = torch.tensor([s.context_len for s in decode])
+            meta.decode_pages = (table // bpp).to(dev)
+            meta.decode_slots = (table % bpp).to(dev)
+            meta.decode_ctx_lens = lens.to(dev)
+            mask = torch.arange(nb * bs)[None, :] < lens[:, None]  # [B, S]
+            meta.decode_mask = mask[:, None, None, :].to(dev)
+        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta
+
+
+class TorchExecutor(Executor):
+    """The real executor: one ModelRunner per model, all reading weights and KV from one arena."""
+
+    def __init__(self, runners: dict[str, ModelRunner]) -> None:
+        self.runners = runners
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.runners[plan.model].run(plan)
+
+    def release(self, request_id: str) -> None:
+        for r in self.runners.values():
+            r.sampler.release(request_id)

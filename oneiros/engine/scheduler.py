@@ -1,0 +1,164 @@
+"""Continuous batching for one model: which requests run this step, with how many tokens.
+
+Scheduling is by token budget (vLLM v1 style): every live request's computed tokens catch up with its
+known tokens, a decode being the case of one new token. Running requests go first, oldest first; a
+request that needs a KV block when none is left preempts the youngest running request (recompute:
+its blocks are freed and it is prefilled again later, with the tokens it already produced). Waiting
+requests are admitted only in steps without preemption and while blocks and the budget last.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from oneiros.core import (
+    InvalidRequestError,
+    Request,
+    RequestStatus,
+    ScheduledSeq,
+    StepPlan,
+)
+from oneiros.memory.kv import KVPool
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: str,
+        pool: KVPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished_in_schedule: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- intake ---------------------------------------------------------------------------------
+    def validate(self, req: Request) -> None:
+        n = req.num_prompt_tokens
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; model {self.model!r} accepts at most "
+                f"{self.max_model_len - 1} prompt tokens (context window {self.max_model_len})",
+                "prompt",
+            )
+        capacity = self.max_blocks()
+        need = self.pool.blocks_needed(n + 1)
+        if need > capacity:
+            raise InvalidRequestError(
+                f"the prompt needs {need} KV blocks but the memory budget holds at most {capacity} "
+                f"for model {self.model!r}",
+                "prompt",
+            )
+
+    def add(self, req: Request) -> None:
+        self.validate(req)
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def max_blocks(self) -> int:
+        """Blocks this model could hold if it had every free page and its own."""
+        return (self.pool.num_pages + self.pool.arena.num_free) * self.pool.blocks_per_page
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- planning -------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        plan = StepPlan(self.model)
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve(req, req.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is req and len(self.running) == 1:
+                    # Alone and still out of memory: it can never grow further.
+                    self._finish_for_capacity(req)
+                    continue
+                self.preempt(victim)
+                plan.preempted.append(victim)
+                continue  # retry req (or move on, if req itself was the victim)
+            plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        if not plan.preempted:
+            self._admit(plan, budget)
+        return plan
+
+    def _admit(self, plan: StepPlan, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve(req, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+
+    def _reserve(self, req: Request, num_tokens: int) -> bool:
+        """Make req's block table cover num_tokens tokens. False (and nothing taken) on shortage."""
+        missing = self.pool.blocks_needed(num_tokens) - len(req.block_ids)
+        if missing <= 0:
+            return True
+        blocks = self.pool.allocate(missing)
+        if blocks is None:
+            return False
+        req.block_ids.extend(blocks)
+        return True
+
+    # ---- state changes --------------------------------------------------------------------------
+    def preempt(self, req: Request) -> None:
+        """Recompute-style preemption: free its KV; it is prefilled again, outputs included."""
+        self.running.remove(req)
+        self._free_blocks(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        assert status.finished
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._free_blocks(req)
+        req.status = status
+
+    def abort(self, request_id: str) -> Request | None:
+        for req in [*self.running, *self.waiting]:
+            if req.request_id == request_id:
+                self.finish(req, RequestStatus.FINISHED_ABORTED)
+                return req
+        return None
+
+    def _finish_for_capacity(self, req: Request) -> None:
+        req.stop_reason = "kv_capacity"
+        self.finish(req, RequestStatus.FINISHED_LENGTH)
+        self.finished_in_schedule.append(req)
+
+    def _free_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.pool.free(req.block_ids)
+            req.block_ids = []
+
+    def check_integrity(self) -> None:
+        live = [b for r in self.running for b in r.block_ids]
+        assert len(live) == len(set(live)), "a KV block is shared by two requests"
+        assert len(live) == self.pool.num_used, "blocks in use that no request holds"
+        assert all(not r.block_ids for r in self.waiting), "a waiting request holds blocks"

@@ -1,0 +1,142 @@
+"""Page accounting for the one arena every model shares.
+
+The arena is cut into fixed pages. Each page has exactly one owner at any time: free, a model's
+always-resident tensors, one decoder layer's slab, or a model's KV pool. This module is bookkeeping only
+(no tensors), so the scheduler, the remapping controller and the simulator all use it unchanged; the real
+executor attaches a byte buffer of the same geometry (`memory/storage.py`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+
+
+class OwnerKind(enum.Enum):
+    FREE = "free"
+    RESIDENT = "resident"  # embeddings, final norm, lm_head: never remapped
+    SLAB = "slab"  # one decoder layer's parameters
+    KV = "kv"  # a model's KV pool
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    kind: OwnerKind
+    model: str | None = None
+    layer: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind is OwnerKind.FREE:
+            return "free"
+        if self.kind is OwnerKind.SLAB:
+            return f"{self.model}/slab{self.layer}"
+        return f"{self.model}/{self.kind.value}"
+
+    @staticmethod
+    def resident(model: str) -> Owner:
+        return Owner(OwnerKind.RESIDENT, model)
+
+    @staticmethod
+    def slab(model: str, layer: int) -> Owner:
+        return Owner(OwnerKind.SLAB, model, layer)
+
+    @staticmethod
+    def kv(model: str) -> Owner:
+        return Owner(OwnerKind.KV, model)
+
+
+FREE = Owner(OwnerKind.FREE)
+
+
+class PageArena:
+    """Owner of every page. Allocation returns page indices or None on shortage; never raises for it."""
+
+    def __init__(self, num_pages: int, page_bytes: int) -> None:
+        if num_pages <= 0 or page_bytes <= 0:
+            raise ValueError("an arena needs at least one page of at least one byte")
+        self.num_pages = num_pages
+        self.page_bytes = page_bytes
+        self._owner: list[Owner] = [FREE] * num_pages
+        self._free: set[int] = set(range(num_pages))
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def owner(self, page: int) -> Owner:
+        return self._owner[page]
+
+    def pages_of(self, owner: Owner) -> list[int]:
+        return [p for p, o in enumerate(self._owner) if o == owner]
+
+    def usage(self) -> Counter[str]:
+        """Pages per owner label, e.g. {'free': 10, 'a/kv': 4, 'a/slab0': 2}."""
+        return Counter(str(o) for o in self._owner)
+
+    def usage_by_kind(self) -> dict[str, int]:
+        """Pages per (model, kind), the coarse view the metrics and the page-owner plots use."""
+        out: Counter[str] = Counter()
+        for o in self._owner:
+            out["free" if o.kind is OwnerKind.FREE else f"{o.model}/{o.kind.value}"] += 1
+        return dict(out)
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def alloc(self, n: int, owner: Owner) -> list[int] | None:
+        """Any n free pages (lowest first, to keep the top of the arena open for contiguous runs)."""
+        if owner.kind is OwnerKind.FREE:
+            raise ValueError("cannot allocate pages to FREE")
+        if n > len(self._free):
+            return None
+        pages = sorted(self._free)[:n]
+        self._assign(pages, owner)
+        return pages
+
+    def alloc_run(self, n: int, owner: Owner) -> list[int] | None:
+        """n contiguous free pages (a layer slab must be contiguous for its tensor views), highest
+        run first so that KV pages, which take the lowest free pages, fragment the arena less."""
+        if owner.kind is OwnerKind.FREE:
+            raise ValueError("cannot allocate pages to FREE")
+        run = 0
+        for p in range(self.num_pages - 1, -1, -1):
+            run = run + 1 if p in self._free else 0
+            if run == n:
+                pages = list(range(p, p + n))
+                self._assign(pages, owner)
+                return pages
+        return None
+
+    def free(self, pages: list[int], owner: Owner) -> None:
+        """Give pages back. Every page must belong to `owner`: freeing another's page is a bug."""
+        self._check_owned(pages, owner)
+        for p in pages:
+            self._owner[p] = FREE
+            self._free.add(p)
+
+    def transfer(self, pages: list[int], old: Owner, new: Owner) -> None:
+        """Change the owner of pages in one step (remapping a slab into a KV pool is this)."""
+        self._check_owned(pages, old)
+        if new.kind is OwnerKind.FREE:
+            self.free(pages, old)
+            return
+        for p in pages:
+            self._owner[p] = new
+
+    def _assign(self, pages: list[int], owner: Owner) -> None:
+        for p in pages:
+            self._free.remove(p)
+            self._owner[p] = owner
+
+    def _check_owned(self, pages: list[int], owner: Owner) -> None:
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"duplicate pages in {pages}")
+        for p in pages:
+            if self._owner[p] != owner:
+                raise ValueError(f"page {p} belongs to {self._owner[p]}, not {owner}")
+
+    def check_integrity(self) -> None:
+        """Every page has one owner and the free set is exactly the pages owned by FREE."""
+        assert len(self._owner) == self.num_pages
+        free = {p for p, o in enumerate(self._owner) if o.kind is OwnerKind.FREE}
+        assert free == self._free, f"free set drifted: {sorted(free ^ self._free)}"

@@ -1,0 +1,112 @@
+"""Per-model KV block accounting on top of the page arena.
+
+A KV block holds `block_size` tokens of every layer of one model (K and V). A page owned by the model's
+KV pool holds `blocks_per_page` blocks; block id = page * blocks_per_page + slot, so a block id names
+its storage directly and pages need not be contiguous. The pool grows a page at a time from the arena's
+free pages when it runs out of blocks, and gives back pages whose blocks are all free (`shrink`), which
+is how KV memory returns to other models or to parameters.
+"""
+
+from __future__ import annotations
+
+from oneiros.core import ConfigError
+from oneiros.memory.arena import Owner, PageArena
+
+
+class KVPool:
+    def __init__(self, model: str, arena: PageArena, block_bytes: int, block_size: int) -> None:
+        if block_bytes > arena.page_bytes:
+            raise ConfigError(
+                f"one KV block of model {model!r} needs {block_bytes} bytes but a page has "
+                f"{arena.page_bytes}: raise page_bytes or lower block_size"
+            )
+        self.model = model
+        self.arena = arena
+        self.owner = Owner.kv(model)
+        self.block_bytes = block_bytes
+        self.block_size = block_size
+        self.blocks_per_page = arena.page_bytes // block_bytes
+        self._pages: set[int] = set()
+        self._free_blocks: list[int] = []  # used as a stack: recently freed blocks are reused first
+        self._used: set[int] = set()
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_pages(self) -> int:
+        return len(self._pages)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Free blocks in pages the pool already owns (not counting free arena pages)."""
+        return len(self._free_blocks)
+
+    def can_allocate(self, n: int) -> bool:
+        missing = n - len(self._free_blocks)
+        return missing <= 0 or self.pages_needed(missing) <= self.arena.num_free
+
+    def pages_needed(self, blocks: int) -> int:
+        return -(-blocks // self.blocks_per_page)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def page_slot(self, block: int) -> tuple[int, int]:
+        return divmod(block, self.blocks_per_page)
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """n blocks, growing the pool from free arena pages if needed; None (and no change) if not."""
+        if n <= 0:
+            return []
+        missing = n - len(self._free_blocks)
+        if missing > 0 and not self.grow(self.pages_needed(missing)):
+            return None
+        blocks = [self._free_blocks.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} of {self.model!r} is not allocated")
+            self._used.remove(b)
+            self._free_blocks.append(b)
+
+    def grow(self, num_pages: int) -> bool:
+        pages = self.arena.alloc(num_pages, self.owner)
+        if pages is None:
+            return False
+        self.adopt(pages)
+        return True
+
+    def adopt(self, pages: list[int]) -> None:
+        """Take pages the arena already assigned to this pool (by `grow` or by a remap)."""
+        for p in pages:
+            self._pages.add(p)
+            base = p * self.blocks_per_page
+            # Reverse so that pop() hands out the lowest slot of the page first.
+            self._free_blocks.extend(range(base + self.blocks_per_page - 1, base - 1, -1))
+
+    def shrink(self, max_pages: int | None = None) -> list[int]:
+        """Give back to the arena every page (up to max_pages) with no live block; returns them."""
+        busy = {b // self.blocks_per_page for b in self._used}
+        idle = sorted(self._pages - busy, reverse=True)[:max_pages]
+        if not idle:
+            return []
+        idle_set = set(idle)
+        self._free_blocks = [b for b in self._free_blocks if b // self.blocks_per_page not in idle_set]
+        self._pages -= idle_set
+        self.arena.free(idle, self.owner)
+        return idle
+
+    def check_integrity(self) -> None:
+        assert set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view"
+        free = set(self._free_blocks)
+        assert len(free) == len(self._free_blocks), "a block is on the free list twice"
+        assert not free & self._used, "a block is both free and used"
+        every = {p * self.blocks_per_page + s for p in self._pages for s in range(self.blocks_per_page)}
+        assert free | self._used == every, "blocks lost or invented"

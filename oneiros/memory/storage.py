@@ -1,0 +1,98 @@
+"""Tensor storage behind the page accounting: one byte buffer on the device, cut into pages.
+
+`DeviceArena` owns the buffer. A `SlabLayout` says where each named tensor of a layer (or of a model's
+resident set) lies inside a run of pages; `views` turns a byte region into typed tensors without a copy,
+so the model reads its weights from whichever pages currently hold them. `kv_view` sees every page as
+`blocks_per_page` KV blocks of one model's geometry; only pages that model's pool owns are ever indexed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_ALIGN = 256  # bytes; keeps every tensor aligned for vectorised kernels
+
+
+@dataclass(frozen=True, slots=True)
+class SlabEntry:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SlabLayout:
+    """Byte layout of a set of same-dtype tensors packed one after another."""
+
+    entries: tuple[SlabEntry, ...]
+    dtype: torch.dtype
+    nbytes: int
+
+    @staticmethod
+    def build(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> SlabLayout:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        entries, offset = [], 0
+        for name, shape in shapes.items():
+            nbytes = math.prod(shape) * itemsize
+            entries.append(SlabEntry(name, tuple(shape), offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        return SlabLayout(tuple(entries), dtype, offset)
+
+    def pages(self, page_bytes: int) -> int:
+        return max(1, -(-self.nbytes // page_bytes))
+
+    def views(self, region: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views into a uint8 region of at least `nbytes` bytes."""
+        return {
+            e.name: region[e.offset : e.offset + e.nbytes].view(self.dtype).view(e.shape)
+            for e in self.entries
+        }
+
+    def pack(self, tensors: dict[str, torch.Tensor], region: torch.Tensor) -> None:
+        """Copy tensors (any dtype/device) into their places in `region`."""
+        views = self.views(region)
+        missing = set(views) - set(tensors)
+        if missing:
+            raise KeyError(f"missing weights: {sorted(missing)}")
+        for name, view in views.items():
+            src = tensors[name]
+            if tuple(src.shape) != view.shape:
+                raise ValueError(f"weight {name}: shape {tuple(src.shape)}, expected {view.shape}")
+            view.copy_(src)
+
+
+class DeviceArena:
+    """The one byte buffer of the arena on `device`."""
+
+    def __init__(self, num_pages: int, page_bytes: int, device: torch.device) -> None:
+        self.num_pages = num_pages
+        self.page_bytes = page_bytes
+        self.device = device
+        self.buffer = torch.empty(num_pages * page_bytes, dtype=torch.uint8, device=device)
+
+    def region(self, first_page: int, nbytes: int) -> torch.Tensor:
+        start = first_page * self.page_bytes
+        return self.buffer[start : start + nbytes]
+
+    def kv_view(
+        self, block_shape: tuple[int, ...], dtype: torch.dtype, blocks_per_page: int
+    ) -> torch.Tensor:
+        """[num_pages, blocks_per_page, *block_shape] over the whole buffer (no copy).
+
+        Pages keep their tail padding (page_bytes need not be a multiple of the block size), so the
+        page dimension has its own stride and (page, slot) index a block."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        block_elems = math.prod(block_shape)
+        pages = self.buffer.view(self.num_pages, self.page_bytes)
+        used = pages[:, : blocks_per_page * block_elems * itemsize]
+        return used.view(dtype).view(self.num_pages, blocks_per_page, *block_shape)
+
+
+def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A host byte buffer for master copies: pinned when the device is CUDA, so copies are async."""
+    pin = device.type == "cuda" and torch.cuda.is_available()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)

@@ -1,0 +1,93 @@
+"""Where one model's parameters live: resident pages, one slab of pages per decoder layer, and a
+host master copy of every slab (pinned on CUDA). Parameters never change, so the host copy is always
+exact: a slab's pages can be taken away without write-back and the layer restored by one copy."""
+
+from __future__ import annotations
+
+import torch
+
+from oneiros.core import ConfigError
+from oneiros.memory.arena import Owner, PageArena
+from oneiros.memory.storage import DeviceArena, SlabLayout, host_buffer
+from oneiros.models.base import DecoderModel
+from oneiros.models.loader import ModelSource
+
+
+class ModelWeights:
+    def __init__(
+        self, name: str, model: DecoderModel, arena: PageArena, storage: DeviceArena
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.arena = arena
+        self.storage = storage
+        self.layer_layout = SlabLayout.build(model.layer_shapes(), model.dtype)
+        self.resident_layout = SlabLayout.build(model.resident_shapes(), model.dtype)
+        self.host: list[torch.Tensor] = []  # master copy of each layer slab
+        self.slab_pages: list[list[int] | None] = [None] * model.cfg.num_layers
+        self.resident_pages: list[int] = []
+
+    @property
+    def pages_per_layer(self) -> int:
+        return self.layer_layout.pages(self.arena.page_bytes)
+
+    @property
+    def total_pages(self) -> int:
+        return weight_pages(self.model, self.arena.page_bytes)
+
+    def load(self, source: ModelSource) -> None:
+        """Read every tensor from the source into host master copies and the arena."""
+        m, page = self.model, self.arena.page_bytes
+        pages = self.arena.alloc_run(self.resident_layout.pages(page), Owner.resident(self.name))
+        if pages is None:
+            raise self._too_small()
+        self.resident_pages = pages
+        res = {k: source.tensor(hf) for k, hf in m.resident_names.items()}
+        region = self.storage.region(pages[0], self.resident_layout.nbytes)
+        self.resident_layout.pack(res, region)
+        m.bind_resident(self.resident_layout.views(region))
+        for i in range(m.cfg.num_layers):
+            prefix = m.layer_prefix.format(i=i)
+            host = host_buffer(self.layer_layout.nbytes, self.storage.device)
+            tensors = {k: source.tensor(prefix + k) for k in m.layer_shapes()}
+            self.layer_layout.pack(tensors, host)
+            self.host.append(host)
+            if not self.restore_layer(i):
+                raise self._too_small()
+
+    def restore_layer(self, i: int, non_blocking: bool = False) -> bool:
+        """Give layer i a slab again and copy it from the host master copy. False if no room."""
+        pages = self.arena.alloc_run(self.pages_per_layer, Owner.slab(self.name, i))
+        if pages is None:
+            return False
+        region = self.storage.region(pages[0], self.layer_layout.nbytes)
+        region.copy_(self.host[i], non_blocking=non_blocking)
+        self.slab_pages[i] = pages
+        self.model.bind_layer(i, self.layer_layout.views(region))
+        return True
+
+    def release(self) -> None:
+        """Return every page of this model to the arena (the model is being unloaded)."""
+        for i, pages in enumerate(self.slab_pages):
+            if pages is not None:
+                self.arena.free(pages, Owner.slab(self.name, i))
+                self.slab_pages[i] = None
+                self.model.bind_layer(i, None)
+        if self.resident_pages:
+            self.arena.free(self.resident_pages, Owner.resident(self.name))
+            self.resident_pages = []
+
+    def _too_small(self) -> ConfigError:
+        need = self.total_pages * self.arena.page_bytes
+        return ConfigError(
+            f"memory budget too small for the weights of model {self.name!r}: they need "
+            f"{need / 2**20:.0f} MiB in {self.arena.page_bytes // 2**20 or 1} MiB pages, "
+            f"{self.arena.num_free * self.arena.page_bytes / 2**20:.0f} MiB were free"
+        )
+
+
+def weight_pages(model: DecoderModel, page_bytes: int) -> int:
+    """Pages a model's parameters take: its resident run plus one slab per layer."""
+    layer = SlabLayout.build(model.layer_shapes(), model.dtype).pages(page_bytes)
+    resident = SlabLayout.build(model.resident_shapes(), model.dtype).pages(page_bytes)
+    return resident + model.cfg.num_layers * layer
