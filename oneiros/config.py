@@ -23,8 +23,11 @@ def parse_bytes(value: str | int | float) -> int | float:
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", s)
     if not m or m.group(2) not in _UNITS:
         raise ConfigError(f"cannot read {value!r} as a size (examples: 2GiB, 512MiB, 0.8)")
-    num, unit = float(m.group(1)), m.group(2)
-    if unit == "" and num <= 1.0 and "." in m.group(1):
+    digits, unit = m.group(1), m.group(2)
+    if "." not in digits:  # exact: float would round sizes above 2**53
+        return int(digits) * _UNITS[unit]
+    num = float(digits)
+    if unit == "" and num <= 1.0:
         return num
     return int(num * _UNITS[unit])
 

@@ -11,6 +11,8 @@ import torch
 
 from oneiros.core import Request, SamplingParams
 
+_SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
@@ -34,15 +36,20 @@ class Sampler:
         self, logits: torch.Tensor, reqs: list[Request]
     ) -> tuple[list[int], list[float], list[dict[int, float]] | None]:
         """logits: [N, V] float32 -> one token per row, its log-probability, optional top-n."""
+        logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         tokens = torch.argmax(logits, dim=-1)  # [N] greedy for every row; sampled rows overwrite
         for row, req in enumerate(reqs):
-            if not req.params.greedy:
+            # A temperature this close to 0 is greedy in all but name, and dividing by it would
+            # overflow the logits to inf (multinomial then fails on NaN probabilities).
+            if not req.params.greedy and req.params.temperature >= _SAMPLING_EPS:
                 tokens[row] = self._sample_row(logits[row], req.params, self._generator(req))
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
         top = None
-        want = max((r.params.logprobs or 0) for r in reqs)
-        if want:
+        if any(r.params.logprobs is not None for r in reqs):
+            # Every request that asked (logprobs=0 included) gets one dict per token, whatever
+            # its batch companions asked for; never more alternatives than the vocabulary has.
+            want = min(max((r.params.logprobs or 0) for r in reqs), logprobs.shape[-1])
             vals, ids = logprobs.topk(want, dim=-1)
             vals_l, ids_l = vals.tolist(), ids.tolist()
             top = [

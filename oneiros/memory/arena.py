@@ -85,8 +85,7 @@ class PageArena:
     # ---- allocation ----------------------------------------------------------------------------
     def alloc(self, n: int, owner: Owner) -> list[int] | None:
         """Any n free pages (lowest first, to keep the top of the arena open for contiguous runs)."""
-        if owner.kind is OwnerKind.FREE:
-            raise ValueError("cannot allocate pages to FREE")
+        self._check_request(n, owner)
         if n > len(self._free):
             return None
         pages = sorted(self._free)[:n]
@@ -96,8 +95,9 @@ class PageArena:
     def alloc_run(self, n: int, owner: Owner) -> list[int] | None:
         """n contiguous free pages (a layer slab must be contiguous for its tensor views), highest
         run first so that KV pages, which take the lowest free pages, fragment the arena less."""
-        if owner.kind is OwnerKind.FREE:
-            raise ValueError("cannot allocate pages to FREE")
+        self._check_request(n, owner)
+        if n == 0:
+            return []
         run = 0
         for p in range(self.num_pages - 1, -1, -1):
             run = run + 1 if p in self._free else 0
@@ -120,8 +120,19 @@ class PageArena:
         if new.kind is OwnerKind.FREE:
             self.free(pages, old)
             return
+        if old.kind is OwnerKind.FREE:
+            # Claiming specific free pages: they must leave the free set too.
+            self._assign(pages, new)
+            return
         for p in pages:
             self._owner[p] = new
+
+    @staticmethod
+    def _check_request(n: int, owner: Owner) -> None:
+        if owner.kind is OwnerKind.FREE:
+            raise ValueError("cannot allocate pages to FREE")
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of pages ({n})")
 
     def _assign(self, pages: list[int], owner: Owner) -> None:
         for p in pages:
@@ -132,6 +143,8 @@ class PageArena:
         if len(set(pages)) != len(pages):
             raise ValueError(f"duplicate pages in {pages}")
         for p in pages:
+            if not 0 <= p < self.num_pages:
+                raise ValueError(f"page {p} is outside the arena (0..{self.num_pages - 1})")
             if self._owner[p] != owner:
                 raise ValueError(f"page {p} belongs to {self._owner[p]}, not {owner}")
 

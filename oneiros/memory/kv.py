@@ -15,6 +15,11 @@ from oneiros.memory.arena import Owner, PageArena
 
 class KVPool:
     def __init__(self, model: str, arena: PageArena, block_bytes: int, block_size: int) -> None:
+        if block_bytes <= 0 or block_size <= 0:
+            raise ConfigError(
+                f"KV blocks of model {model!r} need a positive size, got {block_bytes} bytes "
+                f"for {block_size} tokens"
+            )
         if block_bytes > arena.page_bytes:
             raise ConfigError(
                 f"one KV block of model {model!r} needs {block_bytes} bytes but a page has "
@@ -70,11 +75,14 @@ class KVPool:
         return blocks
 
     def free(self, blocks: list[int]) -> None:
+        """Return blocks to the pool. All or nothing: a bad list changes nothing."""
+        if len(set(blocks)) != len(blocks):
+            raise ValueError(f"duplicate blocks in {blocks}")
         for b in blocks:
             if b not in self._used:
                 raise ValueError(f"block {b} of {self.model!r} is not allocated")
-            self._used.remove(b)
-            self._free_blocks.append(b)
+        self._used.difference_update(blocks)
+        self._free_blocks.extend(blocks)
 
     def grow(self, num_pages: int) -> bool:
         pages = self.arena.alloc(num_pages, self.owner)
@@ -85,6 +93,13 @@ class KVPool:
 
     def adopt(self, pages: list[int]) -> None:
         """Take pages the arena already assigned to this pool (by `grow` or by a remap)."""
+        if len(set(pages)) != len(pages):
+            raise ValueError(f"duplicate pages in {pages}")
+        for p in pages:
+            if p in self._pages:
+                raise ValueError(f"page {p} already belongs to the KV pool of {self.model!r}")
+            if self.arena.owner(p) != self.owner:
+                raise ValueError(f"page {p} belongs to {self.arena.owner(p)}, not {self.owner}")
         for p in pages:
             self._pages.add(p)
             base = p * self.blocks_per_page
@@ -93,6 +108,8 @@ class KVPool:
 
     def shrink(self, max_pages: int | None = None) -> list[int]:
         """Give back to the arena every page (up to max_pages) with no live block; returns them."""
+        if max_pages is not None and max_pages <= 0:
+            return []
         busy = {b // self.blocks_per_page for b in self._used}
         idle = sorted(self._pages - busy, reverse=True)[:max_pages]
         if not idle:

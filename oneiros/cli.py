@@ -1,0 +1,144 @@
+"""The `oneiros` command: generate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from oneiros.config import EngineConfig
+from oneiros.core import OneirosError
+
+DEFAULT_SERVE_MODELS = {"smollm2-a": "smollm2", "smollm2-b": "smollm2"}
+
+
+def _model_arg(value: str) -> tuple[str, str]:
+    """NAME=SOURCE, or SOURCE alone (the tenant is then named after the source)."""
+    name, sep, source = value.partition("=")
+    if not sep:
+        from oneiros.engine.llm import _tenant_name
+
+        return _tenant_name(value), value
+    if not name or not source:
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE, got {value!r}")
+    return name, source
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        type=_model_arg,
+        metavar="[NAME=]SOURCE",
+        help="a model to serve: built-in name (smollm2), HF directory, .gguf file or "
+        "random:CONFIG[@SEED]; repeat for several tenants",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="arena size: bytes (4GiB, 512MiB) or a fraction of free device memory (0.9)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineConfig:
+    models = dict(args.model) if args.model else dict(default_models)
+    if args.model and len(models) != len(args.model):
+        raise OneirosError("two --model arguments use the same name")
+    return EngineConfig(
+        models=models,
+        device=args.device,
+        dtype=args.dtype,
+        memory_budget=args.memory_budget,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from oneiros.core import SamplingParams
+    from oneiros.engine.engine import LLMEngine
+
+    engine = LLMEngine(_config(args, {"smollm2": "smollm2"}))
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    model = args.model[0][0] if args.model else None
+    if args.chat:
+        req = engine.add_request(
+            None, params, model, messages=[{"role": "user", "content": args.prompt}]
+        )
+    else:
+        req = engine.add_request(args.prompt, params, model)
+    while True:
+        for out in engine.step():
+            if out.request_id == req.request_id and out.finished:
+                print(out.text)
+                return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from oneiros.server.app import serve
+
+    serve(
+        _config(args, DEFAULT_SERVE_MODELS),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_queue=args.max_queue,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oneiros", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print the text")
+    _add_engine_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None)
+    s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OneirosError as e:
+        print(f"oneiros: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
