@@ -11,13 +11,13 @@ from oneiros.core import (
 
 __all__ = [
     "LLM",
-    "LLMEngine",
-    "EngineConfig",
-    "SamplingParams",
-    "RequestOutput",
-    "OneirosError",
     "ConfigError",
+    "EngineConfig",
     "InvalidRequestError",
+    "LLMEngine",
+    "OneirosError",
+    "RequestOutput",
+    "SamplingParams",
     "UnknownModelError",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": MiB, "mb
           "mib": MiB, "g": GiB, "gb": 10**9, "gib": GiB}
 
 
-def parse_bytes(value: str | int | float) -> int | float:
+def parse_bytes(value: str | float) -> int | float:
     """'2GiB' -> 2147483648, '512MB' -> 512000000, '0.5' -> 0.5 (a fraction), 1024 -> 1024."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
@@ -30,6 +30,9 @@ def parse_bytes(value: str | int | float) -> int | float:
     if unit == "" and num <= 1.0:
         return num
     return int(num * _UNITS[unit])
+
+
+POLICIES = ("recompute", "swap", "static")
 
 
 @dataclass(frozen=True)
@@ -48,13 +51,20 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     seed: int = 0
+    # What to do when KV cache runs out: recompute | swap | static (fixed per-model KV shares).
+    policy: str = "recompute"
+    # temporal: one model per step (round-robin, max_wait_s bound); spatial: all models each step.
+    sharing: str = "temporal"
+    max_wait_s: float = 1.0
+    swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
+    trace_steps: str | None = None  # path of a JSONL file that records every engine step
 
     def __post_init__(self) -> None:
         if not self.models:
             raise ConfigError("at least one model is needed")
         for name in self.models:
-            if not re.fullmatch(r"[A-Za-z0-9._:/-]+", name):
-                raise ConfigError(f"model name {name!r} may use letters, digits and ._:/- only")
+            if not re.fullmatch(r"[A-Za-z0-9._:/@-]+", name):
+                raise ConfigError(f"model name {name!r} may use letters, digits and ._:/@- only")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.page_bytes < 4096 or self.page_bytes % 4096:
@@ -63,6 +73,14 @@ class EngineConfig:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.sharing not in ("temporal", "spatial"):
+            raise ConfigError(f"sharing must be temporal or spatial, not {self.sharing!r}")
+        swap = parse_bytes(self.swap_space)
+        if not isinstance(swap, int) or swap < 0:
+            raise ConfigError(f"swap_space must be a byte count, got {self.swap_space!r}")
+        object.__setattr__(self, "swap_space", swap)
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
 

@@ -63,24 +63,41 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool):
-            raise InvalidRequestError("max_tokens must be an integer", "max_tokens")
+        def integer(name: str, value: object) -> None:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
+
+        def number(name: str, value: object) -> float:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise InvalidRequestError(f"{name} must be a number, got {value!r}", name)
+            return float(value)
+
+        integer("max_tokens", self.max_tokens)
         if self.max_tokens <= 0:
             raise InvalidRequestError(
                 f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens"
             )
-        if not 0.0 <= float(self.temperature) <= 100.0:
+        if not 0.0 <= number("temperature", self.temperature) <= 100.0:
             raise InvalidRequestError(
                 f"temperature must be in [0, 100], got {self.temperature}", "temperature"
             )
-        if not 0.0 < float(self.top_p) <= 1.0:
+        if not 0.0 < number("top_p", self.top_p) <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        integer("top_k", self.top_k)
         if self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1, 0 or positive, got {self.top_k}", "top_k")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise InvalidRequestError(
-                f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs"
-            )
+        if self.seed is not None:
+            integer("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**63:
+                raise InvalidRequestError("seed must fit in 64 bits", "seed")
+        if self.logprobs is not None:
+            integer("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= 20:
+                raise InvalidRequestError(
+                    f"logprobs must be between 0 and 20, got {self.logprobs}", "logprobs"
+                )
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in self.stop_token_ids):
+            raise InvalidRequestError("stop_token_ids must be integers", "stop_token_ids")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", "stop")
 
@@ -135,6 +152,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    host_block_ids: list[int] = field(default_factory=list)  # KV swapped out to host memory
     num_preemptions: int = 0
     stop_reason: str | int | None = None
     output_text: str = ""
@@ -186,6 +204,10 @@ class StepPlan:
     model: str
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # KV block copies to run before the forward pass, as (device block, host block) pairs.
+    # Swap-outs run first: their device blocks may be handed to another request in this step.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -197,7 +219,7 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.seqs
+        return not self.seqs and not self.swap_out
 
 
 @dataclass(slots=True)

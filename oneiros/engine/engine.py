@@ -5,18 +5,21 @@
     outputs = self._commit(plan, result)    append tokens, apply stop rules, free finished requests
 
 Several models ("tenants") share one page arena; each has its own layer slabs, KV pool and scheduler.
-One model runs per step, chosen round-robin among the models with work.
+The tenancy policy picks the models of a step (temporal: one; spatial: every model with work). When a
+model's KV pool is out of blocks, `_make_room` takes idle KV pages of other models; the policy decides
+what happens when that is not enough (recompute, swap) or forbids sharing at all (static shares).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from oneiros.config import MiB, EngineConfig, free_device_memory
+from oneiros.config import EngineConfig, MiB, free_device_memory
 from oneiros.core import (
     ConfigError,
     InvalidRequestError,
@@ -31,10 +34,12 @@ from oneiros.core import (
 from oneiros.engine.executor import Executor, ModelRunner, TorchExecutor
 from oneiros.engine.sampler import Sampler
 from oneiros.engine.scheduler import Scheduler
+from oneiros.engine.tenancy import MetadataStore, TenancyPolicy, TenantState
 from oneiros.engine.tokenizer import Tokenizer, stable_text
 from oneiros.memory.arena import PageArena
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
+from oneiros.memory.swap import HostBlockPool
 from oneiros.memory.weights import ModelWeights, weight_pages
 from oneiros.models.base import DecoderModel
 from oneiros.models.loader import ModelSource, resolve
@@ -56,6 +61,7 @@ class Tenant:
     tokenizer: Tokenizer | None
     eos_token_ids: frozenset[int]
     max_model_len: int
+    state: TenantState
 
 
 def _device(name: str) -> torch.device:
@@ -84,17 +90,28 @@ class LLMEngine:
         budget = self._budget(sum(weight_pages(m, page) for m in models.values()) * page)
         self.arena = PageArena(budget // page, page)
         self.storage = DeviceArena(self.arena.num_pages, page, self.device)
+        self.store = MetadataStore(list(models))
+        self.tenancy = TenancyPolicy(config.sharing, config.max_wait_s)
         self.tenants: dict[str, Tenant] = {}
         for name, model in models.items():
             self.tenants[name] = self._load_tenant(name, sources[name], model)
+        if config.policy == "static":
+            self._split_kv_statically()
         self.executor: Executor = TorchExecutor(
             {
-                n: ModelRunner(t.model, t.pool, self.storage, Sampler(self.device, config.seed))
+                n: ModelRunner(
+                    t.model,
+                    t.pool,
+                    self.storage,
+                    Sampler(self.device, config.seed),
+                    t.scheduler.host_pool.num_blocks if t.scheduler.host_pool else 0,
+                )
                 for n, t in self.tenants.items()
             }
         )
-        self._rr = 0
         self._requests: dict[str, tuple[Tenant, Request]] = {}
+        self._trace = open(config.trace_steps, "a") if config.trace_steps else None  # noqa: SIM115
+        self._record_pages(time.perf_counter())
 
     # ---- construction ---------------------------------------------------------------------------
     def _budget(self, weight_bytes: int) -> int:
@@ -120,12 +137,39 @@ class LLMEngine:
         block_bytes = cfg.block_size * c.kv_bytes_per_token(itemsize)
         pool = KVPool(name, self.arena, block_bytes, cfg.block_size)
         max_len = min(cfg.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
-        sched = Scheduler(name, pool, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_len)
+        state = self.store.states[name]
+        host_pool = None
+        if cfg.policy == "swap":
+            share = cfg.swap_space // len(cfg.models)
+            host_pool = HostBlockPool(name, share // block_bytes, block_bytes)
+        sched = Scheduler(
+            name,
+            pool,
+            cfg.max_num_seqs,
+            cfg.max_num_batched_tokens,
+            max_len,
+            preemption="swap" if cfg.policy == "swap" else "recompute",
+            host_pool=host_pool,
+            make_room=None if cfg.policy == "static" else lambda n: self._make_room(name, n),
+            counters=state.counters,
+        )
         tok = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
         eos = set(c.eos_token_ids)
         if tok is not None and tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
-        return Tenant(name, source, model, weights, pool, sched, tok, frozenset(eos), max_len)
+        return Tenant(
+            name, source, model, weights, pool, sched, tok, frozenset(eos), max_len, state
+        )
+
+    def _split_kv_statically(self) -> None:
+        """Static policy: every free page goes to some model's KV pool now, in equal shares, so no
+        model can ever use another's (one engine per model with a memory fraction, in effect)."""
+        pools = [t.pool for t in self.tenants.values()]
+        free = self.arena.num_free
+        for k, pool in enumerate(pools):
+            share = free // len(pools) + (1 if k < free % len(pools) else 0)
+            if share and not pool.grow(share):
+                raise ConfigError("could not split the KV pages between models")
 
     # ---- requests -------------------------------------------------------------------------------
     @property
@@ -207,30 +251,93 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        tenant = self._next_tenant()
-        if tenant is None:
-            return []
-        plan = tenant.scheduler.schedule()
-        outputs = [self._finish(tenant, r) for r in tenant.scheduler.finished_in_schedule]
-        tenant.scheduler.finished_in_schedule.clear()
-        if plan.empty:
+        t0 = time.perf_counter()
+        self._refresh_states()
+        outputs: list[RequestOutput] = []
+        plans: list[StepPlan] = []
+        for name in self.tenancy.order(self.store, t0):
+            t = self.tenants[name]
+            self.tenancy.ran(self.store, name, t0)
+            plan = t.scheduler.schedule()
+            outputs += [self._finish(t, r) for r in t.scheduler.finished_in_schedule]
+            t.scheduler.finished_in_schedule.clear()
+            if not plan.empty:
+                plans.append(plan)
+                if not self.tenancy.spatial:
+                    break  # temporal: one model per step, the first with something to run
+        if not plans:
             return outputs
-        result = self.executor.execute(plan)
-        return outputs + self._commit(tenant, plan, result)
+        results = self.executor.execute(plans)
+        now = time.perf_counter()
+        for plan, result in zip(plans, results):
+            t = self.tenants[plan.model]
+            outputs += self._commit(t, plan, result)
+            t.state.last_run = now
+            t.state.counters.steps += 1
+        self._record_pages(now)
+        if self._trace is not None:
+            self._write_trace(t0, now, plans)
+        return outputs
 
-    def _next_tenant(self) -> Tenant | None:
-        names = list(self.tenants)
-        for k in range(len(names)):
-            t = self.tenants[names[(self._rr + k) % len(names)]]
-            if t.scheduler.has_work:
-                self._rr = (self._rr + k + 1) % len(names)
-                return t
-        return None
+    def _refresh_states(self) -> None:
+        for t in self.tenants.values():
+            st = t.state
+            st.num_running = len(t.scheduler.running)
+            st.num_waiting = len(t.scheduler.waiting)
+            st.active = t.scheduler.has_work
+            st.kv_blocks_used = t.pool.num_used
+            st.kv_pages = t.pool.num_pages
+
+    def _make_room(self, requester: str, blocks: int) -> bool:
+        """Free arena pages for `requester` by taking idle KV pages (no live block) from other
+        models, least recently run first. True if any page was freed."""
+        need = self.tenants[requester].pool.pages_needed(blocks) - self.arena.num_free
+        freed = 0
+        for name in reversed(self.store.mru_order()):
+            if freed >= need:
+                break
+            if name != requester:
+                freed += len(self.tenants[name].pool.shrink(need - freed))
+        return freed > 0
+
+    def _record_pages(self, now: float) -> None:
+        self.store.page_history.append((now, self.arena.usage_by_kind()))
+
+    def _write_trace(self, t0: float, t1: float, plans: list[StepPlan]) -> None:
+        assert self._trace is not None
+        rec = {
+            "t": t0,
+            "dt": t1 - t0,
+            "plans": [
+                {
+                    "model": p.model,
+                    "batch": len(p.seqs),
+                    "prefill_tokens": p.num_prefill_tokens,
+                    "decode_tokens": p.num_tokens - p.num_prefill_tokens,
+                    "context_tokens": sum(s.context_len for s in p.seqs),
+                    "preempted": len(p.preempted),
+                    "swap_out_blocks": len(p.swap_out),
+                    "swap_in_blocks": len(p.swap_in),
+                }
+                for p in plans
+            ],
+            "pages": self.arena.usage_by_kind(),
+        }
+        self._trace.write(json.dumps(rec) + "\n")
+        self._trace.flush()
+
+    def close(self) -> None:
+        if self._trace is not None:
+            self._trace.close()
+            self._trace = None
 
     def _commit(self, t: Tenant, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
         now = time.perf_counter()
         index = {rid: k for k, rid in enumerate(result.request_ids)}
         outputs = []
+        counters = t.state.counters
+        counters.prefill_tokens += plan.num_prefill_tokens
+        counters.decode_tokens += plan.num_tokens - plan.num_prefill_tokens
         for s in plan.seqs:
             req = s.request
             req.num_computed_tokens += s.num_new_tokens

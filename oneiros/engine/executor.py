@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from oneiros.attention.torch_ref import AttentionMetadata, PrefillSeq
-from oneiros.core import ScheduledSeq, StepPlan, StepResult
+from oneiros.core import Request, ScheduledSeq, StepPlan, StepResult
 from oneiros.engine.sampler import Sampler
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
@@ -18,8 +18,9 @@ from oneiros.models.base import DecoderModel
 
 class Executor(ABC):
     @abstractmethod
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Run the plan's forward pass and sample one token per sequence that reaches its end."""
+    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+        """Run each plan (one per model in this step): its KV copies, its forward pass, and sample
+        one token per sequence that reaches its end. Plans of different models may overlap."""
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (e.g. a seeded generator) of a finished request."""
@@ -29,7 +30,12 @@ class ModelRunner:
     """Turns a plan into tensors for one model and runs it."""
 
     def __init__(
-        self, model: DecoderModel, pool: KVPool, storage: DeviceArena, sampler: Sampler
+        self,
+        model: DecoderModel,
+        pool: KVPool,
+        storage: DeviceArena,
+        sampler: Sampler,
+        host_blocks: int = 0,
     ) -> None:
         c = model.cfg
         self.model = model
@@ -37,22 +43,40 @@ class ModelRunner:
         self.sampler = sampler
         self.device = storage.device
         self.block_size = pool.block_size
+        block_shape = (c.num_layers, 2, pool.block_size, c.num_kv_heads, c.head_dim)
         # [num_pages, blocks_per_page, layers, 2, block_size, Hkv, D] over the whole arena.
-        self.kv = storage.kv_view(
-            (c.num_layers, 2, pool.block_size, c.num_kv_heads, c.head_dim),
-            model.dtype,
-            pool.blocks_per_page,
-        )
+        self.kv = storage.kv_view(block_shape, model.dtype, pool.blocks_per_page)
+        # Swap space for preempted requests' KV: [host_blocks, layers, 2, block_size, Hkv, D].
+        pin = self.device.type == "cuda"
+        self.host_kv = torch.empty((host_blocks, *block_shape), dtype=model.dtype, pin_memory=pin)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def kv_layer(self, i: int) -> torch.Tensor:
         return self.kv[:, :, i]  # [P, bpp, 2, bs, Hkv, D]
 
-    def run(self, plan: StepPlan) -> StepResult:
-        t0 = time.perf_counter()
-        # Decodes (one new token) first: they are attended in one batched call.
-        seqs = sorted(plan.seqs, key=lambda s: s.num_new_tokens != 1)
-        ids, pos, meta = self._prepare(seqs)
+    def copy_blocks(self, plan: StepPlan) -> None:
+        """Swap-outs before swap-ins: a block swapped out may be reused by this very step."""
+        bpp = self.pool.blocks_per_page
+        if plan.swap_out:
+            dev = torch.tensor([d for d, _ in plan.swap_out])
+            host = torch.tensor([h for _, h in plan.swap_out])
+            blocks = self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)]
+            self.host_kv[host] = blocks.to("cpu")
+        if plan.swap_in:
+            host = torch.tensor([h for h, _ in plan.swap_in])
+            dev = torch.tensor([d for _, d in plan.swap_in])
+            blocks = self.host_kv[host].to(self.device, non_blocking=True)
+            self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)] = blocks
+
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
+        """Copies, then the forward pass; returns logits [N, V] of the sampling rows and their requests."""
         with torch.inference_mode():
+            self.copy_blocks(plan)
+            if not plan.seqs:
+                return None, []
+            # Decodes (one new token) first: they are attended in one batched call.
+            seqs = sorted(plan.seqs, key=lambda s: s.num_new_tokens != 1)
+            ids, pos, meta = self._prepare(seqs)
             h = self.model.forward(ids, pos, self.kv_layer, meta)
             rows, reqs, offset = [], [], 0
             for s in seqs:
@@ -60,12 +84,15 @@ class ModelRunner:
                 if s.samples:
                     rows.append(offset - 1)
                     reqs.append(s.request)
-            tokens: list[int] = []
-            logprobs: list[float] = []
-            top = None
-            if rows:
-                logits = self.model.lm_head(h[torch.tensor(rows, device=self.device)])
-                tokens, logprobs, top = self.sampler.sample(logits, reqs)
+            if not rows:
+                return None, []
+            return self.model.lm_head(h[torch.tensor(rows, device=self.device)]), reqs
+
+    def sample(self, logits: torch.Tensor | None, reqs: list[Request], t0: float) -> StepResult:
+        if logits is None:
+            return StepResult([], [], [], None, time.perf_counter() - t0)
+        with torch.inference_mode():
+            tokens, logprobs, top = self.sampler.sample(logits, reqs)
         return StepResult(
             [r.request_id for r in reqs], tokens, logprobs, top, time.perf_counter() - t0
         )
@@ -135,8 +162,25 @@ class TorchExecutor(Executor):
     def __init__(self, runners: dict[str, ModelRunner]) -> None:
         self.runners = runners
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.runners[plan.model].run(plan)
+    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+        t0 = time.perf_counter()
+        runners = [self.runners[p.model] for p in plans]
+        # Spatial sharing on CUDA: each model's kernels go to its own stream, all of them ordered
+        # after what the main stream did before and joined back into it before sampling.
+        streams = len(plans) > 1 and all(r.stream is not None for r in runners)
+        main = torch.cuda.current_stream(runners[0].device) if streams else None
+        pending = []
+        for plan, runner in zip(plans, runners):
+            if streams:
+                runner.stream.wait_stream(main)
+                with torch.cuda.stream(runner.stream):
+                    pending.append((runner, *runner.forward(plan)))
+            else:
+                pending.append((runner, *runner.forward(plan)))
+        if streams:
+            for runner in runners:
+                main.wait_stream(runner.stream)
+        return [runner.sample(logits, reqs, t0) for runner, logits, reqs in pending]
 
     def release(self, request_id: str) -> None:
         for r in self.runners.values():

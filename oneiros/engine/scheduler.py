@@ -1,15 +1,20 @@
 """Continuous batching for one model: which requests run this step, with how many tokens.
 
 Scheduling is by token budget (vLLM v1 style): every live request's computed tokens catch up with its
-known tokens, a decode being the case of one new token. Running requests go first, oldest first; a
-request that needs a KV block when none is left preempts the youngest running request (recompute:
-its blocks are freed and it is prefilled again later, with the tokens it already produced). Waiting
-requests are admitted only in steps without preemption and while blocks and the budget last.
+known tokens, a decode being the case of one new token. Running requests go first, oldest first. When
+a request needs a KV block and the pool has none, the scheduler first asks `make_room` (the engine:
+idle KV pages of other models, or parameter pages under remapping), and only then preempts the
+youngest running request:
+  - recompute: its blocks are freed; it is prefilled again later with the tokens it already produced;
+  - swap: its blocks are copied to host memory (plan.swap_out) and copied back when it resumes
+    (plan.swap_in); recompute is the fallback when the host swap space is full.
+Waiting requests are admitted only in steps without preemption and while blocks and the budget last.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from oneiros.core import (
     InvalidRequestError,
@@ -18,7 +23,11 @@ from oneiros.core import (
     ScheduledSeq,
     StepPlan,
 )
+from oneiros.engine.tenancy import TenantCounters
 from oneiros.memory.kv import KVPool
+from oneiros.memory.swap import HostBlockPool
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 class Scheduler:
@@ -29,8 +38,20 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        preemption: str = "recompute",
+        host_pool: HostBlockPool | None = None,
+        make_room: Callable[[int], bool] | None = None,
+        counters: TenantCounters | None = None,
     ) -> None:
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
+        if preemption == "swap" and host_pool is None:
+            raise ValueError("swap preemption needs a host block pool")
         self.model = model
+        self.preemption = preemption
+        self.host_pool = host_pool
+        self.make_room = make_room
+        self.counters = counters or TenantCounters()
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -38,7 +59,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_in_schedule: list[Request] = []
-        self.num_preemptions = 0
 
     # ---- intake ---------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -66,8 +86,20 @@ class Scheduler:
         self.waiting.append(req)
 
     def max_blocks(self) -> int:
-        """Blocks this model could hold if it had every free page and its own."""
-        return (self.pool.num_pages + self.pool.arena.num_free) * self.pool.blocks_per_page
+        """Blocks this model could hold with its own pages, every free page and, when it may take
+        them (`make_room`), the KV pages of other models."""
+        arena = self.pool.arena
+        pages = self.pool.num_pages + arena.num_free
+        if self.make_room is not None:
+            mine = f"{self.model}/kv"
+            pages += sum(
+                n for k, n in arena.usage_by_kind().items() if k.endswith("/kv") and k != mine
+            )
+        return pages * self.pool.blocks_per_page
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.counters.preemptions
 
     @property
     def has_work(self) -> bool:
@@ -83,12 +115,12 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._reserve(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
-                if victim is req and len(self.running) == 1:
-                    # Alone and still out of memory: it can never grow further.
+                needed = self.pool.blocks_needed(req.num_computed_tokens + n)
+                if victim is req and len(self.running) == 1 and needed > self.max_blocks():
+                    # Alone, and more than this model could ever hold: it can never grow further.
                     self._finish_for_capacity(req)
                     continue
-                self.preempt(victim)
-                plan.preempted.append(victim)
+                self.preempt(victim, plan)
                 continue  # retry req (or move on, if req itself was the victim)
             plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n
@@ -104,6 +136,12 @@ class Scheduler:
             if not self._reserve(req, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
+            if req.host_block_ids:  # resume a swapped-out request: copy its KV back first
+                assert self.host_pool is not None
+                plan.swap_in.extend(zip(req.host_block_ids, req.block_ids))
+                self.counters.swap_in_bytes += len(req.host_block_ids) * self.pool.block_bytes
+                self.host_pool.free(req.host_block_ids)
+                req.host_block_ids = []
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
@@ -115,20 +153,35 @@ class Scheduler:
         if missing <= 0:
             return True
         blocks = self.pool.allocate(missing)
+        if blocks is None and self.make_room is not None and self.make_room(missing):
+            blocks = self.pool.allocate(missing)
         if blocks is None:
             return False
         req.block_ids.extend(blocks)
         return True
 
     # ---- state changes --------------------------------------------------------------------------
-    def preempt(self, req: Request) -> None:
-        """Recompute-style preemption: free its KV; it is prefilled again, outputs included."""
+    def preempt(self, req: Request, plan: StepPlan | None = None) -> None:
+        """Take req's KV blocks away and requeue it at the front (swap, else recompute)."""
         self.running.remove(req)
+        host = None
+        if self.preemption == "swap" and plan is not None and req.block_ids:
+            assert self.host_pool is not None
+            host = self.host_pool.allocate(len(req.block_ids))
+        if host is not None:
+            assert plan is not None
+            plan.swap_out.extend(zip(req.block_ids, host))
+            self.counters.swap_out_bytes += len(host) * self.pool.block_bytes
+            req.host_block_ids = host
+        else:
+            self.counters.recomputed_tokens += req.num_computed_tokens
+            req.num_computed_tokens = 0
         self._free_blocks(req)
-        req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
-        self.num_preemptions += 1
+        self.counters.preemptions += 1
+        if plan is not None:
+            plan.preempted.append(req)
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
@@ -138,6 +191,10 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self._free_blocks(req)
+        if req.host_block_ids:
+            assert self.host_pool is not None
+            self.host_pool.free(req.host_block_ids)
+            req.host_block_ids = []
         req.status = status
 
     def abort(self, request_id: str) -> Request | None:
@@ -162,3 +219,5 @@ class Scheduler:
         assert len(live) == len(set(live)), "a KV block is shared by two requests"
         assert len(live) == self.pool.num_used, "blocks in use that no request holds"
         assert all(not r.block_ids for r in self.waiting), "a waiting request holds blocks"
+        if self.host_pool is not None:
+            self.host_pool.check_integrity([b for r in self.waiting for b in r.host_block_ids])

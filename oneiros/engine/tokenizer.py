@@ -34,4 +34,4 @@ class Tokenizer:
 def stable_text(tok: Tokenizer, ids: list[int]) -> str:
     """Decoded text, minus a trailing partial UTF-8 character that the next token may complete."""
     text = tok.decode(ids)
-    return text[:-1] if text.endswith("\ufffd") else text
+    return text.removesuffix("\ufffd")

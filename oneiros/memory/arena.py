@@ -49,6 +49,10 @@ class Owner:
 FREE = Owner(OwnerKind.FREE)
 
 
+def _kind_label(o: Owner) -> str:
+    return "free" if o.kind is OwnerKind.FREE else f"{o.model}/{o.kind.value}"
+
+
 class PageArena:
     """Owner of every page. Allocation returns page indices or None on shortage; never raises for it."""
 
@@ -59,6 +63,7 @@ class PageArena:
         self.page_bytes = page_bytes
         self._owner: list[Owner] = [FREE] * num_pages
         self._free: set[int] = set(range(num_pages))
+        self._kind_counts: Counter[str] = Counter({"free": num_pages})  # kept for cheap metrics
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -77,10 +82,12 @@ class PageArena:
 
     def usage_by_kind(self) -> dict[str, int]:
         """Pages per (model, kind), the coarse view the metrics and the page-owner plots use."""
-        out: Counter[str] = Counter()
-        for o in self._owner:
-            out["free" if o.kind is OwnerKind.FREE else f"{o.model}/{o.kind.value}"] += 1
-        return dict(out)
+        return {k: v for k, v in self._kind_counts.items() if v}
+
+    def _set_owner(self, page: int, owner: Owner) -> None:
+        self._kind_counts[_kind_label(self._owner[page])] -= 1
+        self._kind_counts[_kind_label(owner)] += 1
+        self._owner[page] = owner
 
     # ---- allocation ----------------------------------------------------------------------------
     def alloc(self, n: int, owner: Owner) -> list[int] | None:
@@ -111,7 +118,7 @@ class PageArena:
         """Give pages back. Every page must belong to `owner`: freeing another's page is a bug."""
         self._check_owned(pages, owner)
         for p in pages:
-            self._owner[p] = FREE
+            self._set_owner(p, FREE)
             self._free.add(p)
 
     def transfer(self, pages: list[int], old: Owner, new: Owner) -> None:
@@ -125,7 +132,7 @@ class PageArena:
             self._assign(pages, new)
             return
         for p in pages:
-            self._owner[p] = new
+            self._set_owner(p, new)
 
     @staticmethod
     def _check_request(n: int, owner: Owner) -> None:
@@ -137,7 +144,7 @@ class PageArena:
     def _assign(self, pages: list[int], owner: Owner) -> None:
         for p in pages:
             self._free.remove(p)
-            self._owner[p] = owner
+            self._set_owner(p, owner)
 
     def _check_owned(self, pages: list[int], owner: Owner) -> None:
         if len(set(pages)) != len(pages):
@@ -153,3 +160,5 @@ class PageArena:
         assert len(self._owner) == self.num_pages
         free = {p for p, o in enumerate(self._owner) if o.kind is OwnerKind.FREE}
         assert free == self._free, f"free set drifted: {sorted(free ^ self._free)}"
+        counts = Counter(_kind_label(o) for o in self._owner)
+        assert +self._kind_counts == counts, "page counts by kind drifted"

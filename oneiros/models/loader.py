@@ -159,11 +159,17 @@ def _random(spec: str) -> ModelSource:
     return ModelSource(f"random:{spec}", cfg, random_tensor_fn(cfg, seed), None)
 
 
+_MATRIX_GAIN = 3.0
+
+
 def random_tensor_fn(cfg: ModelConfig, seed: int) -> Callable[[str], torch.Tensor]:
     """Deterministic per-name random weights, independent of the order they are asked for.
 
     Scales keep activations O(1) through the stack so that greedy outputs of random models vary
-    (a model that always emits the same token would make token-identity tests too easy)."""
+    (a model that always emits the same token would make token-identity tests too easy). Matrices get
+    a gain of 3 over 1/sqrt(fan_in): with unit gain the unit-scale token embedding dominates the
+    residual stream, and a model with tied embeddings (qwen2-tiny, opt-tiny), whose logits are
+    h . embedding, then just repeats its last token."""
 
     shapes = hf_shapes(cfg)
 
@@ -178,7 +184,7 @@ def random_tensor_fn(cfg: ModelConfig, seed: int) -> Callable[[str], torch.Tenso
             return 0.02 * torch.randn(shape, generator=g)
         if "embed" in n:
             return torch.randn(shape, generator=g)
-        return torch.randn(shape, generator=g) / shape[-1] ** 0.5
+        return _MATRIX_GAIN * torch.randn(shape, generator=g) / shape[-1] ** 0.5
 
     return tensor
 

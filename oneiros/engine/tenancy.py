@@ -1,0 +1,82 @@
+"""Which models run in a step, and the per-model state the remapping controller reads.
+
+Temporal sharing runs one model per step: the first model, in round-robin order, whose scheduler has
+something to run, except that a model which has not been offered a step for `max_wait_s` goes first.
+Spatial sharing runs every model with work in the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TenantCounters:
+    """Cumulative per-model counters (they feed /metrics and the benchmarks)."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    recomputed_tokens: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+
+
+@dataclass(slots=True)
+class TenantState:
+    """The metadata store's entry for one model."""
+
+    name: str
+    last_run: float = 0.0  # perf_counter of the last step it ran in (0: never)
+    last_offer: float = 0.0  # last time the tenancy policy offered it a step
+    active: bool = False  # has running or waiting requests
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_pages: int = 0
+    counters: TenantCounters = field(default_factory=TenantCounters)
+
+
+class MetadataStore:
+    """Per-model state plus the arena's page owners over time."""
+
+    def __init__(self, names: list[str], history: int = 100_000) -> None:
+        self.states = {n: TenantState(n) for n in names}
+        self.page_history: deque[tuple[float, dict[str, int]]] = deque(maxlen=history)
+
+    def mru_order(self) -> list[str]:
+        """Models by how recently they ran, most recent first."""
+        return sorted(self.states, key=lambda n: -self.states[n].last_run)
+
+
+class TenancyPolicy:
+    def __init__(self, sharing: str, max_wait_s: float = 1.0) -> None:
+        if sharing not in ("temporal", "spatial"):
+            raise ValueError(f"sharing must be temporal or spatial, not {sharing!r}")
+        self.sharing = sharing
+        self.max_wait_s = max_wait_s
+        self._next = 0  # round-robin position
+
+    @property
+    def spatial(self) -> bool:
+        return self.sharing == "spatial"
+
+    def order(self, store: MetadataStore, now: float | None = None) -> list[str]:
+        """Active models in the order they should be offered this step. Spatial sharing runs all of
+        them; temporal sharing runs the first one that has something to run (see `ran`)."""
+        names = list(store.states)
+        now = time.perf_counter() if now is None else now
+        rotated = names[self._next :] + names[: self._next]
+        active = [n for n in rotated if store.states[n].active]
+        starved = [n for n in active if now - store.states[n].last_offer > self.max_wait_s]
+        starved.sort(key=lambda n: store.states[n].last_offer)
+        return starved + [n for n in active if n not in starved]
+
+    def ran(self, store: MetadataStore, name: str, now: float) -> None:
+        """`name` was offered a step at `now`; the round-robin moves past it."""
+        store.states[name].last_offer = now
+        names = list(store.states)
+        self._next = (names.index(name) + 1) % len(names)
