@@ -32,7 +32,7 @@ def parse_bytes(value: str | float) -> int | float:
     return int(num * _UNITS[unit])
 
 
-POLICIES = ("recompute", "swap", "static")
+POLICIES = ("recompute", "swap", "static", "oneiros")
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     seed: int = 0
-    # What to do when KV cache runs out: recompute | swap | static (fixed per-model KV shares).
+    # What to do when KV cache runs out: recompute | swap | static (fixed per-model KV shares) |
+    # oneiros (remap parameter memory into KV cache first, then fall back to remap_fallback).
     policy: str = "recompute"
+    remap_fallback: str = "recompute"  # recompute | swap
+    max_remap_fraction: float = 0.9  # a model never has more of its layers non-resident
+    prefetch_distance: int = 2  # borrowed slabs per pass: 1 -> alpha+1 copies, 2 -> alpha+2
+    revert_reserve: float = 0.25  # revert only while free KV >= this x KV in use (+ one layer)
+    revert_hold_steps: int = 8  # ... for this many consecutive steps (hysteresis)
     # temporal: one model per step (round-robin, max_wait_s bound); spatial: all models each step.
     sharing: str = "temporal"
     max_wait_s: float = 1.0
@@ -75,6 +81,14 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.remap_fallback not in ("recompute", "swap"):
+            raise ConfigError(f"remap_fallback must be recompute or swap, not {self.remap_fallback!r}")
+        if not 0.0 <= self.max_remap_fraction < 1.0:
+            raise ConfigError(f"max_remap_fraction must be in [0, 1), got {self.max_remap_fraction}")
+        if self.prefetch_distance not in (1, 2):
+            raise ConfigError(f"prefetch_distance must be 1 or 2, got {self.prefetch_distance}")
+        if self.revert_reserve < 0 or self.revert_hold_steps < 1:
+            raise ConfigError("revert_reserve must be >= 0 and revert_hold_steps >= 1")
         if self.sharing not in ("temporal", "spatial"):
             raise ConfigError(f"sharing must be temporal or spatial, not {self.sharing!r}")
         swap = parse_bytes(self.swap_space)

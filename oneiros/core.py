@@ -231,6 +231,11 @@ class StepResult:
     logprobs: list[float]
     top_logprobs: list[dict[int, float]] | None = None
     elapsed: float = 0.0
+    # Layer streaming during this step (parameter remapping): bytes copied host-to-device, time spent
+    # copying, and the part of it the compute had to wait for.
+    h2d_bytes: int = 0
+    copy_s: float = 0.0
+    exposed_s: float = 0.0
 
 
 @dataclass(slots=True)

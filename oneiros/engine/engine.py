@@ -32,6 +32,7 @@ from oneiros.core import (
     UnknownModelError,
 )
 from oneiros.engine.executor import Executor, ModelRunner, TorchExecutor
+from oneiros.engine.remapping import RemapController, probe_h2d_bandwidth
 from oneiros.engine.sampler import Sampler
 from oneiros.engine.scheduler import Scheduler
 from oneiros.engine.tenancy import MetadataStore, TenancyPolicy, TenantState
@@ -100,15 +101,31 @@ class LLMEngine:
         self.executor: Executor = TorchExecutor(
             {
                 n: ModelRunner(
-                    t.model,
+                    t.weights,
                     t.pool,
                     self.storage,
                     Sampler(self.device, config.seed),
                     t.scheduler.host_pool.num_blocks if t.scheduler.host_pool else 0,
+                    config.prefetch_distance,
                 )
                 for n, t in self.tenants.items()
             }
         )
+        self.remapper: RemapController | None = None
+        if config.policy == "oneiros":
+            first = next(iter(self.tenants.values())).weights
+            # Copying layer 0's master copy onto its own slab measures T_T and changes nothing.
+            bw = probe_h2d_bandwidth(first.host[0], first.region(0))
+            self.remapper = RemapController(
+                self.tenants,
+                config.sharing,
+                config.max_remap_fraction,
+                config.revert_reserve,
+                config.revert_hold_steps,
+                lambda: self.tenancy.order(self.store),
+                bw,
+                self.executor.residency_changed,
+            )
         self._requests: dict[str, tuple[Tenant, Request]] = {}
         self._trace = open(config.trace_steps, "a") if config.trace_steps else None  # noqa: SIM115
         self._record_pages(time.perf_counter())
@@ -139,7 +156,9 @@ class LLMEngine:
         max_len = min(cfg.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
         state = self.store.states[name]
         host_pool = None
-        if cfg.policy == "swap":
+        preemption = cfg.remap_fallback if cfg.policy == "oneiros" else cfg.policy
+        preemption = preemption if preemption == "swap" else "recompute"
+        if preemption == "swap":
             share = cfg.swap_space // len(cfg.models)
             host_pool = HostBlockPool(name, share // block_bytes, block_bytes)
         sched = Scheduler(
@@ -148,10 +167,11 @@ class LLMEngine:
             cfg.max_num_seqs,
             cfg.max_num_batched_tokens,
             max_len,
-            preemption="swap" if cfg.policy == "swap" else "recompute",
+            preemption=preemption,
             host_pool=host_pool,
             make_room=None if cfg.policy == "static" else lambda n: self._make_room(name, n),
             counters=state.counters,
+            remappable_pages=self._remappable_pages if cfg.policy == "oneiros" else None,
         )
         tok = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
         eos = set(c.eos_token_ids)
@@ -258,6 +278,8 @@ class LLMEngine:
         for name in self.tenancy.order(self.store, t0):
             t = self.tenants[name]
             self.tenancy.ran(self.store, name, t0)
+            if self.remapper is not None:
+                self.remapper.prepare(t)
             plan = t.scheduler.schedule()
             outputs += [self._finish(t, r) for r in t.scheduler.finished_in_schedule]
             t.scheduler.finished_in_schedule.clear()
@@ -273,7 +295,16 @@ class LLMEngine:
             t = self.tenants[plan.model]
             outputs += self._commit(t, plan, result)
             t.state.last_run = now
-            t.state.counters.steps += 1
+            c = t.state.counters
+            c.steps += 1
+            c.h2d_bytes += result.h2d_bytes
+            c.stream_copy_s += result.copy_s
+            c.stream_exposed_s += result.exposed_s
+            if self.remapper is not None and plan.seqs:
+                self.remapper.observe_step(t.name, result.elapsed - result.exposed_s)
+        if self.remapper is not None:
+            self._refresh_states()
+            self.remapper.after_step()
         self._record_pages(now)
         if self._trace is not None:
             self._write_trace(t0, now, plans)
@@ -284,13 +315,18 @@ class LLMEngine:
             st = t.state
             st.num_running = len(t.scheduler.running)
             st.num_waiting = len(t.scheduler.waiting)
-            st.active = t.scheduler.has_work
+            active = t.scheduler.has_work
+            st.layers_missing = len(t.weights.missing_layers)
+            if active and not st.active and st.layers_missing:
+                st.reactivating = True
+            st.active = active
             st.kv_blocks_used = t.pool.num_used
             st.kv_pages = t.pool.num_pages
 
     def _make_room(self, requester: str, blocks: int) -> bool:
         """Free arena pages for `requester` by taking idle KV pages (no live block) from other
-        models, least recently run first. True if any page was freed."""
+        models, least recently run first, then (policy oneiros) by remapping parameters.
+        True if any page was freed."""
         need = self.tenants[requester].pool.pages_needed(blocks) - self.arena.num_free
         freed = 0
         for name in reversed(self.store.mru_order()):
@@ -298,7 +334,13 @@ class LLMEngine:
                 break
             if name != requester:
                 freed += len(self.tenants[name].pool.shrink(need - freed))
+        if freed < need and self.remapper is not None:
+            # Parameter remapping: layer slabs become KV pages before anyone is preempted.
+            freed += self.remapper.take(requester, need - freed)
         return freed > 0
+
+    def _remappable_pages(self) -> int:
+        return self.remapper.remappable_pages() if self.remapper is not None else 0
 
     def _record_pages(self, now: float) -> None:
         self.store.page_history.append((now, self.arena.usage_by_kind()))

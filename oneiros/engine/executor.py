@@ -13,7 +13,8 @@ from oneiros.core import Request, ScheduledSeq, StepPlan, StepResult
 from oneiros.engine.sampler import Sampler
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
-from oneiros.models.base import DecoderModel
+from oneiros.memory.transfer import LayerStreamer, PassPlan, plan_pass
+from oneiros.memory.weights import ModelWeights
 
 
 class Executor(ABC):
@@ -25,21 +26,31 @@ class Executor(ABC):
     def release(self, request_id: str) -> None:
         """Forget per-request state (e.g. a seeded generator) of a finished request."""
 
+    def residency_changed(self, model: str) -> None:
+        """The model's resident layers are about to change: finish what depends on the old set."""
+
 
 class ModelRunner:
     """Turns a plan into tensors for one model and runs it."""
 
     def __init__(
         self,
-        model: DecoderModel,
+        weights: ModelWeights,
         pool: KVPool,
         storage: DeviceArena,
         sampler: Sampler,
         host_blocks: int = 0,
+        prefetch_distance: int = 2,
     ) -> None:
+        model = weights.model
         c = model.cfg
+        self.weights = weights
         self.model = model
         self.pool = pool
+        self.prefetch_distance = prefetch_distance
+        self.streamer = LayerStreamer(weights.host, weights.region, weights.bind, storage.device)
+        self._pass_plan: PassPlan | None = None
+        self._stats_at_start = (0, 0.0, 0.0)
         self.sampler = sampler
         self.device = storage.device
         self.block_size = pool.block_size
@@ -70,6 +81,8 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
         """Copies, then the forward pass; returns logits [N, V] of the sampling rows and their requests."""
+        st = self.streamer.stats
+        self._stats_at_start = (st.bytes, st.copy_s, st.exposed_s)
         with torch.inference_mode():
             self.copy_blocks(plan)
             if not plan.seqs:
@@ -77,7 +90,8 @@ class ModelRunner:
             # Decodes (one new token) first: they are attended in one batched call.
             seqs = sorted(plan.seqs, key=lambda s: s.num_new_tokens != 1)
             ids, pos, meta = self._prepare(seqs)
-            h = self.model.forward(ids, pos, self.kv_layer, meta)
+            before, after = self._stream_hooks()
+            h = self.model.forward(ids, pos, self.kv_layer, meta, before, after)
             rows, reqs, offset = [], [], 0
             for s in seqs:
                 offset += s.num_new_tokens
@@ -88,13 +102,35 @@ class ModelRunner:
                 return None, []
             return self.model.lm_head(h[torch.tensor(rows, device=self.device)]), reqs
 
+    def _stream_hooks(self):
+        """Hooks that stream the model's non-resident layers through borrowed slabs (or none)."""
+        missing = tuple(self.weights.missing_layers)
+        if not missing:
+            self._pass_plan = None
+            return None, None
+        if self._pass_plan is None or self._pass_plan.missing != missing:
+            self.streamer.reset()
+            self._pass_plan = plan_pass(len(self.weights.slab_pages), missing, self.prefetch_distance)
+        return self.streamer.hooks(self._pass_plan)
+
     def sample(self, logits: torch.Tensor | None, reqs: list[Request], t0: float) -> StepResult:
-        if logits is None:
-            return StepResult([], [], [], None, time.perf_counter() - t0)
-        with torch.inference_mode():
-            tokens, logprobs, top = self.sampler.sample(logits, reqs)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        top = None
+        if logits is not None:
+            with torch.inference_mode():
+                tokens, logprobs, top = self.sampler.sample(logits, reqs)  # syncs the device
+        self.streamer.finish_pass()
+        st, before = self.streamer.stats, self._stats_at_start
         return StepResult(
-            [r.request_id for r in reqs], tokens, logprobs, top, time.perf_counter() - t0
+            [r.request_id for r in reqs],
+            tokens,
+            logprobs,
+            top,
+            time.perf_counter() - t0,
+            h2d_bytes=st.bytes - before[0],
+            copy_s=st.copy_s - before[1],
+            exposed_s=st.exposed_s - before[2],
         )
 
     def _prepare(
@@ -181,6 +217,11 @@ class TorchExecutor(Executor):
             for runner in runners:
                 main.wait_stream(runner.stream)
         return [runner.sample(logits, reqs, t0) for runner, logits, reqs in pending]
+
+    def residency_changed(self, model: str) -> None:
+        runner = self.runners[model]
+        runner.streamer.reset()
+        runner._pass_plan = None
 
     def release(self, request_id: str) -> None:
         for r in self.runners.values():

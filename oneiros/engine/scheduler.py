@@ -42,6 +42,7 @@ class Scheduler:
         host_pool: HostBlockPool | None = None,
         make_room: Callable[[int], bool] | None = None,
         counters: TenantCounters | None = None,
+        remappable_pages: Callable[[], int] | None = None,
     ) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
@@ -52,6 +53,7 @@ class Scheduler:
         self.host_pool = host_pool
         self.make_room = make_room
         self.counters = counters or TenantCounters()
+        self.remappable_pages = remappable_pages
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -95,6 +97,8 @@ class Scheduler:
             pages += sum(
                 n for k, n in arena.usage_by_kind().items() if k.endswith("/kv") and k != mine
             )
+        if self.remappable_pages is not None:
+            pages += self.remappable_pages()
         return pages * self.pool.blocks_per_page
 
     @property

@@ -23,6 +23,15 @@ class TenantCounters:
     recomputed_tokens: int = 0
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
+    # Parameter remapping.
+    remapped_layers: int = 0  # layer slabs turned into free pages for KV cache (remap events)
+    restored_layers: int = 0  # layers copied back into a slab of their own (revert events)
+    restore_failures: int = 0  # no contiguous run of pages for a slab at the time
+    h2d_bytes: int = 0  # host-to-device bytes: streamed layers and restores
+    stream_copy_s: float = 0.0  # time spent copying streamed layers
+    stream_exposed_s: float = 0.0  # part of it the compute waited for (all of it on CPU)
+    reactivations_streamed: int = 0  # came back to work and streamed its missing layers
+    reactivations_restored: int = 0  # came back to work and had layers restored first
 
 
 @dataclass(slots=True)
@@ -37,6 +46,8 @@ class TenantState:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_pages: int = 0
+    layers_missing: int = 0  # non-resident layers (remapped)
+    reactivating: bool = False  # became active with layers missing; cleared once decided
     counters: TenantCounters = field(default_factory=TenantCounters)
 
 

@@ -9,6 +9,8 @@ is how KV memory returns to other models or to parameters.
 
 from __future__ import annotations
 
+import heapq
+
 from oneiros.core import ConfigError
 from oneiros.memory.arena import Owner, PageArena
 
@@ -32,7 +34,10 @@ class KVPool:
         self.block_size = block_size
         self.blocks_per_page = arena.page_bytes // block_bytes
         self._pages: set[int] = set()
-        self._free_blocks: list[int] = []  # used as a stack: recently freed blocks are reused first
+        # A min-heap: the lowest block (so the lowest page) goes first. Live blocks gather in low
+        # pages and high pages fall idle, so shrinking leaves long free runs at the top of the arena,
+        # where layer slabs are placed when parameters come back.
+        self._free_blocks: list[int] = []
         self._used: set[int] = set()
 
     # ---- queries -------------------------------------------------------------------------------
@@ -43,6 +48,16 @@ class KVPool:
     @property
     def num_used(self) -> int:
         return len(self._used)
+
+    @property
+    def num_busy_pages(self) -> int:
+        """Pages holding at least one live block."""
+        return len({b // self.blocks_per_page for b in self._used})
+
+    @property
+    def num_idle_pages(self) -> int:
+        """Pages with no live block: `shrink` can give them back at once."""
+        return len(self._pages) - self.num_busy_pages
 
     @property
     def num_free_blocks(self) -> int:
@@ -70,7 +85,7 @@ class KVPool:
         missing = n - len(self._free_blocks)
         if missing > 0 and not self.grow(self.pages_needed(missing)):
             return None
-        blocks = [self._free_blocks.pop() for _ in range(n)]
+        blocks = [heapq.heappop(self._free_blocks) for _ in range(n)]
         self._used.update(blocks)
         return blocks
 
@@ -82,7 +97,8 @@ class KVPool:
             if b not in self._used:
                 raise ValueError(f"block {b} of {self.model!r} is not allocated")
         self._used.difference_update(blocks)
-        self._free_blocks.extend(blocks)
+        for b in blocks:
+            heapq.heappush(self._free_blocks, b)
 
     def grow(self, num_pages: int) -> bool:
         pages = self.arena.alloc(num_pages, self.owner)
@@ -104,7 +120,8 @@ class KVPool:
             self._pages.add(p)
             base = p * self.blocks_per_page
             # Reverse so that pop() hands out the lowest slot of the page first.
-            self._free_blocks.extend(range(base + self.blocks_per_page - 1, base - 1, -1))
+            for b in range(base, base + self.blocks_per_page):
+                heapq.heappush(self._free_blocks, b)
 
     def shrink(self, max_pages: int | None = None) -> list[int]:
         """Give back to the arena every page (up to max_pages) with no live block; returns them."""
@@ -116,6 +133,7 @@ class KVPool:
             return []
         idle_set = set(idle)
         self._free_blocks = [b for b in self._free_blocks if b // self.blocks_per_page not in idle_set]
+        heapq.heapify(self._free_blocks)
         self._pages -= idle_set
         self.arena.free(idle, self.owner)
         return idle

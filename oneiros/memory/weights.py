@@ -66,6 +66,31 @@ class ModelWeights:
         self.model.bind_layer(i, self.layer_layout.views(region))
         return True
 
+    @property
+    def missing_layers(self) -> list[int]:
+        return [i for i, pages in enumerate(self.slab_pages) if pages is None]
+
+    def evict_layer(self, i: int) -> list[int]:
+        """Remap: layer i's slab pages go back to the arena (no write-back: the host copy is exact)."""
+        pages = self.slab_pages[i]
+        if pages is None:
+            raise ValueError(f"layer {i} of {self.name!r} is not resident")
+        self.arena.free(pages, Owner.slab(self.name, i))
+        self.slab_pages[i] = None
+        self.model.bind_layer(i, None)
+        return pages
+
+    def region(self, slab: int) -> torch.Tensor:
+        """The device bytes of resident layer `slab`'s slab."""
+        pages = self.slab_pages[slab]
+        assert pages is not None, f"layer {slab} of {self.name!r} has no slab"
+        return self.storage.region(pages[0], self.layer_layout.nbytes)
+
+    def bind(self, layer: int, slab: int | None) -> None:
+        """Point layer's weights at the slab of resident layer `slab` (None: no weights)."""
+        views = None if slab is None else self.layer_layout.views(self.region(slab))
+        self.model.bind_layer(layer, views)
+
     def release(self) -> None:
         """Return every page of this model to the arena (the model is being unloaded)."""
         for i, pages in enumerate(self.slab_pages):

@@ -75,11 +75,15 @@ class DecoderModel(ABC):
         kv_layers: Callable[[int], torch.Tensor],
         meta: AttentionMetadata,
         before_layer: Callable[[int], None] | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """Run the stack. `before_layer(i)` lets the transfer engine make layer i's weights ready."""
+        """Run the stack. The transfer engine's hooks make layer i's weights ready just before it
+        (`before_layer`) and start copies into memory that layer i no longer needs (`after_layer`)."""
         h = self.embed(input_ids, positions)
         for i in range(self.cfg.num_layers):
             if before_layer is not None:
                 before_layer(i)
             h = self.layer_forward(i, h, positions, kv_layers(i), meta)
+            if after_layer is not None:
+                after_layer(i)
         return self.final_norm(h)

@@ -1,0 +1,180 @@
+"""RemapController: applies the pure decisions of `memory/remap.py` to the engine's tenants.
+
+It is consulted at three points of a step:
+  - `take(requester, pages)`: a scheduler is out of KV blocks and no idle KV page is left anywhere;
+    free `pages` arena pages by remapping layer slabs (before any preemption);
+  - `prepare(tenant)`: a model is about to run with non-resident layers; if streaming them cannot hide
+    under its compute (alpha > alpha_max), restore layers first while free memory allows;
+  - `after_step()`: dynamic reversion: when KV memory has stayed free for a while, restore layers,
+    the model most likely to run next first.
+T_T comes from a start-up copy probe; T_compute from a running average of each model's step time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from oneiros.memory.remap import (
+    DonorInfo,
+    Hysteresis,
+    alpha_cap,
+    max_alpha,
+    next_donor,
+    removal_order,
+    restore_priority,
+    should_revert,
+)
+
+if TYPE_CHECKING:
+    from oneiros.engine.engine import Tenant
+
+
+def probe_h2d_bandwidth(host: torch.Tensor, dst: torch.Tensor, repeats: int = 3) -> float:
+    """Bytes/s of a host-to-device copy of `host` into `dst` (best of `repeats`)."""
+    best = float("inf")
+    for _ in range(repeats):
+        if dst.is_cuda:
+            torch.cuda.synchronize(dst.device)
+        t0 = time.perf_counter()
+        dst.copy_(host, non_blocking=dst.is_cuda)
+        if dst.is_cuda:
+            torch.cuda.synchronize(dst.device)
+        best = min(best, time.perf_counter() - t0)
+    return host.numel() / max(best, 1e-9)
+
+
+class RemapController:
+    def __init__(
+        self,
+        tenants: dict[str, Tenant],
+        sharing: str,
+        max_remap_fraction: float,
+        revert_reserve: float,
+        revert_hold_steps: int,
+        next_to_run: Callable[[], list[str]],
+        h2d_bytes_per_s: float,
+        residency_changed: Callable[[str], None],
+    ) -> None:
+        self.tenants = tenants
+        self.sharing = sharing
+        self.max_remap_fraction = max_remap_fraction
+        self.revert_reserve = revert_reserve
+        self.hysteresis = Hysteresis(revert_hold_steps)
+        self.next_to_run = next_to_run
+        self.h2d_bytes_per_s = h2d_bytes_per_s
+        self.residency_changed = residency_changed
+        self._order = {n: removal_order(t.model.cfg.num_layers) for n, t in tenants.items()}
+        self._step_s: dict[str, float] = {}  # EMA of decode-step compute time per model
+
+    # ---- measurements ---------------------------------------------------------------------------
+    def layer_copy_s(self, t: Tenant) -> float:
+        return t.weights.layer_layout.nbytes / self.h2d_bytes_per_s
+
+    def observe_step(self, name: str, compute_s: float) -> None:
+        """Fold a step's compute time (its elapsed time less exposed copy time) into the EMA."""
+        old = self._step_s.get(name)
+        self._step_s[name] = compute_s if old is None else 0.8 * old + 0.2 * compute_s
+
+    def alpha_max(self, t: Tenant) -> int:
+        """Layers this model may stream per pass with the copies hidden (0 until measured)."""
+        step = self._step_s.get(t.name)
+        if step is None:
+            return 0
+        return max_alpha(self.layer_copy_s(t), step, t.model.cfg.num_layers)
+
+    def _donor(self, t: Tenant) -> DonorInfo:
+        n = t.model.cfg.num_layers
+        cap = alpha_cap(n, self.max_remap_fraction)
+        if t.state.active:
+            cap = min(cap, self.alpha_max(t))
+        return DonorInfo(
+            t.name, t.state.active, t.state.last_run, n, len(t.weights.missing_layers), cap
+        )
+
+    def remappable_pages(self) -> int:
+        """Pages that remapping could still free, every model at its cap (for admission checks)."""
+        total = 0
+        for t in self.tenants.values():
+            cap = alpha_cap(t.model.cfg.num_layers, self.max_remap_fraction)
+            total += max(0, cap - len(t.weights.missing_layers)) * t.weights.pages_per_layer
+        return total
+
+    # ---- remap ----------------------------------------------------------------------------------
+    def take(self, requester: str, pages: int) -> int:
+        """Free at least `pages` arena pages by remapping layers; returns the pages freed."""
+        freed = 0
+        while freed < pages:
+            name = next_donor([self._donor(t) for t in self.tenants.values()], self.sharing)
+            if name is None:
+                break
+            t = self.tenants[name]
+            layer = self._order[name][len(t.weights.missing_layers)]
+            self._runner_reset(t)
+            freed += len(t.weights.evict_layer(layer))
+            t.state.counters.remapped_layers += 1
+            t.state.layers_missing = len(t.weights.missing_layers)
+        return freed
+
+    # ---- restore --------------------------------------------------------------------------------
+    def _restore_one(self, t: Tenant) -> bool:
+        """Restore the most recently remapped layer of t, freeing idle KV pages if needed."""
+        missing = len(t.weights.missing_layers)
+        if not missing:
+            return False
+        layer = self._order[t.name][missing - 1]
+        self._runner_reset(t)
+        if not t.weights.restore_layer(layer):
+            for other in self.tenants.values():
+                other.pool.shrink()
+            if not t.weights.restore_layer(layer):
+                t.state.counters.restore_failures += 1
+                return False
+        t.state.counters.restored_layers += 1
+        t.state.counters.h2d_bytes += t.weights.layer_layout.nbytes
+        t.state.layers_missing = len(t.weights.missing_layers)
+        return True
+
+    def prepare(self, t: Tenant) -> None:
+        """Before a model with non-resident layers runs: restore layers while streaming would not
+        hide under its compute and there is memory to do it; record which way it went."""
+        missing = len(t.weights.missing_layers)
+        if not missing:
+            return
+        limit = self.alpha_max(t)
+        restored = False
+        while len(t.weights.missing_layers) > limit and self._free_pages() >= t.weights.pages_per_layer:
+            if not self._restore_one(t):
+                break
+            restored = True
+        if t.state.reactivating:
+            t.state.reactivating = False
+            if restored:
+                t.state.counters.reactivations_restored += 1
+            else:
+                t.state.counters.reactivations_streamed += 1
+
+    def after_step(self) -> None:
+        donors = [self._donor(t) for t in self.tenants.values()]
+        order = restore_priority(donors, self.next_to_run())
+        if not order:
+            self.hysteresis.streak = 0
+            return
+        t = self.tenants[order[0]]
+        in_use = sum(x.pool.num_busy_pages for x in self.tenants.values())
+        ok = should_revert(self._free_pages(), t.weights.pages_per_layer, in_use, self.revert_reserve)
+        if self.hysteresis.update(ok) and self._restore_one(t):
+            self.hysteresis.streak = 0
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _free_pages(self) -> int:
+        """Free arena pages plus KV pages without a live block (shrinkable at once)."""
+        arena = next(iter(self.tenants.values())).pool.arena
+        return arena.num_free + sum(t.pool.num_idle_pages for t in self.tenants.values())
+
+    def _runner_reset(self, t: Tenant) -> None:
+        """Residency is about to change: in-flight layer copies of t must be done first."""
+        self.residency_changed(t.name)
