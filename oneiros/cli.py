@@ -24,7 +24,7 @@ def _model_arg(value: str) -> tuple[str, str]:
     return name, source
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--model",
         action="append",
@@ -44,9 +44,27 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument(
+        "--policy",
+        default=default_policy,
+        choices=["recompute", "swap", "static", "oneiros"],
+        help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
+    )
+    p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"])
+    p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
+    p.add_argument("--max-remap-fraction", type=float, default=0.9)
+    p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2])
+    p.add_argument("--trace-steps", default=None, metavar="PATH", help="record every step (JSONL)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
 
 
 def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineConfig:
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise OneirosError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     models = dict(args.model) if args.model else dict(default_models)
     if args.model and len(models) != len(args.model):
         raise OneirosError("two --model arguments use the same name")
@@ -59,6 +77,12 @@ def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineC
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        policy=args.policy,
+        sharing=args.sharing,
+        swap_space=args.swap_space,
+        max_remap_fraction=args.max_remap_fraction,
+        prefetch_distance=args.prefetch_distance,
+        trace_steps=args.trace_steps,
     )
 
 
@@ -107,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="complete one prompt and print the text")
-    _add_engine_args(g)
+    _add_engine_args(g, "recompute")
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -119,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    _add_engine_args(s)
+    _add_engine_args(s, "oneiros")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None)
