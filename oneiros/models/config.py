@@ -55,6 +55,15 @@ class ModelConfig:
                 if kind == "default":
                     scaling = None
             bias = bool(d.get("attention_bias", False))
+            act = d.get("hidden_act", "silu")
+            if act not in ("silu", "swish"):
+                raise ConfigError(f"hidden_act {act!r} is not supported for {mt} (only silu)")
+            max_pos = d.get("max_position_embeddings", 2048)
+            window = d.get("sliding_window")
+            if window and (mt != "qwen2" or d.get("use_sliding_window")) and window < max_pos:
+                # No sliding-window attention here: serve only contexts the window fully covers,
+                # where full attention is exact.
+                max_pos = window
             return ModelConfig(
                 arch="llama",
                 model_type=mt,
@@ -65,7 +74,7 @@ class ModelConfig:
                 num_heads=heads,
                 num_kv_heads=d.get("num_key_value_heads") or heads,
                 head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                max_position_embeddings=max_pos,
                 norm_eps=d.get("rms_norm_eps", 1e-6),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 qkv_bias=bias or mt == "qwen2",
@@ -84,6 +93,9 @@ class ModelConfig:
                 raise ConfigError("OPT with project_in/project_out (opt-350m) is not supported")
             heads = d["num_attention_heads"]
             bias = bool(d.get("enable_bias", True))
+            act = d.get("activation_function", "relu")
+            if act != "relu":
+                raise ConfigError(f"OPT activation {act!r} is not supported (only relu)")
             return ModelConfig(
                 arch="opt",
                 model_type=mt,

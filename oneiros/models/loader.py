@@ -166,10 +166,10 @@ def random_tensor_fn(cfg: ModelConfig, seed: int) -> Callable[[str], torch.Tenso
     """Deterministic per-name random weights, independent of the order they are asked for.
 
     Scales keep activations O(1) through the stack so that greedy outputs of random models vary
-    (a model that always emits the same token would make token-identity tests too easy). Matrices get
-    a gain of 3 over 1/sqrt(fan_in): with unit gain the unit-scale token embedding dominates the
-    residual stream, and a model with tied embeddings (qwen2-tiny, opt-tiny), whose logits are
-    h . embedding, then just repeats its last token."""
+    (a model that always emits the same token would make token-identity tests too easy).
+    Matrices get a gain of 3 over 1/sqrt(fan_in): with unit gain the unit-scale token embedding
+    dominates the residual stream, and a model with tied embeddings (qwen2-tiny, opt-tiny), whose
+    logits are h . embedding, then just repeats its last token."""
 
     shapes = hf_shapes(cfg)
 
