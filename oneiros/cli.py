@@ -1,4 +1,4 @@
-"""The `oneiros` command: generate, serve."""
+"""The `oneiros` command: generate, serve, bench, simulate, calibrate."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"])
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
     p.add_argument("--max-remap-fraction", type=float, default=0.9)
+    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap"],
+                   help="policy oneiros: what to do when remapping cannot cover a shortage")
     p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2])
     p.add_argument("--trace-steps", default=None, metavar="PATH", help="record every step (JSONL)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
@@ -81,6 +83,7 @@ def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineC
         sharing=args.sharing,
         swap_space=args.swap_space,
         max_remap_fraction=args.max_remap_fraction,
+        remap_fallback=args.remap_fallback,
         prefetch_distance=args.prefetch_distance,
         trace_steps=args.trace_steps,
     )
@@ -126,6 +129,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from oneiros.bench.commands import run_bench
+
+    return run_bench(args, None if args.url else _config(args, {}))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from oneiros.bench.commands import run_simulate, sim_models
+
+    args.model = list(sim_models(args.model, args.models).items())
+    if args.mix is None and args.models:
+        args.mix = args.models
+    return run_simulate(args, _config(args, {}))
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from oneiros.bench.commands import run_calibrate
+
+    return run_calibrate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneiros", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +173,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None)
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     s.set_defaults(func=_serve)
+
+    from oneiros.bench.commands import add_report_args
+
+    b = sub.add_parser("bench", help="run one workload against several policies; report ratios")
+    _add_engine_args(b, "recompute")
+    b.add_argument("--workload", required=True,
+                   help="e.g. poisson:rate=2,n=100,lengths=sharegpt,mix=a+b,seed=0 "
+                   "(see docs/workloads.md)")
+    b.add_argument("--url", default=None, help="an OpenAI-compatible server to measure instead")
+    b.add_argument("--api-key", default=None)
+    add_report_args(b)
+    b.set_defaults(func=_bench)
+
+    m = sub.add_parser("simulate", help="the same report from the simulator on a hardware profile")
+    _add_engine_args(m, "oneiros")
+    m.set_defaults(memory_budget="0.9")
+    m.add_argument("--hardware", required=True, help="gh200, h100-sxm, h100-pcie, a100-80g, cpu "
+                   "or a profile .json from `oneiros calibrate`")
+    m.add_argument("--models", default=None, help="a paper mix (c1, c2); or use --model")
+    m.add_argument("--trace", default=None, help="an Azure LLM inference trace CSV to replay")
+    m.add_argument("--time-scale", type=float, default=1.0, help="trace time divided by this")
+    m.add_argument("--max-requests", type=int, default=None)
+    m.add_argument("--mix", default=None, help="model mix for the trace (default: --models)")
+    m.add_argument("--workload", default=None, help="a workload spec instead of --trace")
+    add_report_args(m)
+    m.set_defaults(func=_simulate, policies=["swap", "oneiros"])
+
+    c = sub.add_parser("calibrate", help="fit a hardware profile to a measured step trace")
+    c.add_argument("--trace", required=True, help="a JSONL step trace (--trace-steps of a run)")
+    c.add_argument("--model", action="append", type=_model_arg, metavar="NAME=SOURCE",
+                   help="the traced models (geometry only)")
+    c.add_argument("--base", default="cpu", help="the profile whose peaks are kept")
+    c.add_argument("--name", default=None)
+    c.add_argument("--out", default="results/profile.json")
+    c.set_defaults(func=_calibrate)
     return parser
 
 

@@ -45,7 +45,9 @@ class EngineConfig:
     # Bytes (int or '4GiB'), or a fraction (0, 1] of the device's free memory. None: on CPU the
     # weights plus 1 GiB of KV cache, on CUDA 0.9 of free memory.
     memory_budget: int | float | str | None = None
-    page_bytes: int = 2 * MiB
+    # Arena page size; None: 2 MiB, or the smallest power of two that holds one KV block of the
+    # largest model (a block holds block_size tokens of every layer: 13 MiB for a 13B model).
+    page_bytes: int | None = None
     block_size: int = 16
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -55,7 +57,9 @@ class EngineConfig:
     # oneiros (remap parameter memory into KV cache first, then fall back to remap_fallback).
     policy: str = "recompute"
     remap_fallback: str = "recompute"  # recompute | swap
-    max_remap_fraction: float = 0.9  # a model never has more of its layers non-resident
+    max_remap_fraction: float = 0.9  # a model never has more of its layers non-resident (1: no cap)
+    donor_order: str = "mru"  # inactive models give layers most (mru) or least (lru) recently run first
+    revert: bool = True  # dynamic reversion: give remapped memory back to parameters when idle
     prefetch_distance: int = 2  # borrowed slabs per pass: 1 -> alpha+1 copies, 2 -> alpha+2
     revert_reserve: float = 0.25  # revert only while free KV >= this x KV in use (+ one layer)
     revert_hold_steps: int = 8  # ... for this many consecutive steps (hysteresis)
@@ -64,6 +68,9 @@ class EngineConfig:
     max_wait_s: float = 1.0
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
+    # torch: run the models; sim: a cost model of `hardware` advances a virtual clock (no tensors).
+    executor: str = "torch"
+    hardware: str | None = None  # sim: a profile name (oneiros.sim.hardware) or a profile JSON path
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -73,7 +80,7 @@ class EngineConfig:
                 raise ConfigError(f"model name {name!r} may use letters, digits and ._:/@- only")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
-        if self.page_bytes < 4096 or self.page_bytes % 4096:
+        if self.page_bytes is not None and (self.page_bytes < 4096 or self.page_bytes % 4096):
             raise ConfigError(f"page_bytes must be a multiple of 4096, got {self.page_bytes}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
@@ -83,8 +90,14 @@ class EngineConfig:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
         if self.remap_fallback not in ("recompute", "swap"):
             raise ConfigError(f"remap_fallback must be recompute or swap, not {self.remap_fallback!r}")
-        if not 0.0 <= self.max_remap_fraction < 1.0:
-            raise ConfigError(f"max_remap_fraction must be in [0, 1), got {self.max_remap_fraction}")
+        if not 0.0 <= self.max_remap_fraction <= 1.0:
+            raise ConfigError(f"max_remap_fraction must be in [0, 1], got {self.max_remap_fraction}")
+        if self.donor_order not in ("mru", "lru"):
+            raise ConfigError(f"donor_order must be mru or lru, not {self.donor_order!r}")
+        if self.executor not in ("torch", "sim"):
+            raise ConfigError(f"executor must be torch or sim, not {self.executor!r}")
+        if self.executor == "sim" and not self.hardware:
+            raise ConfigError("the sim executor needs a hardware profile (hardware=...)")
         if self.prefetch_distance not in (1, 2):
             raise ConfigError(f"prefetch_distance must be 1 or 2, got {self.prefetch_distance}")
         if self.revert_reserve < 0 or self.revert_hold_steps < 1:

@@ -12,9 +12,10 @@ what happens when that is not enough (recompute, swap) or forbids sharing at all
 
 from __future__ import annotations
 
+import itertools
 import json
-import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,10 +32,11 @@ from oneiros.core import (
     StepResult,
     UnknownModelError,
 )
+from oneiros.engine.clock import Clock, VirtualClock
 from oneiros.engine.executor import Executor, ModelRunner, TorchExecutor
 from oneiros.engine.remapping import RemapController, probe_h2d_bandwidth
 from oneiros.engine.sampler import Sampler
-from oneiros.engine.scheduler import Scheduler
+from oneiros.engine.scheduler import Scheduler, preempt_younger
 from oneiros.engine.tenancy import MetadataStore, TenancyPolicy, TenantState
 from oneiros.engine.tokenizer import Tokenizer, stable_text
 from oneiros.memory.arena import PageArena
@@ -80,14 +82,26 @@ def _device(name: str) -> torch.device:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = _device(config.device)
+        self.clock = Clock()
+        self.hardware = None
         dt = config.dtype
-        self.dtype = _DTYPES[dt] if dt != "auto" else (
-            torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        )
+        if config.executor == "sim":
+            # The simulator: the same engine on the meta device (page accounting, no bytes), a
+            # virtual clock, and a cost model of the hardware profile in place of the model.
+            from oneiros.sim.hardware import load_profile
+
+            self.hardware = load_profile(config.hardware or "")
+            self.device = torch.device("meta")
+            self.clock = VirtualClock()
+            auto = torch.float32 if self.hardware.dtype_bytes == 4 else torch.bfloat16
+        else:
+            self.device = _device(config.device)
+            auto = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = _DTYPES[dt] if dt != "auto" else auto
         sources = {name: resolve(src) for name, src in config.models.items()}
         models = {n: build_model(s.config, self.dtype, self.device) for n, s in sources.items()}
-        page = config.page_bytes
+        page = config.page_bytes or self._auto_page_bytes(models.values())
+        self.arena_page_bytes = page
         budget = self._budget(sum(weight_pages(m, page) for m in models.values()) * page)
         self.arena = PageArena(budget // page, page)
         self.storage = DeviceArena(self.arena.num_pages, page, self.device)
@@ -98,7 +112,7 @@ class LLMEngine:
             self.tenants[name] = self._load_tenant(name, sources[name], model)
         if config.policy == "static":
             self._split_kv_statically()
-        self.executor: Executor = TorchExecutor(
+        self.executor: Executor = self._sim_executor() if self.hardware else TorchExecutor(
             {
                 n: ModelRunner(
                     t.weights,
@@ -115,7 +129,10 @@ class LLMEngine:
         if config.policy == "oneiros":
             first = next(iter(self.tenants.values())).weights
             # Copying layer 0's master copy onto its own slab measures T_T and changes nothing.
-            bw = probe_h2d_bandwidth(first.host[0], first.region(0))
+            bw = (
+                self.hardware.h2d_bw if self.hardware
+                else probe_h2d_bandwidth(first.host[0], first.region(0))
+            )
             self.remapper = RemapController(
                 self.tenants,
                 config.sharing,
@@ -125,12 +142,40 @@ class LLMEngine:
                 lambda: self.tenancy.order(self.store),
                 bw,
                 self.executor.residency_changed,
+                config.donor_order,
+                config.revert,
+                config.prefetch_distance,
             )
         self._requests: dict[str, tuple[Tenant, Request]] = {}
+        self._planned: set[str] = set()  # models whose plan for the current step is made
+        self._foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
         self._trace = open(config.trace_steps, "a") if config.trace_steps else None  # noqa: SIM115
-        self._record_pages(time.perf_counter())
+        self._record_pages(self.clock.now())
 
     # ---- construction ---------------------------------------------------------------------------
+    def _auto_page_bytes(self, models) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        block = max(self.config.block_size * m.cfg.kv_bytes_per_token(itemsize) for m in models)
+        return max(2 * MiB, 1 << (block - 1).bit_length())
+
+    def _sim_executor(self) -> Executor:
+        from oneiros.sim.cost import ModelCost
+        from oneiros.sim.executor import SimExecutor, SimTenant
+
+        def copied(t: Tenant) -> Callable[[], int]:
+            c = t.state.counters
+            return lambda: c.restored_layers + c.compaction_moves
+
+        sims = {
+            n: SimTenant(
+                ModelCost.of(t.model), t.weights.layer_layout.nbytes, t.pool.block_bytes,
+                t.model.cfg.vocab_size, lambda w=t.weights: w.missing_layers, copied(t),
+            )
+            for n, t in self.tenants.items()
+        }
+        assert self.hardware is not None and isinstance(self.clock, VirtualClock)
+        return SimExecutor(self.hardware, self.clock, sims, self.config.prefetch_distance)
+
     def _budget(self, weight_bytes: int) -> int:
         b = self.config.memory_budget
         if b is None:
@@ -138,8 +183,12 @@ class LLMEngine:
         if isinstance(b, float):
             if not 0.0 < b <= 1.0:
                 raise ConfigError(f"a fractional memory budget must be in (0, 1], got {b}")
-            b = int(b * free_device_memory(str(self.device)))
-        if b < weight_bytes + self.config.page_bytes:
+            free = (
+                self.hardware.memory_bytes if self.hardware
+                else free_device_memory(str(self.device))
+            )
+            b = int(b * free)
+        if b < weight_bytes + self.arena_page_bytes:
             raise ConfigError(
                 f"memory budget of {b / MiB:.0f} MiB is too small: the weights alone need "
                 f"{weight_bytes / MiB:.0f} MiB, plus at least one page for KV cache"
@@ -149,7 +198,7 @@ class LLMEngine:
     def _load_tenant(self, name: str, source: ModelSource, model: DecoderModel) -> Tenant:
         cfg, c = self.config, model.cfg
         weights = ModelWeights(name, model, self.arena, self.storage)
-        weights.load(source)
+        weights.load(None if self.hardware else source)
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         block_bytes = cfg.block_size * c.kv_bytes_per_token(itemsize)
         pool = KVPool(name, self.arena, block_bytes, cfg.block_size)
@@ -169,7 +218,7 @@ class LLMEngine:
             max_len,
             preemption=preemption,
             host_pool=host_pool,
-            make_room=None if cfg.policy == "static" else lambda n: self._make_room(name, n),
+            make_room=None if cfg.policy == "static" else lambda n, r: self._make_room(name, n, r),
             counters=state.counters,
             remappable_pages=self._remappable_pages if cfg.policy == "oneiros" else None,
         )
@@ -243,12 +292,16 @@ class LLMEngine:
         model: str | None = None,
         messages: list[dict[str, Any]] | None = None,
         request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> Request:
+        """Queue a request. `arrival_time` (engine clock) defaults to now; a benchmark passes the
+        scheduled arrival so that TTFT counts from it."""
         t = self.tenant(model)
         params = params or SamplingParams()
         if params.stop and t.tokenizer is None:
             raise InvalidRequestError(f"model {t.name!r} has no tokenizer for stop strings", "stop")
         req = Request(self.encode(t.name, prompt, messages), params, t.name)
+        req.arrival_time = self.clock.now() if arrival_time is None else arrival_time
         if request_id is not None:
             if request_id in self._requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -271,10 +324,14 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter()
+        t0 = self.clock.now()
         self._refresh_states()
         outputs: list[RequestOutput] = []
         plans: list[StepPlan] = []
+        idle: list[StepPlan] = []  # empty plans that still preempted (traced, not executed)
+        marks = {n: self._remap_marks(t) for n, t in self.tenants.items()}
+        self._planned = set()
+        self._foreign = {}
         for name in self.tenancy.order(self.store, t0):
             t = self.tenants[name]
             self.tenancy.ran(self.store, name, t0)
@@ -283,14 +340,20 @@ class LLMEngine:
             plan = t.scheduler.schedule()
             outputs += [self._finish(t, r) for r in t.scheduler.finished_in_schedule]
             t.scheduler.finished_in_schedule.clear()
+            self._planned.add(name)
             if not plan.empty:
                 plans.append(plan)
                 if not self.tenancy.spatial:
                     break  # temporal: one model per step, the first with something to run
+            elif plan.preempted:
+                idle.append(plan)
+        plans, idle = self._merge_foreign(plans, idle)
         if not plans:
+            if idle and self._trace is not None:
+                self._write_trace(t0, self.clock.now(), idle, [], marks)
             return outputs
         results = self.executor.execute(plans)
-        now = time.perf_counter()
+        now = self.clock.now()
         for plan, result in zip(plans, results):
             t = self.tenants[plan.model]
             outputs += self._commit(t, plan, result)
@@ -301,14 +364,21 @@ class LLMEngine:
             c.stream_copy_s += result.copy_s
             c.stream_exposed_s += result.exposed_s
             if self.remapper is not None and plan.seqs:
-                self.remapper.observe_step(t.name, result.elapsed - result.exposed_s)
+                self.remapper.observe_step(
+                    t.name, result.elapsed - result.exposed_s, plan.num_prefill_tokens == 0
+                )
         if self.remapper is not None:
             self._refresh_states()
             self.remapper.after_step()
         self._record_pages(now)
         if self._trace is not None:
-            self._write_trace(t0, now, plans)
+            self._write_trace(t0, now, plans + idle, results, marks)
         return outputs
+
+    @staticmethod
+    def _remap_marks(t: Tenant) -> tuple[int, int]:
+        c = t.state.counters
+        return c.remapped_layers, c.restored_layers
 
     def _refresh_states(self) -> None:
         for t in self.tenants.values():
@@ -323,9 +393,12 @@ class LLMEngine:
             st.kv_blocks_used = t.pool.num_used
             st.kv_pages = t.pool.num_pages
 
-    def _make_room(self, requester: str, blocks: int) -> bool:
-        """Free arena pages for `requester` by taking idle KV pages (no live block) from other
-        models, least recently run first, then (policy oneiros) by remapping parameters.
+    def _make_room(self, requester: str, blocks: int, req: Request) -> bool:
+        """Free arena pages for `requester`'s request `req`: idle KV pages (no live block) of other
+        models, least recently run first; then (policy oneiros) remapped parameters; then, when
+        `req` is running, another model's running request that is younger than every running
+        request of the requester (the engine's youngest goes first, whichever model it belongs to,
+        so that two models cannot keep preempting themselves for pages the other holds).
         True if any page was freed."""
         need = self.tenants[requester].pool.pages_needed(blocks) - self.arena.num_free
         freed = 0
@@ -337,7 +410,45 @@ class LLMEngine:
         if freed < need and self.remapper is not None:
             # Parameter remapping: layer slabs become KV pages before anyone is preempted.
             freed += self.remapper.take(requester, need - freed)
+        if freed < need:
+            others = [
+                t.scheduler for n, t in self.tenants.items()
+                if n != requester and n not in self._planned
+            ]
+            more, _ = preempt_younger(
+                self.tenants[requester].scheduler, others, req, need - freed, self._foreign_plan
+            )
+            freed += more
         return freed > 0
+
+    def _foreign_plan(self, sched: Scheduler) -> StepPlan:
+        """The plan that carries this step's preemptions of `sched`'s requests made on behalf of
+        another model (their swap-outs run before any forward pass of the step)."""
+        plan = self._foreign.get(sched.model)
+        if plan is None:
+            plan = self._foreign[sched.model] = StepPlan(sched.model)
+        return plan
+
+    def _merge_foreign(
+        self, plans: list[StepPlan], idle: list[StepPlan]
+    ) -> tuple[list[StepPlan], list[StepPlan]]:
+        """Fold preemptions made for another model into the victim model's plan of this step (its
+        swap-outs first), or add a plan of their own: executed when it swaps out (copies only), else
+        only traced. The executor runs every plan's copies before any forward pass."""
+        for name, f in self._foreign.items():
+            own = next((p for p in plans + idle if p.model == name), None)
+            if own is not None:
+                own.preempted[:0] = f.preempted
+                own.swap_out[:0] = f.swap_out
+                if own in idle and own.swap_out:
+                    idle.remove(own)
+                    plans.insert(0, own)
+            elif f.swap_out:
+                plans.insert(0, f)
+            else:
+                idle.append(f)
+        self._foreign = {}
+        return plans, idle
 
     def _remappable_pages(self) -> int:
         return self.remapper.remappable_pages() if self.remapper is not None else 0
@@ -345,8 +456,26 @@ class LLMEngine:
     def _record_pages(self, now: float) -> None:
         self.store.page_history.append((now, self.arena.usage_by_kind()))
 
-    def _write_trace(self, t0: float, t1: float, plans: list[StepPlan]) -> None:
+    def _write_trace(
+        self,
+        t0: float,
+        t1: float,
+        plans: list[StepPlan],
+        results: list[StepResult],
+        marks: dict[str, tuple[int, int]],
+    ) -> None:
+        """One JSON line per step: the plans (executed ones first, then empty plans that only
+        preempted), the copies each made, remap/revert events of the step, and the page owners."""
         assert self._trace is not None
+        events = {}
+        for name, t in self.tenants.items():
+            (r0, s0), (r1, s1) = marks[name], self._remap_marks(t)
+            if (r1, s1) != (r0, s0):
+                events[name] = {
+                    "remapped": r1 - r0,
+                    "restored": s1 - s0,
+                    "layers_missing": len(t.weights.missing_layers),
+                }
         rec = {
             "t": t0,
             "dt": t1 - t0,
@@ -357,12 +486,22 @@ class LLMEngine:
                     "prefill_tokens": p.num_prefill_tokens,
                     "decode_tokens": p.num_tokens - p.num_prefill_tokens,
                     "context_tokens": sum(s.context_len for s in p.seqs),
+                    "sampled": sum(s.samples for s in p.seqs),
+                    "attn_pairs": sum(
+                        s.num_new_tokens * s.context_len - s.num_new_tokens * (s.num_new_tokens - 1) // 2
+                        for s in p.seqs
+                    ),
                     "preempted": len(p.preempted),
                     "swap_out_blocks": len(p.swap_out),
                     "swap_in_blocks": len(p.swap_in),
+                    "executed": r is not None,  # False: an empty plan that only preempted
+                    "h2d_bytes": r.h2d_bytes if r is not None else 0,
+                    "copy_s": r.copy_s if r is not None else 0.0,
+                    "exposed_s": r.exposed_s if r is not None else 0.0,
                 }
-                for p in plans
+                for p, r in itertools.zip_longest(plans, results)
             ],
+            "remap": events,
             "pages": self.arena.usage_by_kind(),
         }
         self._trace.write(json.dumps(rec) + "\n")
@@ -374,7 +513,7 @@ class LLMEngine:
             self._trace = None
 
     def _commit(self, t: Tenant, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
-        now = time.perf_counter()
+        now = self.clock.now()
         index = {rid: k for k, rid in enumerate(result.request_ids)}
         outputs = []
         counters = t.state.counters

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from oneiros.attention.torch_ref import AttentionMetadata, PrefillSeq
+from oneiros.attention.torch_ref import AttentionMetadata, DecodeGroup, PrefillSeq, group_decodes
 from oneiros.core import Request, ScheduledSeq, StepPlan, StepResult
 from oneiros.engine.sampler import Sampler
 from oneiros.memory.kv import KVPool
@@ -80,15 +80,16 @@ class ModelRunner:
             self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)] = blocks
 
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
-        """Copies, then the forward pass; returns logits [N, V] of the sampling rows and their requests."""
+        """The forward pass (after the executor ran the step's copies); returns logits [N, V] of the
+        sampling rows and their requests."""
         st = self.streamer.stats
         self._stats_at_start = (st.bytes, st.copy_s, st.exposed_s)
         with torch.inference_mode():
-            self.copy_blocks(plan)
             if not plan.seqs:
                 return None, []
-            # Decodes (one new token) first: they are attended in one batched call.
-            seqs = sorted(plan.seqs, key=lambda s: s.num_new_tokens != 1)
+            # Decodes (one new token) first, shortest context first: they are attended in a few
+            # batched calls over groups of similar length.
+            seqs = sorted(plan.seqs, key=lambda s: (s.num_new_tokens != 1, s.context_len))
             ids, pos, meta = self._prepare(seqs)
             before, after = self._stream_hooks()
             h = self.model.forward(ids, pos, self.kv_layer, meta, before, after)
@@ -171,24 +172,24 @@ class ModelRunner:
             write_slots=(wb % bpp).to(dev),
             write_offsets=torch.tensor(w_off).to(dev),
             num_decode=len(decode),
-            decode_pages=None,
-            decode_slots=None,
-            decode_ctx_lens=None,
-            decode_mask=None,
+            decode_groups=[],
             prefills=prefills,
         )
-        if decode:
-            nb = max(-(-s.context_len // bs) for s in decode)
-            table = torch.zeros(len(decode), nb, dtype=torch.long)
-            for r, s in enumerate(decode):
-                b = s.request.block_ids[: -(-s.context_len // bs)]
-                table[r, : len(b)] = torch.tensor(b)
-            lens = torch.tensor([s.context_len for s in decode])
-            meta.decode_pages = (table // bpp).to(dev)
-            meta.decode_slots = (table % bpp).to(dev)
-            meta.decode_ctx_lens = lens.to(dev)
-            mask = torch.arange(nb * bs)[None, :] < lens[:, None]  # [B, S]
-            meta.decode_mask = mask[:, None, None, :].to(dev)
+        num_blocks = [-(-s.context_len // bs) for s in decode]
+        for a, b in group_decodes(num_blocks):
+            nb = num_blocks[b - 1]
+            table = torch.zeros(b - a, nb, dtype=torch.long)
+            for r, s in enumerate(decode[a:b]):
+                # Padding repeats the sequence's first block: KV bytes, finite, masked out.
+                ids_r = s.request.block_ids[: num_blocks[a + r]]
+                table[r] = torch.tensor(ids_r + [ids_r[0]] * (nb - len(ids_r)))
+            lens = torch.tensor([s.context_len for s in decode[a:b]])
+            mask = None
+            if int(lens.min()) != nb * bs:
+                mask = (torch.arange(nb * bs)[None, :] < lens[:, None])[:, None, None, :].to(dev)
+            meta.decode_groups.append(
+                DecodeGroup(a, (table // bpp).to(dev), (table % bpp).to(dev), mask)
+            )
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta
 
 
@@ -205,6 +206,11 @@ class TorchExecutor(Executor):
         # after what the main stream did before and joined back into it before sampling.
         streams = len(plans) > 1 and all(r.stream is not None for r in runners)
         main = torch.cuda.current_stream(runners[0].device) if streams else None
+        # Every plan's KV copies first, in order: a block swapped out for one model may be written
+        # by another model's forward pass in this very step.
+        with torch.inference_mode():
+            for plan, runner in zip(plans, runners):
+                runner.copy_blocks(plan)
         pending = []
         for plan, runner in zip(plans, runners):
             if streams:

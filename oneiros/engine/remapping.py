@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from oneiros.memory.arena import OwnerKind
 from oneiros.memory.remap import (
     DonorInfo,
     Hysteresis,
@@ -58,6 +59,9 @@ class RemapController:
         next_to_run: Callable[[], list[str]],
         h2d_bytes_per_s: float,
         residency_changed: Callable[[str], None],
+        donor_order: str = "mru",
+        revert: bool = True,
+        prefetch_distance: int = 0,
     ) -> None:
         self.tenants = tenants
         self.sharing = sharing
@@ -67,24 +71,33 @@ class RemapController:
         self.next_to_run = next_to_run
         self.h2d_bytes_per_s = h2d_bytes_per_s
         self.residency_changed = residency_changed
+        self.donor_order = donor_order
+        self.prefetch_distance = prefetch_distance  # copies per pass beyond alpha
+        self.revert = revert
         self._order = {n: removal_order(t.model.cfg.num_layers) for n, t in tenants.items()}
-        self._step_s: dict[str, float] = {}  # EMA of decode-step compute time per model
+        self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
 
     # ---- measurements ---------------------------------------------------------------------------
     def layer_copy_s(self, t: Tenant) -> float:
         return t.weights.layer_layout.nbytes / self.h2d_bytes_per_s
 
-    def observe_step(self, name: str, compute_s: float) -> None:
-        """Fold a step's compute time (its elapsed time less exposed copy time) into the EMA."""
-        old = self._step_s.get(name)
-        self._step_s[name] = compute_s if old is None else 0.8 * old + 0.2 * compute_s
+    def observe_step(self, name: str, compute_s: float, decode_only: bool = True) -> None:
+        """Fold a step's compute time (its elapsed time less exposed copy time) into the running
+        estimate of its shape: decode-only steps, or steps with prefill (much longer)."""
+        key = (name, decode_only)
+        old = self._step_s.get(key)
+        self._step_s[key] = compute_s if old is None else 0.8 * old + 0.2 * compute_s
 
     def alpha_max(self, t: Tenant) -> int:
-        """Layers this model may stream per pass with the copies hidden (0 until measured)."""
-        step = self._step_s.get(t.name)
+        """Layers this model may stream per pass with the copies hidden (0 until measured). The
+        decode estimate rules when there is one: a step with prefill hides more, but the steps that
+        follow it are decodes, and the layers stay missing for them too."""
+        step = self._step_s.get((t.name, True), self._step_s.get((t.name, False)))
         if step is None:
             return 0
-        return max_alpha(self.layer_copy_s(t), step, t.model.cfg.num_layers)
+        return max_alpha(
+            self.layer_copy_s(t), step, t.model.cfg.num_layers, self.prefetch_distance
+        )
 
     def _donor(self, t: Tenant) -> DonorInfo:
         n = t.model.cfg.num_layers
@@ -104,33 +117,77 @@ class RemapController:
         return total
 
     # ---- remap ----------------------------------------------------------------------------------
-    def take(self, requester: str, pages: int) -> int:
-        """Free at least `pages` arena pages by remapping layers; returns the pages freed."""
+    def take(self, requester: str, pages: int, exclude: str | None = None) -> int:
+        """Free at least `pages` arena pages by remapping layers (of any model but `exclude`);
+        returns the pages freed."""
         freed = 0
         while freed < pages:
-            name = next_donor([self._donor(t) for t in self.tenants.values()], self.sharing)
+            donors = [self._donor(t) for t in self.tenants.values() if t.name != exclude]
+            name = next_donor(donors, self.sharing, self.donor_order)
             if name is None:
                 break
             t = self.tenants[name]
-            layer = self._order[name][len(t.weights.missing_layers)]
-            self._runner_reset(t)
-            freed += len(t.weights.evict_layer(layer))
-            t.state.counters.remapped_layers += 1
-            t.state.layers_missing = len(t.weights.missing_layers)
+            freed += self._evict(t, self._next_to_remove(t))
         return freed
 
-    # ---- restore --------------------------------------------------------------------------------
-    def _restore_one(self, t: Tenant) -> bool:
-        """Restore the most recently remapped layer of t, freeing idle KV pages if needed."""
-        missing = len(t.weights.missing_layers)
-        if not missing:
-            return False
-        layer = self._order[t.name][missing - 1]
+    def _evict(self, t: Tenant, layer: int) -> int:
         self._runner_reset(t)
+        pages = len(t.weights.evict_layer(layer))
+        t.state.counters.remapped_layers += 1
+        t.state.layers_missing = len(t.weights.missing_layers)
+        return pages
+
+    def _next_to_remove(self, t: Tenant) -> int:
+        """The first resident layer in the removal order (the missing set is usually a prefix of
+        it; a layer taken out of turn to make a contiguous run is skipped)."""
+        slabs = t.weights.slab_pages
+        return next(i for i in self._order[t.name] if slabs[i] is not None)
+
+    def _next_to_restore(self, t: Tenant) -> int:
+        slabs = t.weights.slab_pages
+        return next(i for i in reversed(self._order[t.name]) if slabs[i] is None)
+
+    def _make_run(self, t: Tenant, pages: int) -> bool:
+        """Free a contiguous run of `pages` for t by remapping one layer of another model whose
+        slab, with the free pages around it, spans such a run (inactive models first, MRU)."""
+        arena = t.pool.arena
+        donors = {d.name: d for d in (self._donor(x) for x in self.tenants.values()) if d.name != t.name}
+        order = sorted(
+            (d for d in donors.values() if d.num_missing < d.alpha_cap),
+            key=lambda d: (d.active, -d.last_run),
+        )
+        for d in order:
+            x = self.tenants[d.name]
+            for layer, run in enumerate(x.weights.slab_pages):
+                if run is None or layer == 0:
+                    continue
+                lo, hi = run[0], run[-1]
+                while lo > 0 and arena.owner(lo - 1).kind is OwnerKind.FREE:
+                    lo -= 1
+                while hi + 1 < arena.num_pages and arena.owner(hi + 1).kind is OwnerKind.FREE:
+                    hi += 1
+                if hi - lo + 1 >= pages:
+                    self._evict(x, layer)
+                    return True
+        return False
+
+    # ---- restore --------------------------------------------------------------------------------
+    def _restore_one(self, t: Tenant, displace: bool = False) -> bool:
+        """Restore the most recently remapped layer of t, freeing idle KV pages if needed, then
+        compacting slabs, then (`displace`: t is about to run) remapping another model's layer
+        whose slab makes room."""
+        if not t.weights.missing_layers:
+            return False
+        layer = self._next_to_restore(t)
+        self._runner_reset(t)
+        ppl = t.weights.pages_per_layer
         if not t.weights.restore_layer(layer):
             for other in self.tenants.values():
                 other.pool.shrink()
-            if not t.weights.restore_layer(layer):
+            if not (
+                (self._compact(ppl) and t.weights.restore_layer(layer))
+                or (displace and self._make_run(t, ppl) and t.weights.restore_layer(layer))
+            ):
                 t.state.counters.restore_failures += 1
                 return False
         t.state.counters.restored_layers += 1
@@ -146,8 +203,14 @@ class RemapController:
             return
         limit = self.alpha_max(t)
         restored = False
-        while len(t.weights.missing_layers) > limit and self._free_pages() >= t.weights.pages_per_layer:
-            if not self._restore_one(t):
+        ppl = t.weights.pages_per_layer
+        while len(t.weights.missing_layers) > limit:
+            # Memory for one more layer: free pages, else the layers of models not running now
+            # (the parameter deficit moves to them: one copy now instead of one every pass).
+            short = ppl - self._free_pages()
+            if short > 0 and self.take(t.name, short, exclude=t.name) < short:
+                break
+            if not self._restore_one(t, displace=True):
                 break
             restored = True
         if t.state.reactivating:
@@ -158,6 +221,8 @@ class RemapController:
                 t.state.counters.reactivations_streamed += 1
 
     def after_step(self) -> None:
+        if not self.revert:
+            return
         donors = [self._donor(t) for t in self.tenants.values()]
         order = restore_priority(donors, self.next_to_run())
         if not order:
@@ -166,8 +231,24 @@ class RemapController:
         t = self.tenants[order[0]]
         in_use = sum(x.pool.num_busy_pages for x in self.tenants.values())
         ok = should_revert(self._free_pages(), t.weights.pages_per_layer, in_use, self.revert_reserve)
-        if self.hysteresis.update(ok) and self._restore_one(t):
-            self.hysteresis.streak = 0
+        if self.hysteresis.update(ok):
+            self._restore_one(t)
+            self.hysteresis.streak = 0  # one layer per hold period, and a failure waits as long
+
+    def _compact(self, pages: int) -> bool:
+        """Enough pages are free but no run of `pages`: move resident layer slabs (re-copied from
+        their host copies) so the free pages join. False when no such move exists."""
+        arena = next(iter(self.tenants.values())).pool.arena
+        moves = arena.plan_compaction(pages)
+        if moves is None:
+            return False
+        for owner, _, dest in moves:
+            t = self.tenants[owner.model]
+            self._runner_reset(t)
+            t.weights.move_layer(owner.layer, dest)
+            t.state.counters.compaction_moves += 1
+            t.state.counters.h2d_bytes += t.weights.layer_layout.nbytes
+        return True
 
     # ---- helpers --------------------------------------------------------------------------------
     def _free_pages(self) -> int:

@@ -3,7 +3,9 @@
 Scheduling is by token budget (vLLM v1 style): every live request's computed tokens catch up with its
 known tokens, a decode being the case of one new token. Running requests go first, oldest first. When
 a request needs a KV block and the pool has none, the scheduler first asks `make_room` (the engine:
-idle KV pages of other models, or parameter pages under remapping), and only then preempts the
+idle KV pages of other models, parameter pages under remapping, and, for a running request, the
+blocks of another model's running request younger than any of this model's: the youngest request of
+the whole engine is preempted, so the oldest always makes progress), and only then preempts its own
 youngest running request:
   - recompute: its blocks are freed; it is prefilled again later with the tokens it already produced;
   - swap: its blocks are copied to host memory (plan.swap_out) and copied back when it resumes
@@ -40,7 +42,7 @@ class Scheduler:
         max_model_len: int,
         preemption: str = "recompute",
         host_pool: HostBlockPool | None = None,
-        make_room: Callable[[int], bool] | None = None,
+        make_room: Callable[[int, Request], bool] | None = None,
         counters: TenantCounters | None = None,
         remappable_pages: Callable[[], int] | None = None,
     ) -> None:
@@ -157,7 +159,7 @@ class Scheduler:
         if missing <= 0:
             return True
         blocks = self.pool.allocate(missing)
-        if blocks is None and self.make_room is not None and self.make_room(missing):
+        if blocks is None and self.make_room is not None and self.make_room(missing, req):
             blocks = self.pool.allocate(missing)
         if blocks is None:
             return False
@@ -225,3 +227,33 @@ class Scheduler:
         assert all(not r.block_ids for r in self.waiting), "a waiting request holds blocks"
         if self.host_pool is not None:
             self.host_pool.check_integrity([b for r in self.waiting for b in r.host_block_ids])
+
+
+def preempt_younger(
+    requester: Scheduler,
+    others: list[Scheduler],
+    req: Request,
+    pages: int,
+    plan_of: Callable[[Scheduler], StepPlan],
+) -> tuple[int, list[Request]]:
+    """Free up to `pages` arena pages for `req`, a running request of `requester`, by preempting
+    running requests of `others` that are younger than every running request of `requester`,
+    youngest first. A victim is swapped or recomputed by its own model's policy; its swap-out goes
+    into `plan_of(its scheduler)`, which the engine runs (copies first) in this step. Returns the
+    pages freed and the requests preempted. A waiting request never preempts a running one."""
+    if req.status is not RequestStatus.RUNNING:
+        return 0, []
+    floor = requester.running[-1].arrival_time if requester.running else req.arrival_time
+    freed, victims = 0, []
+    while freed < pages:
+        candidates = [
+            (r.arrival_time, k, r) for k, s in enumerate(others) for r in s.running
+            if r.arrival_time > floor
+        ]
+        if not candidates:
+            break
+        _, k, victim = max(candidates, key=lambda c: (c[0], c[1]))
+        others[k].preempt(victim, plan_of(others[k]))
+        victims.append(victim)
+        freed += len(others[k].pool.shrink(pages - freed))
+    return freed, victims

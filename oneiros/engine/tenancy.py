@@ -26,7 +26,8 @@ class TenantCounters:
     # Parameter remapping.
     remapped_layers: int = 0  # layer slabs turned into free pages for KV cache (remap events)
     restored_layers: int = 0  # layers copied back into a slab of their own (revert events)
-    restore_failures: int = 0  # no contiguous run of pages for a slab at the time
+    restore_failures: int = 0  # no contiguous run of pages for a slab, even after compaction
+    compaction_moves: int = 0  # resident slabs moved (re-copied from host) to join free pages
     h2d_bytes: int = 0  # host-to-device bytes: streamed layers and restores
     stream_copy_s: float = 0.0  # time spent copying streamed layers
     stream_exposed_s: float = 0.0  # part of it the compute waited for (all of it on CPU)

@@ -100,19 +100,91 @@ class PageArena:
         return pages
 
     def alloc_run(self, n: int, owner: Owner) -> list[int] | None:
-        """n contiguous free pages (a layer slab must be contiguous for its tensor views), highest
-        run first so that KV pages, which take the lowest free pages, fragment the arena less."""
+        """n contiguous free pages (a layer slab must be contiguous for its tensor views).
+
+        The highest free run that fits is taken, since KV pages take the lowest free pages. Inside
+        the run the slab is placed against a parameter neighbour (or the arena's end), so that what
+        is left of the run touches KV pages and merges with them when they are freed."""
         self._check_request(n, owner)
         if n == 0:
             return []
-        run = 0
-        for p in range(self.num_pages - 1, -1, -1):
-            run = run + 1 if p in self._free else 0
-            if run == n:
-                pages = list(range(p, p + n))
+        top = self.num_pages - 1
+        while top >= 0:
+            if top not in self._free:
+                top -= 1
+                continue
+            bottom = top
+            while bottom - 1 >= 0 and bottom - 1 in self._free:
+                bottom -= 1
+            if top - bottom + 1 >= n:
+                start = top - n + 1
+                if self._is_kv(top + 1) and bottom > 0 and self._is_param(bottom - 1):
+                    start = bottom
+                pages = list(range(start, start + n))
                 self._assign(pages, owner)
                 return pages
+            top = bottom - 1
         return None
+
+    def _is_kv(self, page: int) -> bool:
+        return 0 <= page < self.num_pages and self._owner[page].kind is OwnerKind.KV
+
+    def _is_param(self, page: int) -> bool:
+        return self._owner[page].kind in (OwnerKind.SLAB, OwnerKind.RESIDENT)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """Maximal free runs as (first page, length), lowest first."""
+        out: list[tuple[int, int]] = []
+        for p in sorted(self._free):
+            if out and out[-1][0] + out[-1][1] == p:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((p, 1))
+        return out
+
+    def plan_compaction(self, n: int) -> list[tuple[Owner, list[int], list[int]]] | None:
+        """How to make a run of n free pages by moving layer slabs, when enough pages are free but
+        no run is long enough. Slabs move only within a segment (pages between KV or resident
+        pages): packed against the segment's top in order, which gathers its free pages at the
+        bottom. The segment with enough free pages that moves the fewest pages wins. Returns
+        (slab owner, its pages, its new pages) in an order where each move lands on pages that are
+        free or its own by then; None when no segment has n free pages."""
+        best: list[tuple[Owner, list[int], list[int]]] | None = None
+        best_cost = None
+        p = self.num_pages - 1
+        while p >= 0:
+            if self._owner[p].kind in (OwnerKind.KV, OwnerKind.RESIDENT):
+                p -= 1
+                continue
+            top = p
+            while p - 1 >= 0 and self._owner[p - 1].kind in (OwnerKind.FREE, OwnerKind.SLAB):
+                p -= 1
+            moves = self._pack(p, top)
+            nfree = sum(1 for q in range(p, top + 1) if q in self._free)
+            cost = sum(len(old) for _, old, _ in moves)
+            if nfree >= n and moves and (best_cost is None or cost < best_cost):
+                best, best_cost = moves, cost
+            p -= 1
+        return best
+
+    def _pack(self, bottom: int, top: int) -> list[tuple[Owner, list[int], list[int]]]:
+        """Moves that pack the slabs of pages bottom..top against `top`, topmost slab first."""
+        slabs: list[tuple[Owner, list[int]]] = []
+        for q in range(top, bottom - 1, -1):
+            o = self._owner[q]
+            if o.kind is OwnerKind.SLAB:
+                if slabs and slabs[-1][0] == o:
+                    slabs[-1][1].insert(0, q)
+                else:
+                    slabs.append((o, [q]))
+        moves = []
+        edge = top + 1
+        for o, pages in slabs:
+            dest = list(range(edge - len(pages), edge))
+            if dest != pages:
+                moves.append((o, pages, dest))
+            edge -= len(pages)
+        return moves
 
     def free(self, pages: list[int], owner: Owner) -> None:
         """Give pages back. Every page must belong to `owner`: freeing another's page is a bug."""
@@ -162,3 +234,4 @@ class PageArena:
         assert free == self._free, f"free set drifted: {sorted(free ^ self._free)}"
         counts = Counter(_kind_label(o) for o in self._owner)
         assert +self._kind_counts == counts, "page counts by kind drifted"
+

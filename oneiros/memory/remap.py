@@ -32,29 +32,24 @@ def removal_order(num_layers: int) -> list[int]:
     """Layers in the order they are remapped; restoring goes in reverse.
 
     Layer 0 is never remapped: a pass borrows the slab of an early resident layer to stream the
-    missing ones. Every prefix of the order is spread out (van der Corput sequence in base 2 over the
-    layers 1..n-1), so the non-resident set is close to uniform for every alpha."""
-    candidates = list(range(1, num_layers))
-    if not candidates:
-        return []
+    missing ones. Every prefix of the order is spread out: each next layer is the midpoint of the
+    widest gap between layers already chosen (bounded by layer 0 and a virtual layer n), ties going
+    to the gap farthest from the previous choice so both halves of the stack fill alike."""
     order: list[int] = []
-    seen: set[int] = set()
-    k = 0
-    while len(order) < len(candidates):
-        k += 1
-        # k-th term of the base-2 van der Corput sequence in (0, 1).
-        x, denom, j = 0.0, 1.0, k
-        while j:
-            denom *= 2
-            x += (j & 1) / denom
-            j >>= 1
-        layer = candidates[min(int(x * len(candidates)), len(candidates) - 1)]
-        if layer not in seen:
-            seen.add(layer)
-            order.append(layer)
-        if k > 64 * num_layers:  # tiny models: fill in whatever the sequence did not reach
-            order += [c for c in candidates if c not in seen]
-            break
+    chosen = [0, num_layers]  # sorted bounds
+    while len(order) < num_layers - 1:
+        best = None
+        for a, b in zip(chosen, chosen[1:]):
+            if b - a < 2:
+                continue
+            mid = (a + b) // 2
+            far = abs(mid - order[-1]) if order else 0
+            key = (b - a, far)
+            if best is None or key > best[0]:
+                best = (key, mid)
+        assert best is not None
+        order.append(best[1])
+        chosen = sorted(chosen + [best[1]])
     return order
 
 
@@ -63,11 +58,17 @@ def uniform_layers(num_layers: int, alpha: int) -> list[int]:
     return sorted(removal_order(num_layers)[:alpha])
 
 
-def max_alpha(layer_copy_s: float, step_compute_s: float, num_layers: int) -> int:
-    """Largest alpha with alpha * T_T <= T_compute, at most num_layers - 1 (layer 0 stays)."""
+def max_alpha(
+    layer_copy_s: float, step_compute_s: float, num_layers: int, extra_copies: int = 0
+) -> int:
+    """Largest alpha with (alpha + extra_copies) * T_T <= T_compute, at most num_layers - 1 (layer
+    0 stays). The paper's rule is extra_copies = 0; a pass of the transfer planner also copies the
+    borrowed slabs' own layers back (prefetch distance: 1 or 2 more copies on the one copy
+    stream), and the engine counts them so that the stream keeps up with the compute."""
     if layer_copy_s <= 0:
         return num_layers - 1
-    return max(0, min(num_layers - 1, int(step_compute_s / layer_copy_s)))
+    fit = int(step_compute_s / layer_copy_s) - extra_copies
+    return max(0, min(num_layers - 1, fit))
 
 
 def alpha_cap(num_layers: int, max_remap_fraction: float) -> int:
@@ -75,15 +76,17 @@ def alpha_cap(num_layers: int, max_remap_fraction: float) -> int:
     return max(0, min(num_layers - 1, int(max_remap_fraction * num_layers)))
 
 
-def next_donor(donors: list[DonorInfo], sharing: str) -> str | None:
+def next_donor(donors: list[DonorInfo], sharing: str, order: str = "mru") -> str | None:
     """The model to take the next layer from, or None when every model is at its cap.
 
     Inactive models go first, most recently run first (MRU: a rotating scheduler needs the model that
-    just ran last). Then active models: under temporal sharing also MRU; under spatial sharing the one
+    just ran last; `order="lru"` reverses this, for the paper's ablation). Then active models: under temporal sharing also MRU; under spatial sharing the one
     with the smallest share of its cap used, so the streaming cost is spread over all of them."""
     open_ = [d for d in donors if d.num_missing < d.alpha_cap]
     inactive = [d for d in open_ if not d.active]
     if inactive:
+        if order == "lru":  # the ablation: the model idle longest gives first
+            return min(inactive, key=lambda d: d.last_run).name
         return max(inactive, key=lambda d: d.last_run).name
     active = [d for d in open_ if d.active]
     if not active:

@@ -72,7 +72,10 @@ class DeviceArena:
         self.num_pages = num_pages
         self.page_bytes = page_bytes
         self.device = device
-        self.buffer = torch.empty(num_pages * page_bytes, dtype=torch.uint8, device=device)
+        # Zeroed once: attention masks out KV slots never written (a block's tail, padding), and a
+        # masked slot must hold a finite value (0 x NaN is NaN). Every byte is then always finite:
+        # zeros, weights, or KV written by some model.
+        self.buffer = torch.zeros(num_pages * page_bytes, dtype=torch.uint8, device=device)
 
     def region(self, first_page: int, nbytes: int) -> torch.Tensor:
         start = first_page * self.page_bytes
@@ -94,5 +97,7 @@ class DeviceArena:
 
 def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
     """A host byte buffer for master copies: pinned when the device is CUDA, so copies are async."""
+    if device.type == "meta":  # the simulator: accounting only, no bytes anywhere
+        return torch.empty(nbytes, dtype=torch.uint8, device="meta")
     pin = device.type == "cuda" and torch.cuda.is_available()
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)

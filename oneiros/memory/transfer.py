@@ -74,20 +74,25 @@ def plan_pass(num_layers: int, missing: list[int] | tuple[int, ...], distance: i
 
 
 def check_plan(plan: PassPlan) -> None:
-    """Replay the plan: every layer runs with its own weights, nothing still to run is overwritten."""
+    """Replay the plan: every layer runs with its own weights, nothing still to run is overwritten,
+    and every slab ends the pass holding its own layer."""
     holds: dict[int, int] = {s: s for s in range(plan.num_layers) if s not in plan.missing}
-    pending = {c.layer: c for c in plan.copies if not c.restore}
+    ran: set[int] = set()
+
+    def start(after: int) -> None:
+        for c in plan.starting_after(after):
+            occupant = holds.get(c.slab)
+            assert occupant is not None, f"copy of {c.layer} into slab {c.slab}, which has no slab"
+            assert occupant in ran, f"copy of {c.layer} overwrites layer {occupant} before it runs"
+            assert c.restore == (c.layer == c.slab), f"copy of {c.layer} into {c.slab} mislabelled"
+            holds[c.slab] = c.layer
+
+    start(-1)
     for i in range(plan.num_layers):
         slab = plan.slab_of.get(i, i)
-        if i in pending:
-            holds[slab] = i
         assert holds.get(slab) == i, f"layer {i} would run with the weights of {holds.get(slab)}"
-        for c in plan.starting_after(i):
-            assert c.after == i
-            # A copy overwrites slab c.slab: its current layer must have run already.
-            assert holds[c.slab] <= i, f"copy of {c.layer} overwrites layer {holds[c.slab]} early"
-            if c.restore:
-                holds[c.slab] = c.slab
+        ran.add(i)
+        start(i)
     for s in holds:
         assert holds[s] == s, f"slab {s} ends the pass holding layer {holds[s]}"
 

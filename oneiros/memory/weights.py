@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from oneiros.core import ConfigError
-from oneiros.memory.arena import Owner, PageArena
+from oneiros.memory.arena import FREE, Owner, PageArena
 from oneiros.memory.storage import DeviceArena, SlabLayout, host_buffer
 from oneiros.models.base import DecoderModel
 from oneiros.models.loader import ModelSource
@@ -35,36 +35,55 @@ class ModelWeights:
     def total_pages(self) -> int:
         return weight_pages(self.model, self.arena.page_bytes)
 
-    def load(self, source: ModelSource) -> None:
-        """Read every tensor from the source into host master copies and the arena."""
+    def load(self, source: ModelSource | None) -> None:
+        """Read every tensor from the source into host master copies and the arena. With no source
+        (the simulator, on the meta device) only pages are assigned and views bound."""
         m, page = self.model, self.arena.page_bytes
         pages = self.arena.alloc_run(self.resident_layout.pages(page), Owner.resident(self.name))
         if pages is None:
             raise self._too_small()
         self.resident_pages = pages
-        res = {k: source.tensor(hf) for k, hf in m.resident_names.items()}
         region = self.storage.region(pages[0], self.resident_layout.nbytes)
-        self.resident_layout.pack(res, region)
+        if source is not None:
+            res = {k: source.tensor(hf) for k, hf in m.resident_names.items()}
+            self.resident_layout.pack(res, region)
         m.bind_resident(self.resident_layout.views(region))
         for i in range(m.cfg.num_layers):
             prefix = m.layer_prefix.format(i=i)
             host = host_buffer(self.layer_layout.nbytes, self.storage.device)
-            tensors = {k: source.tensor(prefix + k) for k in m.layer_shapes()}
-            self.layer_layout.pack(tensors, host)
+            if source is not None:
+                tensors = {k: source.tensor(prefix + k) for k in m.layer_shapes()}
+                self.layer_layout.pack(tensors, host)
             self.host.append(host)
             if not self.restore_layer(i):
                 raise self._too_small()
 
     def restore_layer(self, i: int, non_blocking: bool = False) -> bool:
         """Give layer i a slab again and copy it from the host master copy. False if no room."""
+        if self.slab_pages[i] is not None:
+            raise ValueError(f"layer {i} of {self.name!r} is already resident")
         pages = self.arena.alloc_run(self.pages_per_layer, Owner.slab(self.name, i))
         if pages is None:
             return False
+        self._place(i, pages, non_blocking)
+        return True
+
+    def move_layer(self, i: int, dest: list[int]) -> None:
+        """Move resident layer i's slab to `dest`, pages that are free or its own (compaction). The
+        data comes again from the exact host copy, so old and new places may overlap."""
+        old = self.slab_pages[i]
+        if old is None:
+            raise ValueError(f"layer {i} of {self.name!r} is not resident")
+        owner = Owner.slab(self.name, i)
+        self.arena.free(old, owner)
+        self.arena.transfer(dest, FREE, owner)
+        self._place(i, dest, non_blocking=False)
+
+    def _place(self, i: int, pages: list[int], non_blocking: bool) -> None:
         region = self.storage.region(pages[0], self.layer_layout.nbytes)
         region.copy_(self.host[i], non_blocking=non_blocking)
         self.slab_pages[i] = pages
         self.model.bind_layer(i, self.layer_layout.views(region))
-        return True
 
     @property
     def missing_layers(self) -> list[int]:

@@ -114,7 +114,7 @@ class LlamaModel(DecoderModel):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         write_kv(kv, k, v, meta)
-        o = attend(q, kv, meta).reshape(T, c.num_heads * c.head_dim)
+        o = attend(q, k, v, kv, meta).reshape(T, c.num_heads * c.head_dim)
         h = h + F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
         x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
         gate = F.linear(x, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))

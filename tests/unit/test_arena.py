@@ -55,6 +55,54 @@ def test_alloc_run_takes_highest_contiguous_run():
     a.check_integrity()
 
 
+def test_alloc_run_leans_against_parameters_not_kv():
+    a = PageArena(10, 4096)
+    a.alloc_run(2, A_RES)  # 8, 9
+    a.alloc(1, A_KV)  # 0
+    a.alloc_run(2, A_SLAB0)  # 6, 7 (against the resident run)
+    a.transfer([4], FREE, A_KV)
+    # Free: 1..3 (KV at 0 and 4) and 5 (too short). KV on both sides: the top of the run.
+    assert a.alloc_run(2, A_SLAB1) == [2, 3]
+    a.free([2, 3], A_SLAB1)
+    a.free([0], A_KV)
+    a.alloc_run(1, A_RES)  # the top free run is 5: the resident page goes there
+    # Free: 0..3, KV above it at 4, nothing below: top.
+    assert a.alloc_run(2, A_SLAB1) == [2, 3]
+    a.free([2, 3], A_SLAB1)
+    a.free([4], A_KV)
+    a.free([5], A_RES)
+    a.transfer([5], FREE, A_KV)
+    a.transfer([0], FREE, A_RES)
+    # Free 1..4: KV above (5), a parameter below (0): the slab goes to the bottom, the rest of the
+    # run stays next to the KV page and merges with it when it is freed.
+    assert a.alloc_run(2, B_SLAB0) == [1, 2]
+    a.check_integrity()
+
+
+def test_plan_compaction_packs_slabs_inside_a_segment():
+    a = PageArena(12, 4096)
+    a.alloc_run(1, A_RES)  # 11
+    a.alloc_run(2, A_SLAB0)  # 9, 10
+    a.alloc_run(2, A_SLAB1)  # 7, 8
+    a.alloc_run(2, B_SLAB0)  # 5, 6
+    a.alloc(5, A_KV)  # 0..4
+    a.free([0, 2], A_KV)
+    a.free([9, 10], A_SLAB0)
+    a.free([5, 6], B_SLAB0)
+    a.transfer([5], FREE, B_SLAB0)  # B_SLAB0 now a 1-page slab at 5
+    # Segment 5..10 (between KV page 4 and the resident page): slab b0 at 5, a1 at 7..8, free 6,
+    # 9, 10. Free 0 and 2 lie in other segments. No run of 3 exists.
+    assert a.alloc_run(3, Owner.slab("b", 1)) is None
+    moves = a.plan_compaction(3)
+    assert moves == [(A_SLAB1, [7, 8], [9, 10]), (B_SLAB0, [5], [8])]
+    assert a.plan_compaction(4) is None  # at most 3 free pages in one segment
+    for owner, old, new in moves:  # each move lands on free pages or its own
+        a.free(old, owner)
+        a.transfer(new, FREE, owner)
+    assert a.alloc_run(3, Owner.slab("b", 1)) == [5, 6, 7]
+    a.check_integrity()
+
+
 def test_alloc_run_none_when_fragmented_and_nothing_changes():
     a = PageArena(6, 4096)
     a.alloc(6, A_KV)
@@ -210,12 +258,29 @@ class ArenaMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 12), owner=st.sampled_from(OWNERS))
     def alloc_run(self, n, owner):
         free = set(self._free_pages())
-        runs = [s for s in range(len(self.mirror) - n, -1, -1) if all(s + k in free for k in range(n))]
+        size = len(self.mirror)
+        # Maximal free runs, highest first: (bottom, top).
+        runs = []
+        p = size - 1
+        while p >= 0:
+            if p in free:
+                top = p
+                while p - 1 in free:
+                    p -= 1
+                runs.append((p, top))
+            p -= 1
+        fits = [(b, t) for b, t in runs if t - b + 1 >= n]
         got = self.arena.alloc_run(n, owner)
-        if not runs:
+        if not fits:
             assert got is None
             return
-        assert got == list(range(runs[0], runs[0] + n))  # the highest run
+        bottom, top = fits[0]  # the highest run that fits
+        above_kv = top + 1 < size and self.mirror[top + 1].kind is OwnerKind.KV
+        below_param = bottom > 0 and self.mirror[bottom - 1].kind in (
+            OwnerKind.SLAB, OwnerKind.RESIDENT
+        )
+        start = bottom if above_kv and below_param else top - n + 1
+        assert got == list(range(start, start + n))
         for p in got:
             self.mirror[p] = owner
 

@@ -325,7 +325,7 @@ def test_random_request_mixes(
 def _make_room_from(others):
     """What the engine's make_room does: give back idle KV pages of the other models."""
 
-    def make_room(blocks: int) -> bool:
+    def make_room(blocks: int, req=None) -> bool:
         freed = [o.pool.shrink() for o in others]  # every idle page, not just the first pool's
         return any(freed)
 

@@ -1,0 +1,155 @@
+"""`oneiros bench`, `oneiros simulate` and `oneiros calibrate`: the harness behind the CLI.
+
+bench     the same workload against several policies, in-process (real engine) or over HTTP (`--url`,
+          any OpenAI-compatible server); JSON, PNG and a table of ratios against the first policy.
+simulate  the same report from the simulator: the real engine on the meta device with a hardware
+          profile's cost model and a virtual clock (`--hardware gh200`, `--models c1`).
+calibrate fit a profile's efficiencies and overheads to a step trace (`--trace-steps` of a real run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from oneiros.config import EngineConfig
+from oneiros.core import OneirosError
+
+POLICIES = ("recompute", "swap", "static", "oneiros")
+
+
+def policies_arg(value: str) -> list[str]:
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in names if p not in POLICIES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"policies must be a comma list of {', '.join(POLICIES)}; got {value!r}"
+        )
+    return names
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", type=policies_arg, default=list(POLICIES),
+                   help="comma list, the first is the baseline of the ratios")
+    p.add_argument("--out", default="results/bench.json", help="JSON report")
+    p.add_argument("--plot", default=None, help="PNG (default: the JSON path with .png)")
+    p.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO on TTFT, seconds")
+    p.add_argument("--slo-tbt", type=float, default=None, help="goodput SLO on P99 TBT, seconds")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _workload(args: argparse.Namespace) -> list:
+    from oneiros.bench.workloads import workload_from_spec
+
+    try:
+        return workload_from_spec(args.workload)
+    except (ValueError, OSError) as e:
+        raise OneirosError(f"--workload: {e}") from None
+
+
+def _report(args: argparse.Namespace, results: dict, config: dict[str, Any]) -> int:
+    from oneiros.bench.report import print_table, write_report
+
+    png = args.plot or str(Path(args.out).with_suffix(".png"))
+    write_report(results, args.out, png, config, args.slo_ttft, args.slo_tbt)
+    print_table(results, args.slo_ttft, args.slo_tbt)
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
+    from oneiros.bench.runner import run_http, run_policies
+
+    workload = _workload(args)
+    progress = not args.no_progress
+    config = {"workload": args.workload, "policies": args.policies}
+    if args.url:
+        result = run_http(args.url, workload, api_key=args.api_key, progress=progress)
+        return _report(args, {args.url: result}, {**config, "url": args.url})
+    assert base is not None
+    served = set(base.models)
+    missing = sorted({w.model for w in workload} - served)
+    if missing:
+        raise OneirosError(
+            f"the workload names models {missing} that are not served ({sorted(served)}); pass "
+            "--model NAME=SOURCE for each, or a mix of served names (mix=a+b in the workload)"
+        )
+    results = run_policies(
+        lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress
+    )
+    return _report(args, results, {**config, "engine": base.__dict__})
+
+
+def _engine(config: EngineConfig):
+    from oneiros.engine.engine import LLMEngine
+
+    return LLMEngine(config)
+
+
+def sim_models(value: list[tuple[str, str]] | None, mix: str | None) -> dict[str, str]:
+    """--models c1 (a paper mix: its models at full geometry, random weights) or NAME=SOURCE."""
+    from oneiros.bench.workloads import MIXES
+
+    if value:
+        return dict(value)
+    if mix is None or mix not in MIXES:
+        raise OneirosError(f"--models takes {', '.join(MIXES)} or NAME=SOURCE entries")
+    return {name: f"random:{name}" for name in MIXES[mix]}
+
+
+def run_simulate(args: argparse.Namespace, base: EngineConfig) -> int:
+    from oneiros.bench.runner import run_policies
+
+    if not args.workload:
+        if not args.trace:
+            raise OneirosError("give --trace (an Azure LLM trace CSV) or --workload SPEC")
+        spec = f"azure:path={args.trace},scale={args.time_scale},mix={args.mix or 'c1'}"
+        if args.max_requests:
+            spec += f",n={args.max_requests}"
+        args.workload = spec
+    workload = _workload(args)
+    base = replace(base, executor="sim", hardware=args.hardware)
+    results = run_policies(
+        lambda p: _engine(replace(base, policy=p)), args.policies, workload,
+        progress=not args.no_progress,
+    )
+    config = {
+        "workload": args.workload, "policies": args.policies, "hardware": args.hardware,
+        "engine": base.__dict__,
+    }
+    return _report(args, results, config)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from oneiros.models.loader import resolve
+    from oneiros.models.registry import build_model
+    from oneiros.sim.calibrate import fit, read_steps
+    from oneiros.sim.cost import ModelCost
+    from oneiros.sim.hardware import load_profile
+
+    if not args.model:
+        raise OneirosError("pass the traced models with --model NAME=SOURCE")
+    base = load_profile(args.base)
+    meta = torch.device("meta")
+    costs = {
+        name: ModelCost.of(build_model(resolve(src).config, torch.float32, meta))
+        for name, src in args.model
+    }
+    try:
+        steps = read_steps(args.trace)
+    except OSError as e:
+        raise OneirosError(f"cannot read the step trace: {e}") from None
+    prof, stats = fit(base, steps, costs, args.name)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(prof.to_json() + "\n")
+    print(
+        f"{prof.name}: compute_eff={prof.compute_eff:.3f} mem_eff={prof.mem_eff:.3f} "
+        f"overlap={prof.overlap} step_overhead={prof.step_overhead_s * 1e3:.2f} ms "
+        f"per_token={prof.token_overhead_s * 1e6:.1f} us; {stats['steps']} steps, "
+        f"rms relative error {stats['rms_relative_error']:.1%}; wrote {args.out}"
+    )
+    return 0

@@ -1,0 +1,588 @@
+"""Replay a workload against an engine (in process) or a server (over HTTP), and compare policies.
+
+In process, `run_engine` drives an `LLMEngine` on the engine's own clock: requests are added when
+their arrival time has come (with that time as their arrival, so queueing counts in TTFT), the
+engine steps while it has work, and when it is idle the clock waits for the next arrival (a real
+engine sleeps; a simulated engine's virtual clock jumps). `run_http` sends the same workload to any
+OpenAI-compatible server as streaming completions. Both return a `RunResult`; `run_policies` runs
+one workload under several policies and `compare` sets their summaries side by side.
+
+Every request sends a prompt of random token ids (deterministic per seed and request index, the
+same for every policy) and forces its output length: max_tokens = output_len, ignore_eos, greedy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord, lookup, ratio, summarize
+from oneiros.bench.workloads import WorkItem
+from oneiros.core import OneirosError, SamplingParams
+
+if TYPE_CHECKING:
+    import httpx
+
+    from oneiros.engine.engine import LLMEngine
+
+PROMPT_TOKEN_LOW = 100  # below this sit the special tokens of every vocabulary we serve
+HTTP_VOCAB_SIZE = 512  # over HTTP the vocabulary is unknown: ids below this fit every model
+
+PromptFactory = Callable[[int, WorkItem], list[int]]
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """One run of a workload. Times are seconds relative to the start of the run.
+
+    `records` follow the workload's order and omit rejected requests; `rejected` counts rejections
+    by kind (the error class, and the parameter it names); `counters` are each model's engine
+    counters accumulated during the run (empty over HTTP); `page_history` is the arena's pages by
+    owner ('free', '<model>/kv', '<model>/slab', '<model>/resident') after each busy step. `wall_s`
+    is wall-clock time, `clock_s` engine-clock time (they differ under a simulated clock)."""
+
+    records: list[RequestRecord]
+    counters: dict[str, dict[str, float]] = field(default_factory=dict)
+    page_history: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejected_examples: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+    clock_s: float = 0.0
+    num_pages: int | None = None
+    page_bytes: int | None = None
+    policy: str | None = None
+    target: str = "engine"  # 'engine' or the server's URL
+
+    def engine_totals(self) -> dict[str, float]:
+        """Counters summed over models (preemptions, remapped_layers, h2d_bytes, ...)."""
+        totals: Counter[str] = Counter()
+        for counters in self.counters.values():
+            totals.update(counters)
+        return dict(totals)
+
+    def summary(
+        self,
+        slo_ttft_s: float | None = None,
+        slo_tbt_s: float | None = None,
+        duration_s: float | None = None,
+    ) -> dict[str, Any]:
+        """`metrics.summarize` of the records, plus rejections and (in process) the engine's
+        counter totals under 'engine'."""
+        out = summarize(self.records, duration_s, slo_ttft_s, slo_tbt_s)
+        out["rejected"] = sum(self.rejected.values())
+        out["engine"] = self.engine_totals() if self.counters else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "target": self.target,
+            "wall_s": self.wall_s,
+            "clock_s": self.clock_s,
+            "num_pages": self.num_pages,
+            "page_bytes": self.page_bytes,
+            "rejected": dict(self.rejected),
+            "rejected_examples": dict(self.rejected_examples),
+            "counters": self.counters,
+            "page_history": [[t, dict(u)] for t, u in self.page_history],
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunResult:
+        """The inverse of `to_dict` (e.g. to re-plot a saved report)."""
+        return cls(
+            records=[RequestRecord.from_dict(r) for r in d["records"]],
+            counters={m: dict(c) for m, c in d.get("counters", {}).items()},
+            page_history=[(float(t), dict(u)) for t, u in d.get("page_history", [])],
+            rejected=dict(d.get("rejected", {})),
+            rejected_examples=dict(d.get("rejected_examples", {})),
+            wall_s=d.get("wall_s", 0.0),
+            clock_s=d.get("clock_s", 0.0),
+            num_pages=d.get("num_pages"),
+            page_bytes=d.get("page_bytes"),
+            policy=d.get("policy"),
+            target=d.get("target", "engine"),
+        )
+
+
+class _Rejections:
+    """Counts of rejected requests by kind, with the first message of each kind."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, message)
+
+
+def rejection_kind(error: BaseException) -> str:
+    """'InvalidRequestError(prompt)': the error's class and, when it names one, the parameter."""
+    param = getattr(error, "param", None)
+    return f"{type(error).__name__}({param})" if param else type(error).__name__
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+
+def random_prompt(
+    index: int, length: int, seed: int = 0, low: int = PROMPT_TOKEN_LOW, high: int = 512
+) -> list[int]:
+    """`length` token ids in [low, high), a function of (seed, index) only: request k gets the same
+    prompt under every policy and in every run with the same seed."""
+    if high - low < 1:
+        low = 0
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, index])
+    return rng.integers(low, high, size=length).tolist()
+
+
+def forced_params(item: WorkItem) -> SamplingParams:
+    """Exactly `output_len` tokens: greedy, EOS ignored."""
+    return SamplingParams(max_tokens=item.output_len, temperature=0.0, ignore_eos=True)
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar (or a do-nothing stand-in when tqdm is missing or progress is off)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="req", leave=False)
+        except ImportError:
+            pass
+    return _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ---- in process ----------------------------------------------------------------------------------
+
+
+def check_models(workload: Sequence[WorkItem], served: Sequence[str]) -> None:
+    """Refuse a workload that names tenants the engine does not serve: every such request would be
+    rejected, which is a setup mistake rather than a result."""
+    unknown = sorted({w.model for w in workload} - set(served))
+    if unknown:
+        raise ValueError(
+            f"the workload sends requests to {', '.join(unknown)}, which the engine does not serve "
+            f"(served: {', '.join(served)}); map tenant names with workloads.rename_models"
+        )
+
+
+def run_engine(
+    engine: LLMEngine,
+    workload: Sequence[WorkItem],
+    *,
+    prompt_seed: int = 0,
+    make_prompt: PromptFactory | None = None,
+    progress: bool = True,
+    policy: str | None = None,
+    max_steps: int | None = None,
+) -> RunResult:
+    """Replay `workload` on an in-process engine and measure every request.
+
+    Arrivals are offsets from the engine clock at the start; each request is added once its time
+    has come, with that time as its arrival. Prompts come from `make_prompt(index, item)`, by
+    default `random_prompt` with ids in [100, smallest vocabulary). Requests the engine refuses at
+    add time are counted in `rejected`, not raised. `max_steps` bounds the number of engine steps
+    (a RuntimeError beyond it) to catch an engine that stops making progress."""
+    check_models(workload, engine.model_names)
+    if make_prompt is None:
+        high = min(t.model.cfg.vocab_size for t in engine.tenants.values())
+        make_prompt = lambda k, w: random_prompt(k, w.prompt_len, prompt_seed, high=high)  # noqa: E731
+    before = _counters(engine)
+    bar = _progress(len(workload), progress, policy or "run")
+    wall0 = time.perf_counter()
+    replay = _Replay(engine, workload, make_prompt, bar)
+    try:
+        replay.run(max_steps)
+    finally:
+        bar.close()
+    t0 = replay.t0
+    return RunResult(
+        records=[replay.records[k] for k in sorted(replay.records)],
+        counters=_counter_delta(before, _counters(engine)),
+        page_history=_pages_since(engine, t0),
+        rejected=dict(replay.rejections.counts),
+        rejected_examples=replay.rejections.examples,
+        wall_s=time.perf_counter() - wall0,
+        clock_s=engine.clock.now() - t0,
+        num_pages=engine.arena.num_pages,
+        page_bytes=engine.arena.page_bytes,
+        policy=policy if policy is not None else getattr(engine.config, "policy", None),
+    )
+
+
+class _Replay:
+    """The state of one in-process replay: requests not yet due, requests in the engine, records
+    of finished ones and rejections. Time t0 is the engine clock when the replay starts."""
+
+    def __init__(
+        self, engine: LLMEngine, workload: Sequence[WorkItem], make_prompt: PromptFactory, bar: Any
+    ) -> None:
+        self.engine = engine
+        self.make_prompt = make_prompt
+        self.bar = bar
+        order = sorted(range(len(workload)), key=lambda k: workload[k].arrival_s)
+        self.pending = [(k, workload[k]) for k in order]
+        self.next = 0  # index in pending of the next request to add
+        self.live: dict[str, tuple[int, WorkItem]] = {}
+        self.records: dict[int, RequestRecord] = {}
+        self.rejections = _Rejections()
+        self.t0 = engine.clock.now()
+
+    def due(self) -> float | None:
+        """Engine-clock time of the next request to add, None when all were added."""
+        if self.next == len(self.pending):
+            return None
+        return self.t0 + self.pending[self.next][1].arrival_s
+
+    def run(self, max_steps: int | None) -> None:
+        steps = 0
+        while self.due() is not None or self.engine.has_unfinished():
+            self.add_due(self.engine.clock.now())
+            if self.engine.has_unfinished():
+                self.step()
+                steps += 1
+                if max_steps is not None and steps > max_steps:
+                    raise RuntimeError(f"the workload did not finish in {max_steps} engine steps")
+            elif (t := self.due()) is not None:
+                self.engine.clock.wait_until(t)
+
+    def add_due(self, now: float) -> None:
+        """Add every request whose arrival time has come; a refusal is counted, not raised."""
+        while (t := self.due()) is not None and t <= now:
+            k, item = self.pending[self.next]
+            self.next += 1
+            try:
+                req = self.engine.add_request(
+                    self.make_prompt(k, item), forced_params(item), item.model, arrival_time=t
+                )
+            except OneirosError as e:
+                self.rejections.add(rejection_kind(e), str(e))
+                self.bar.update()
+                continue
+            self.live[req.request_id] = (k, item)
+
+    def step(self) -> None:
+        for out in self.engine.step():
+            if out.finished and out.request_id in self.live:
+                k, item = self.live.pop(out.request_id)
+                self.records[k] = _record(out, item, self.t0)
+                self.bar.update()
+
+
+def _record(out: Any, item: WorkItem, t0: float) -> RequestRecord:
+    """A finished RequestOutput as a record, times relative to the run's start."""
+    return RequestRecord(
+        model=out.model,
+        arrival=out.arrival_time - t0,
+        token_times=[t - t0 for t in out.token_times],
+        prompt_len=item.prompt_len,
+        output_len=len(out.token_ids),
+        preemptions=out.num_preemptions,
+        finish_reason=out.finish_reason,
+    )
+
+
+def _counters(engine: LLMEngine) -> dict[str, dict[str, float]]:
+    return {n: dataclasses.asdict(s.counters) for n, s in engine.store.states.items()}
+
+
+def _counter_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """What each counter gained during the run (an engine may be reused for several runs)."""
+    return {
+        m: {k: v - before.get(m, {}).get(k, 0) for k, v in c.items() if isinstance(v, (int, float))}
+        for m, c in after.items()
+    }
+
+
+def _pages_since(engine: LLMEngine, t0: float) -> list[tuple[float, dict[str, int]]]:
+    """The page history from t0 on, relative to t0, starting with the state at t0 (the last entry
+    recorded before the run)."""
+    history = list(engine.store.page_history)
+    earlier = [u for t, u in history if t < t0]
+    out = [(0.0, dict(earlier[-1]))] if earlier else []
+    out += [(t - t0, dict(u)) for t, u in history if t >= t0]
+    return out
+
+
+# ---- over HTTP -----------------------------------------------------------------------------------
+
+
+def run_http(
+    url: str,
+    workload: Sequence[WorkItem],
+    api_key: str | None = None,
+    concurrency_limit: int | None = None,
+    *,
+    prompt_seed: int = 0,
+    make_prompt: PromptFactory | None = None,
+    vocab_size: int = HTTP_VOCAB_SIZE,
+    count_tokens_by_logprobs: bool = True,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+    policy: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RunResult:
+    """Replay `workload` against an OpenAI-compatible server (`url`, with or without /v1) as
+    streaming /v1/completions. See `run_http_async` (this runs it in a fresh event loop)."""
+    return asyncio.run(
+        run_http_async(
+            url,
+            workload,
+            api_key,
+            concurrency_limit,
+            prompt_seed=prompt_seed,
+            make_prompt=make_prompt,
+            vocab_size=vocab_size,
+            count_tokens_by_logprobs=count_tokens_by_logprobs,
+            timeout_s=timeout_s,
+            progress=progress,
+            policy=policy,
+            transport=transport,
+        )
+    )
+
+
+async def run_http_async(
+    url: str,
+    workload: Sequence[WorkItem],
+    api_key: str | None = None,
+    concurrency_limit: int | None = None,
+    *,
+    prompt_seed: int = 0,
+    make_prompt: PromptFactory | None = None,
+    vocab_size: int = HTTP_VOCAB_SIZE,
+    count_tokens_by_logprobs: bool = True,
+    timeout_s: float = 600.0,
+    progress: bool = True,
+    policy: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> RunResult:
+    """Each request is sent at its arrival time (client clock, time.perf_counter) as a streaming
+    completion: the prompt as token ids, max_tokens = output_len, temperature 0, ignore_eos, and
+    stream_options.include_usage. With `concurrency_limit`, at most that many are in flight; a
+    request waiting for a slot is already late, and its TTFT counts from its scheduled arrival.
+
+    Each SSE chunk is timestamped on arrival and counts as many tokens as its logprobs list
+    (logprobs=0 is requested so that every token is visible even when its text is empty; without
+    `count_tokens_by_logprobs`, a chunk with text counts as one token). When the final usage
+    reports more completion tokens than were counted, the missing ones get the last chunk's time.
+    HTTP errors, error events in the stream and connection failures are counted in `rejected`."""
+    import httpx
+
+    if make_prompt is None:
+        make_prompt = lambda k, w: random_prompt(k, w.prompt_len, prompt_seed, high=vocab_size)  # noqa: E731
+    base = url.rstrip("/")
+    base = base[: -len("/v1")] if base.endswith("/v1") else base
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limit = asyncio.Semaphore(concurrency_limit) if concurrency_limit else None
+    rejections = _Rejections()
+    bar = _progress(len(workload), progress, policy or "http")
+    wall0 = t0 = time.perf_counter()
+    async with httpx.AsyncClient(
+        base_url=base,
+        headers=headers,
+        timeout=httpx.Timeout(timeout_s),
+        limits=httpx.Limits(max_connections=concurrency_limit, max_keepalive_connections=None),
+        transport=transport,
+    ) as client:
+
+        async def one(k: int, item: WorkItem) -> RequestRecord | None:
+            await asyncio.sleep(max(0.0, t0 + item.arrival_s - time.perf_counter()))
+            try:
+                if limit is None:
+                    return await _stream_one(client, k, item, t0, make_prompt, rejections,
+                                             count_tokens_by_logprobs)
+                async with limit:
+                    return await _stream_one(client, k, item, t0, make_prompt, rejections,
+                                             count_tokens_by_logprobs)
+            finally:
+                bar.update()
+
+        try:
+            done = await asyncio.gather(*(one(k, w) for k, w in enumerate(workload)))
+        finally:
+            bar.close()
+    end = time.perf_counter()
+    return RunResult(
+        records=[r for r in done if r is not None],
+        rejected=dict(rejections.counts),
+        rejected_examples=rejections.examples,
+        wall_s=end - wall0,
+        clock_s=end - t0,
+        policy=policy,
+        target=url,
+    )
+
+
+async def _stream_one(
+    client: httpx.AsyncClient,
+    k: int,
+    item: WorkItem,
+    t0: float,
+    make_prompt: PromptFactory,
+    rejections: _Rejections,
+    by_logprobs: bool,
+) -> RequestRecord | None:
+    import httpx
+
+    body: dict[str, Any] = {
+        "model": item.model,
+        "prompt": make_prompt(k, item),
+        "max_tokens": item.output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if by_logprobs:
+        body["logprobs"] = 0
+    times: list[float] = []
+    last_chunk = 0.0  # arrival of the last chunk that carried a choice
+    usage: dict[str, Any] | None = None
+    finish: str | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                kind, message = _http_error(response.status_code, response.text)
+                rejections.add(kind, message)
+                return None
+            async for line in response.aiter_lines():
+                event = _sse_data(line)
+                if event is None:
+                    continue
+                if event == "[DONE]":
+                    break
+                now = time.perf_counter() - t0
+                chunk = json.loads(event)
+                if "error" in chunk:
+                    kind, message = _error_fields(chunk)
+                    rejections.add(f"stream error {kind}", message)
+                    return None
+                for choice in chunk.get("choices") or []:
+                    times += [now] * _chunk_tokens(choice, by_logprobs)
+                    finish = choice.get("finish_reason") or finish
+                    last_chunk = now
+                usage = chunk.get("usage") or usage
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        rejections.add(type(e).__name__, str(e) or repr(e))
+        return None
+    generated = usage.get("completion_tokens") if usage else None
+    if generated is not None and len(times) != generated:
+        times = (times + [last_chunk] * generated)[:generated]
+    return RequestRecord(
+        model=item.model,
+        arrival=item.arrival_s,
+        token_times=times,
+        prompt_len=item.prompt_len,
+        output_len=len(times),
+        finish_reason=finish,
+    )
+
+
+def _sse_data(line: str) -> str | None:
+    """The payload of an SSE 'data:' line; None for anything else (comments, blank lines)."""
+    if not line.startswith("data:"):
+        return None
+    return line[len("data:") :].strip()
+
+
+def _chunk_tokens(choice: dict[str, Any], by_logprobs: bool) -> int:
+    """How many generated tokens a streamed completion choice carries."""
+    logprobs = choice.get("logprobs")
+    if by_logprobs and isinstance(logprobs, dict) and logprobs.get("tokens") is not None:
+        return len(logprobs["tokens"])
+    return 1 if choice.get("text") else 0
+
+
+def _error_fields(body: Any) -> tuple[str, str]:
+    """(type or code, message) of an OpenAI-style error body."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "unknown", str(body)[:200]
+    return str(error.get("type") or error.get("code") or "unknown"), str(error.get("message", ""))
+
+
+def _http_error(status: int, text: str) -> tuple[str, str]:
+    try:
+        kind, message = _error_fields(json.loads(text))
+    except json.JSONDecodeError:
+        kind, message = "unknown", text[:200]
+    return f"HTTP {status} {kind}", message
+
+
+# ---- several policies ----------------------------------------------------------------------------
+
+
+def run_policies(
+    make_engine: Callable[[str], LLMEngine],
+    policies: Sequence[str],
+    workload: Sequence[WorkItem],
+    **run_kwargs: Any,
+) -> dict[str, RunResult]:
+    """Run the same workload on a fresh engine per policy (`make_engine(policy)`), one after the
+    other; each engine is closed and dropped before the next is built, so that two never hold
+    device memory at once. Keyword arguments go to `run_engine`."""
+    results: dict[str, RunResult] = {}
+    for policy in policies:
+        engine = make_engine(policy)
+        try:
+            results[policy] = run_engine(engine, workload, policy=policy, **run_kwargs)
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+    return results
+
+
+def compare(
+    results: Mapping[str, RunResult],
+    slo_ttft_s: float | None = None,
+    slo_tbt_s: float | None = None,
+) -> dict[str, Any]:
+    """Summaries of every run and, for each headline metric (metrics.HEADLINE_METRICS), the ratio
+    of each run to the first one (the baseline): below 1 is better for latencies, preemptions and
+    remaps, above 1 for throughput and goodput. A ratio is None where a value is missing or the
+    baseline is 0 (1.0 when both are 0)."""
+    if not results:
+        raise ValueError("nothing to compare")
+    summaries = {name: r.summary(slo_ttft_s, slo_tbt_s) for name, r in results.items()}
+    baseline = next(iter(summaries))
+    base = summaries[baseline]
+    ratios = {
+        name: {
+            label: ratio(lookup(s, path), lookup(base, path)) for label, path, _ in HEADLINE_METRICS
+        }
+        for name, s in summaries.items()
+    }
+    return {
+        "baseline": baseline,
+        "slo": {"ttft_s": slo_ttft_s, "tbt_s": slo_tbt_s},
+        "summaries": summaries,
+        "ratios": ratios,
+    }

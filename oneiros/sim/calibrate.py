@@ -1,0 +1,111 @@
+"""Fit a hardware profile's efficiencies and overheads to a measured step trace.
+
+The trace is the engine's `trace_steps` JSONL (one line per step: plans with token counts, attention
+pairs, context reads, copies, and the step's wall time). Peak numbers stay those of the base profile;
+what is fitted is how much of them the engine reaches:
+    dt = overhead + per_token x tokens + max(tf, tb) + overlap x min(tf, tb)
+    tf = FLOPs / (peak x compute_eff),  tb = bytes / (bandwidth x mem_eff)
+by a grid over (compute_eff, mem_eff, overlap) with the two linear terms solved by non-negative least
+squares at each point, minimising the squared relative error (short decode steps count as much as
+long prefills). Steps that swapped KV or streamed layers are left out: their copies are not compute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from oneiros.core import ConfigError
+from oneiros.sim.cost import ModelCost, StepWork, flops_bytes
+from oneiros.sim.hardware import HardwareProfile
+
+
+def read_steps(path: str | Path) -> list[dict]:
+    steps = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            steps.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+    return steps
+
+
+def step_features(
+    steps: list[dict], costs: dict[str, ModelCost], dtype_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per usable step: FLOPs, bytes, tokens, measured seconds."""
+    rows = []
+    for rec in steps:
+        plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
+        if not plans or any(
+            p.get("swap_out_blocks") or p.get("swap_in_blocks") or p.get("h2d_bytes") for p in plans
+        ):
+            continue
+        f = b = tok = 0.0
+        for p in plans:
+            if p["model"] not in costs:
+                raise ConfigError(f"the trace has model {p['model']!r}; pass its source too")
+            if "attn_pairs" not in p:
+                raise ConfigError("the trace lacks attn_pairs: record it with this version")
+            tokens = p["prefill_tokens"] + p["decode_tokens"]
+            w = StepWork(tokens, p["sampled"], p["attn_pairs"], p["context_tokens"])
+            df, db = flops_bytes(costs[p["model"]], w, dtype_bytes)
+            f, b, tok = f + df, b + db, tok + tokens
+        rows.append((f, b, tok, rec["dt"]))
+    if len(rows) < 8:
+        raise ConfigError(f"only {len(rows)} usable steps in the trace; calibrate needs at least 8")
+    a = np.array(rows, dtype=np.float64)
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+
+
+def _nnls2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with two non-negative coefficients (tries the four active sets)."""
+    best, best_err = np.zeros(2), float("inf")
+    for cols in ((0, 1), (0,), (1,), ()):
+        coef = np.zeros(2)
+        if cols:
+            sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+            if (sol < 0).any():
+                continue
+            coef[list(cols)] = sol
+        err = float(((x @ coef - y) ** 2).sum())
+        if err < best_err:
+            best, best_err = coef, err
+    return best
+
+
+def fit(
+    base: HardwareProfile, steps: list[dict], costs: dict[str, ModelCost], name: str | None = None
+) -> tuple[HardwareProfile, dict[str, float]]:
+    """The base profile with fitted efficiencies and overheads, and fit statistics."""
+    flops, nbytes, tokens, dt = step_features(steps, costs, base.dtype_bytes)
+    w = 1.0 / dt  # relative error
+    best = None
+    for ce in np.geomspace(0.01, 1.0, 41):
+        tf = flops / (base.peak_flops * ce)
+        for me in np.geomspace(0.01, 1.0, 41):
+            tb = nbytes / (base.mem_bw * me)
+            hi, lo = np.maximum(tf, tb), np.minimum(tf, tb)
+            for ov in (0.0, 0.25, 0.5, 0.75, 1.0):
+                resid = dt - hi - ov * lo
+                x = np.stack([np.ones_like(dt), tokens], axis=1) * w[:, None]
+                coef = _nnls2(x, resid * w)
+                pred = hi + ov * lo + coef[0] + coef[1] * tokens
+                err = float((((pred - dt) / dt) ** 2).mean())
+                if best is None or err < best[0]:
+                    best = (err, ce, me, ov, coef)
+    assert best is not None
+    err, ce, me, ov, coef = best
+    prof = replace(
+        base, name=name or f"{base.name}-calibrated", compute_eff=float(ce), mem_eff=float(me),
+        overlap=float(ov), step_overhead_s=float(coef[0]), layer_overhead_s=0.0,
+        token_overhead_s=float(coef[1]),
+        source=f"{base.source}; efficiencies fitted to {len(dt)} measured steps",
+    )
+    stats = {"steps": int(len(dt)), "rms_relative_error": err**0.5}
+    return prof, stats
