@@ -17,3 +17,15 @@ def smollm2_llm():
     from oneiros import LLM
 
     return LLM("smollm2")
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids OpenMP spin-waiting and
+    is faster and steadier. Use with `pytestmark = pytest.mark.usefixtures(...)` per module."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

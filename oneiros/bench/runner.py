@@ -332,39 +332,10 @@ def _pages_since(engine: LLMEngine, t0: float) -> list[tuple[float, dict[str, in
 # ---- over HTTP -----------------------------------------------------------------------------------
 
 
-def run_http(
-    url: str,
-    workload: Sequence[WorkItem],
-    api_key: str | None = None,
-    concurrency_limit: int | None = None,
-    *,
-    prompt_seed: int = 0,
-    make_prompt: PromptFactory | None = None,
-    vocab_size: int = HTTP_VOCAB_SIZE,
-    count_tokens_by_logprobs: bool = True,
-    timeout_s: float = 600.0,
-    progress: bool = True,
-    policy: str | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> RunResult:
+def run_http(url: str, workload: Sequence[WorkItem], *args: Any, **kwargs: Any) -> RunResult:
     """Replay `workload` against an OpenAI-compatible server (`url`, with or without /v1) as
-    streaming /v1/completions. See `run_http_async` (this runs it in a fresh event loop)."""
-    return asyncio.run(
-        run_http_async(
-            url,
-            workload,
-            api_key,
-            concurrency_limit,
-            prompt_seed=prompt_seed,
-            make_prompt=make_prompt,
-            vocab_size=vocab_size,
-            count_tokens_by_logprobs=count_tokens_by_logprobs,
-            timeout_s=timeout_s,
-            progress=progress,
-            policy=policy,
-            transport=transport,
-        )
-    )
+    streaming /v1/completions: `run_http_async` with the same arguments, in a fresh event loop."""
+    return asyncio.run(run_http_async(url, workload, *args, **kwargs))
 
 
 async def run_http_async(

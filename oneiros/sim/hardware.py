@@ -12,8 +12,9 @@ Sources (peak figures, dense BF16 tensor-core FLOP/s, HBM bandwidth, host link):
     above.
   - A100-80G (SXM4): NVIDIA A100 datasheet: 312 TFLOP/s BF16 dense, 2.039 TB/s HBM2e; PCIe Gen4 x16,
     32 GB/s per direction theoretical, ~25 GB/s measured pinned one way.
-  - cpu: this project's 2-core CI machine, running the PyTorch reference path in float32; its numbers
-    are rough starting points meant to be replaced by `oneiros calibrate` on a measured step trace.
+  - cpu: this project's 2-core CI machine, running the PyTorch reference path in float32. Peak:
+    2 cores x 2 FMA units x 8 float32 lanes x 2 FLOP x ~3 GHz = 192 GFLOP/s (AVX2); memory and copy
+    figures are rough starting points: `oneiros calibrate` fits what the engine reaches.
 Efficiencies and overheads of the GPU profiles are typical of a tuned engine (decode reaches 60-80% of
 HBM bandwidth, large prefills 50-70% of peak FLOP/s); calibrate them from a GPU trace when one exists.
 """
@@ -71,7 +72,7 @@ PROFILES: dict[str, HardwareProfile] = {
         source="A100 80GB SXM datasheet; PCIe Gen4 x16 pinned-copy measurements",
     ),
     "cpu": HardwareProfile(
-        "cpu", 16 * GB, 100e9, 10 * GB, 8 * GB, 8 * GB, 6 * GB,
+        "cpu", 16 * GB, 192e9, 10 * GB, 8 * GB, 8 * GB, 6 * GB,
         compute_eff=1.0, mem_eff=1.0, overlap=1.0, step_overhead_s=2e-3, layer_overhead_s=2e-4,
         dtype_bytes=4, async_copies=False, source="rough figures for a 2-core x86 VM; calibrate with `oneiros calibrate`",
     ),

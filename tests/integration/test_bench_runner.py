@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -33,6 +30,7 @@ from oneiros.engine.engine import LLMEngine
 from oneiros.memory.weights import weight_pages
 from oneiros.models.loader import resolve
 from oneiros.models.registry import build_model
+from tests.helpers import ServerThread
 
 SOURCES = {"a": "random:llama-tiny", "b": "random:opt-tiny@1"}
 PAGE = 64 * 1024
@@ -40,13 +38,7 @@ KV_PAGES = 4  # llama-tiny: 64 tokens a page with blocks of 4; opt-tiny: 32. A b
 SPEC = "poisson:rate=100,n=10,mix=a+b,lengths=alpaca,max_len=40,seed=1"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models on a shared CPU: one intra-op thread avoids OpenMP spin-waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")
@@ -170,30 +162,6 @@ def test_idle_waits_go_through_the_engine_clock(weight_pages_total):
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------
-class ServerThread:
-    """The real app under uvicorn on a free loopback port, in a daemon thread."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
 
 
 @pytest.fixture(scope="module")

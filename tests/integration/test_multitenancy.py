@@ -32,13 +32,7 @@ TINY_PAGE = 64 * 1024
 TINY_KV_PAGES = 8  # llama/qwen: 4 blocks of 16 tokens a page, opt: 2; demand is ~3x this
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Small models on a shared CPU: one intra-op thread avoids OpenMP spin-waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ---- workloads -----------------------------------------------------------------------------------

@@ -27,14 +27,7 @@ GREEDY = dict(temperature=0.0)
 LOGPROB_ATOL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These models are small: intra-op threads gain little, and on a busy or shared CPU OpenMP's
-    spin-waiting makes them many times slower (measured here: tiny-model tests 54 s -> 2 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ---- transformers references ---------------------------------------------------------------------

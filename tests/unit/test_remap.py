@@ -35,15 +35,7 @@ from oneiros.memory.storage import DeviceArena
 from oneiros.memory.weights import ModelWeights, weight_pages
 from oneiros.models.loader import resolve
 from oneiros.models.registry import build_model
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch.equal on byte tensors, compared as int64 words (uint8 equal is very slow on CPU)."""
-    if a.numel() != b.numel():
-        return False
-    if a.numel() % 8 == 0:
-        return torch.equal(a.view(torch.int64), b.view(torch.int64))
-    return torch.equal(a, b)
+from tests.helpers import same_bytes
 
 
 def donor(name: str, active: bool = False, last_run: float = 0.0, n: int = 8, missing: int = 0,

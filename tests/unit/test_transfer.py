@@ -19,15 +19,7 @@ from hypothesis import strategies as st
 from oneiros.memory.remap import removal_order, uniform_layers
 from oneiros.memory.storage import DeviceArena
 from oneiros.memory.transfer import Copy, LayerStreamer, PassPlan, check_plan, plan_pass
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch.equal on byte tensors, compared as int64 words (uint8 equal is very slow on CPU)."""
-    if a.numel() != b.numel():
-        return False
-    if a.numel() % 8 == 0:
-        return torch.equal(a.view(torch.int64), b.view(torch.int64))
-    return torch.equal(a, b)
+from tests.helpers import same_bytes
 
 
 # ---- an independent replay of a pass plan -------------------------------------------------------
