@@ -68,6 +68,7 @@ class EngineConfig:
     max_wait_s: float = 1.0
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
+    attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
     # torch: run the models; sim: a cost model of `hardware` advances a virtual clock (no tensors).
     executor: str = "torch"
     hardware: str | None = None  # sim: a profile name (oneiros.sim.hardware) or a profile JSON path
@@ -94,6 +95,8 @@ class EngineConfig:
             raise ConfigError(f"max_remap_fraction must be in [0, 1], got {self.max_remap_fraction}")
         if self.donor_order not in ("mru", "lru"):
             raise ConfigError(f"donor_order must be mru or lru, not {self.donor_order!r}")
+        if self.attention not in ("auto", "torch", "triton"):
+            raise ConfigError(f"attention must be auto, torch or triton, not {self.attention!r}")
         if self.executor not in ("torch", "sim"):
             raise ConfigError(f"executor must be torch or sim, not {self.executor!r}")
         if self.executor == "sim" and not self.hardware:

@@ -38,6 +38,7 @@ class DecodeGroup:
     pages: torch.Tensor  # [G, nb] page of each block (padding: any valid page)
     slots: torch.Tensor  # [G, nb]
     mask: torch.Tensor | None  # [G, 1, 1, nb * block_size] True = attend; None: attend to all
+    lens: torch.Tensor | None = None  # [G] context lengths (the Triton backend reads these)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from oneiros import attention as attention_backends
 from oneiros.config import EngineConfig, MiB, free_device_memory
 from oneiros.core import (
     ConfigError,
@@ -100,6 +101,14 @@ class LLMEngine:
         self.dtype = _DTYPES[dt] if dt != "auto" else auto
         sources = {name: resolve(src) for name, src in config.models.items()}
         models = {n: build_model(s.config, self.dtype, self.device) for n, s in sources.items()}
+        self.attention = attention_backends.choose(
+            config.attention, self.device.type, config.block_size,
+            [m.cfg.head_dim for m in models.values()],
+        )
+        if not self.hardware:
+            backend = attention_backends.load(self.attention)
+            for m in models.values():
+                m.attention = backend
         page = config.page_bytes or self._auto_page_bytes(models.values())
         self.arena_page_bytes = page
         budget = self._budget(sum(weight_pages(m, page) for m in models.values()) * page)
@@ -147,6 +156,7 @@ class LLMEngine:
                 config.prefetch_distance,
             )
         self._requests: dict[str, tuple[Tenant, Request]] = {}
+        self._idle_reverted = False  # revert_idle ran since the last step
         self._planned: set[str] = set()  # models whose plan for the current step is made
         self._foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
         self._trace = open(config.trace_steps, "a") if config.trace_steps else None  # noqa: SIM115
@@ -325,6 +335,7 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = self.clock.now()
+        self._idle_reverted = False
         self._refresh_states()
         outputs: list[RequestOutput] = []
         plans: list[StepPlan] = []
@@ -379,6 +390,17 @@ class LLMEngine:
     def _remap_marks(t: Tenant) -> tuple[int, int]:
         c = t.state.counters
         return c.remapped_layers, c.restored_layers
+
+    def revert_idle(self) -> int:
+        """With no request anywhere, restore every remapped layer that memory allows (no
+        hysteresis: there is no demand to wait out). Returns the layers restored; cheap when
+        nothing is missing."""
+        if self.remapper is None or not self.config.revert or self._idle_reverted:
+            return 0
+        if self.has_unfinished():
+            return 0
+        self._idle_reverted = True  # once per idle period: a failed restore is not retried in a loop
+        return self.remapper.restore_all()
 
     def _refresh_states(self) -> None:
         for t in self.tenants.values():

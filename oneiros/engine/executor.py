@@ -188,7 +188,7 @@ class ModelRunner:
             if int(lens.min()) != nb * bs:
                 mask = (torch.arange(nb * bs)[None, :] < lens[:, None])[:, None, None, :].to(dev)
             meta.decode_groups.append(
-                DecodeGroup(a, (table // bpp).to(dev), (table % bpp).to(dev), mask)
+                DecodeGroup(a, (table // bpp).to(dev), (table % bpp).to(dev), mask, lens.to(dev))
             )
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta
 

@@ -185,7 +185,8 @@ class RemapController:
             for other in self.tenants.values():
                 other.pool.shrink()
             if not (
-                (self._compact(ppl) and t.weights.restore_layer(layer))
+                t.weights.restore_layer(layer)
+                or (self._compact(ppl) and t.weights.restore_layer(layer))
                 or (displace and self._make_run(t, ppl) and t.weights.restore_layer(layer))
             ):
                 t.state.counters.restore_failures += 1
@@ -219,6 +220,19 @@ class RemapController:
                 t.state.counters.reactivations_restored += 1
             else:
                 t.state.counters.reactivations_streamed += 1
+
+    def restore_all(self) -> int:
+        """Restore layers, the model most likely to run next first, until none is missing or
+        memory runs out (the engine is idle)."""
+        restored = 0
+        donors = [self._donor(t) for t in self.tenants.values()]
+        for name in restore_priority(donors, self.next_to_run()):
+            t = self.tenants[name]
+            while t.weights.missing_layers and self._free_pages() >= t.weights.pages_per_layer:
+                if not self._restore_one(t):
+                    break
+                restored += 1
+        return restored
 
     def after_step(self) -> None:
         if not self.revert:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from oneiros.attention import torch_ref
 from oneiros.attention.torch_ref import AttentionMetadata
 from oneiros.models.config import ModelConfig
 
@@ -30,6 +31,7 @@ class DecoderModel(ABC):
         self.device = device
         self.resident: Weights = {}
         self.layers: list[Weights | None] = [None] * cfg.num_layers
+        self.attention = torch_ref  # the attention backend (oneiros.attention.load)
 
     @abstractmethod
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:

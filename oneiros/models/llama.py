@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from oneiros.attention.torch_ref import AttentionMetadata, attend, write_kv
+from oneiros.attention.torch_ref import AttentionMetadata
 from oneiros.models.base import DecoderModel
 from oneiros.models.config import ModelConfig
 
@@ -113,8 +113,8 @@ class LlamaModel(DecoderModel):
         cos, sin = self._rope(positions)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        write_kv(kv, k, v, meta)
-        o = attend(q, k, v, kv, meta).reshape(T, c.num_heads * c.head_dim)
+        self.attention.write_kv(kv, k, v, meta)
+        o = self.attention.attend(q, k, v, kv, meta).reshape(T, c.num_heads * c.head_dim)
         h = h + F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
         x = rms_norm(h, w["post_attention_layernorm.weight"], c.norm_eps)
         gate = F.linear(x, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))

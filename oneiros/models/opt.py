@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from oneiros.attention.torch_ref import AttentionMetadata, attend, write_kv
+from oneiros.attention.torch_ref import AttentionMetadata
 from oneiros.models.base import DecoderModel
 
 _POS_OFFSET = 2  # OPT's learned positions are stored shifted by two
@@ -76,8 +76,8 @@ class OPTModel(DecoderModel):
         q = q.view(T, c.num_heads, c.head_dim)
         k = k.view(T, c.num_kv_heads, c.head_dim)
         v = v.view(T, c.num_kv_heads, c.head_dim)
-        write_kv(kv, k, v, meta)
-        o = attend(q, k, v, kv, meta).reshape(T, H)
+        self.attention.write_kv(kv, k, v, meta)
+        o = self.attention.attend(q, k, v, kv, meta).reshape(T, H)
         h = h + F.linear(o, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))
         x = F.layer_norm(h, (H,), w["final_layer_norm.weight"], w["final_layer_norm.bias"], c.norm_eps)
         x = F.relu(F.linear(x, w["fc1.weight"], w.get("fc1.bias")))

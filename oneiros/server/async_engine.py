@@ -398,6 +398,7 @@ class AsyncLLMEngine:
         """One engine step if there is work. Returns whether there was work."""
         try:
             if not self.engine.has_unfinished():
+                self.engine.revert_idle()  # no demand at all: parameters get their memory back
                 return False
             outputs = self.engine.step()
             self.num_steps += 1

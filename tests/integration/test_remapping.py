@@ -29,6 +29,7 @@ from oneiros.memory.transfer import plan_pass
 from oneiros.memory.weights import weight_pages
 from oneiros.models.loader import CONFIG_DIR, resolve
 from oneiros.models.registry import build_model
+from tests.helpers import same_bytes
 
 PAGE = 64 * 1024
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -190,9 +191,10 @@ def burst(name: str) -> list[list[int]]:
 
 
 def workload_engine(policy: str, **kw) -> LLMEngine:
+    kw = {"revert_hold_steps": 2, **kw}
     return make_engine(
-        TENANTS, WORKLOAD_EXTRA, policy=policy, revert_hold_steps=2, max_num_seqs=16,
-        max_wait_s=1e9, swap_space="48MiB", **kw,
+        TENANTS, WORKLOAD_EXTRA, policy=policy, max_num_seqs=16, max_wait_s=1e9,
+        swap_space="48MiB", **kw,
     )
 
 
@@ -350,3 +352,21 @@ def test_every_arena_byte_starts_finite_so_masked_kv_slots_stay_harmless(solo_ou
     outs, _ = run_bursts(e)
     assert total(e, "remapped_layers") > 0
     assert outs == solo_outputs
+
+
+def test_an_idle_engine_gives_parameters_their_memory_back(solo_outputs):
+    """Reversion runs after steps; an engine that went idle with layers remapped (the burst ended
+    before the hysteresis let go) restores them all at once when asked (the server's idle loop)."""
+    e = workload_engine("oneiros", revert_hold_steps=10**6)  # no reversion while steps run
+    outs, _ = run_bursts(e)
+    assert outs == solo_outputs
+    missing = sum(len(t.weights.missing_layers) for t in e.tenants.values())
+    assert missing > 0
+    restored = e.revert_idle()
+    assert restored == missing
+    assert all(not t.weights.missing_layers for t in e.tenants.values())
+    assert e.revert_idle() == 0  # once per idle period
+    e.check_integrity()
+    for t in e.tenants.values():  # every slab holds its own layer's bytes again
+        for i in range(t.model.cfg.num_layers):
+            assert same_bytes(t.weights.region(i), t.weights.host[i])
