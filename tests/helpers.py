@@ -34,6 +34,10 @@ class ServerThread:
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
     def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 30
