@@ -75,6 +75,7 @@ class RemapController:
         self.prefetch_distance = prefetch_distance  # copies per pass beyond alpha
         self.revert = revert
         self._order = {n: removal_order(t.model.cfg.num_layers) for n, t in tenants.items()}
+        self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
 
     # ---- measurements ---------------------------------------------------------------------------
@@ -205,13 +206,19 @@ class RemapController:
         limit = self.alpha_max(t)
         restored = False
         ppl = t.weights.pages_per_layer
+        wait = self._backoff.get(t.name, 0)
+        if wait:  # a restore failed lately: stream for a while rather than retry every step
+            self._backoff[t.name] = wait - 1
+            limit = len(t.weights.missing_layers)
         while len(t.weights.missing_layers) > limit:
             # Memory for one more layer: free pages, else the layers of models not running now
             # (the parameter deficit moves to them: one copy now instead of one every pass).
             short = ppl - self._free_pages()
             if short > 0 and self.take(t.name, short, exclude=t.name) < short:
+                self._backoff[t.name] = self.hysteresis.hold_steps
                 break
             if not self._restore_one(t, displace=True):
+                self._backoff[t.name] = self.hysteresis.hold_steps
                 break
             restored = True
         if t.state.reactivating:
