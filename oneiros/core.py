@@ -192,6 +192,12 @@ class ScheduledSeq:
         return self.start + self.num_new_tokens
 
     @property
+    def attn_pairs(self) -> int:
+        """(query, key) pairs attended this step: causal inside the chunk, all of the prefix."""
+        q = self.num_new_tokens
+        return q * self.context_len - q * (q - 1) // 2
+
+    @property
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled."""
         return self.context_len == self.request.num_tokens

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -340,7 +340,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         plans: list[StepPlan] = []
         idle: list[StepPlan] = []  # empty plans that still preempted (traced, not executed)
-        marks = {n: self._remap_marks(t) for n, t in self.tenants.items()}
+        marks = {n: self._remap_marks(t) for n, t in self.tenants.items()} if self._trace else {}
         self._planned = set()
         self._foreign = {}
         for name in self.tenancy.order(self.store, t0):
@@ -509,10 +509,7 @@ class LLMEngine:
                     "decode_tokens": p.num_tokens - p.num_prefill_tokens,
                     "context_tokens": sum(s.context_len for s in p.seqs),
                     "sampled": sum(s.samples for s in p.seqs),
-                    "attn_pairs": sum(
-                        s.num_new_tokens * s.context_len - s.num_new_tokens * (s.num_new_tokens - 1) // 2
-                        for s in p.seqs
-                    ),
+                    "attn_pairs": sum(s.attn_pairs for s in p.seqs),
                     "preempted": len(p.preempted),
                     "swap_out_blocks": len(p.swap_out),
                     "swap_in_blocks": len(p.swap_in),

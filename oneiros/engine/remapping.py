@@ -152,10 +152,9 @@ class RemapController:
         """Free a contiguous run of `pages` for t by remapping one layer of another model whose
         slab, with the free pages around it, spans such a run (inactive models first, MRU)."""
         arena = t.pool.arena
-        donors = {d.name: d for d in (self._donor(x) for x in self.tenants.values()) if d.name != t.name}
+        donors = (self._donor(x) for x in self.tenants.values() if x.name != t.name)
         order = sorted(
-            (d for d in donors.values() if d.num_missing < d.alpha_cap),
-            key=lambda d: (d.active, -d.last_run),
+            (d for d in donors if d.num_missing < d.alpha_cap), key=lambda d: (d.active, -d.last_run)
         )
         for d in order:
             x = self.tenants[d.name]

@@ -50,13 +50,12 @@ class StepWork:
 
     @staticmethod
     def of(plan: StepPlan) -> StepWork:
-        pairs = reads = sampled = 0
-        for s in plan.seqs:
-            q, ctx = s.num_new_tokens, s.context_len
-            pairs += q * ctx - q * (q - 1) // 2  # causal inside the chunk
-            reads += ctx
-            sampled += s.samples
-        return StepWork(plan.num_tokens, sampled, pairs, reads)
+        return StepWork(
+            plan.num_tokens,
+            sum(s.samples for s in plan.seqs),
+            sum(s.attn_pairs for s in plan.seqs),
+            sum(s.context_len for s in plan.seqs),
+        )
 
 
 def flops_bytes(m: ModelCost, w: StepWork, dtype_bytes: int) -> tuple[float, float]:

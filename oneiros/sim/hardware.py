@@ -22,7 +22,7 @@ HBM bandwidth, large prefills 50-70% of peak FLOP/s); calibrate them from a GPU 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oneiros.core import ConfigError
@@ -98,6 +98,3 @@ def load_profile(name_or_path: str) -> HardwareProfile:
         f"unknown hardware {name_or_path!r}: use one of {', '.join(PROFILES)} or a profile .json file"
     )
 
-
-def with_changes(profile: HardwareProfile, **changes: float) -> HardwareProfile:
-    return replace(profile, **changes)

@@ -175,27 +175,25 @@ def test_full_size_models_simulate_on_the_meta_device():
     assert remapped > 0  # 96 GB hold the weights with little KV to spare
 
 
-def test_more_bandwidth_is_never_slower_end_to_end():
-    slow, _, _ = _simulate(replace_profile(h2d_bw=25e9, d2h_bw=25e9, mixed_bw=20e9), policy="swap")
-    fast, _, _ = _simulate(replace_profile(h2d_bw=400e9, d2h_bw=400e9, mixed_bw=360e9), policy="swap")
+def test_more_bandwidth_is_never_slower_end_to_end(tmp_path):
+    slow, _, _ = _simulate(replace_profile(tmp_path, h2d_bw=25e9, d2h_bw=25e9, mixed_bw=20e9), policy="swap")
+    fast, _, _ = _simulate(replace_profile(tmp_path, h2d_bw=400e9, d2h_bw=400e9, mixed_bw=360e9), policy="swap")
     assert fast.clock.now() <= slow.clock.now() * 1.001
 
 
-def test_more_memory_never_slower_and_enough_memory_never_preempts():
+def test_more_memory_never_slower_and_enough_memory_never_preempts(tmp_path):
     """Preemption counts are not monotonic in memory under greedy admission (less memory admits
     fewer requests at once: 34 preemptions at 0.75 of a GH200 against 85 at 0.9 on this workload),
     so the sanity checks are: the makespan never grows with memory, and with memory for every
     request's KV at once nothing is preempted."""
     ends = [_simulate("gh200", policy="recompute", budget=b)[0].clock.now() for b in (0.8, 0.9, 1.0)]
     assert ends[0] >= ends[1] >= ends[2]
-    _, lengths, preempt = _simulate(replace_profile(memory_bytes=400 * 10**9), policy="recompute")
+    _, lengths, preempt = _simulate(replace_profile(tmp_path, memory_bytes=400 * 10**9), policy="recompute")
     assert preempt == 0 and len(lengths) == 60
 
 
-def replace_profile(**changes):
-    import tempfile
-
-    path = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    path.write(replace(GH200, name="variant", **changes).to_json())
-    path.close()
-    return path.name
+def replace_profile(tmp_path, **changes) -> str:
+    """A GH200 variant as a profile file (the engine takes a name or a path)."""
+    path = tmp_path / f"variant{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(replace(GH200, name="variant", **changes).to_json())
+    return str(path)
