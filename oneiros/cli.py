@@ -55,6 +55,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"])
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly on CUDA (graphs are captured by default)")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
     p.add_argument("--max-remap-fraction", type=float, default=0.9)
     p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap"],
@@ -87,6 +89,7 @@ def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineC
         policy=args.policy,
         sharing=args.sharing,
         attention=args.attention,
+        cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,
         max_remap_fraction=args.max_remap_fraction,
         remap_fallback=args.remap_fallback,

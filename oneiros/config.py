@@ -69,6 +69,10 @@ class EngineConfig:
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
+    # Decode steps replay CUDA graphs captured per batch size (padded up to the nearest); CUDA only.
+    cuda_graphs: bool = True
+    # Host bytes/s of a layer copy (the controller's T_T); None: measured at start-up (and cached).
+    h2d_bytes_per_s: float | None = None
     # torch: run the models; sim: a cost model of `hardware` advances a virtual clock (no tensors).
     executor: str = "torch"
     hardware: str | None = None  # sim: a profile name (oneiros.sim.hardware) or a profile JSON path
@@ -103,6 +107,8 @@ class EngineConfig:
             raise ConfigError("the sim executor needs a hardware profile (hardware=...)")
         if self.prefetch_distance not in (1, 2):
             raise ConfigError(f"prefetch_distance must be 1 or 2, got {self.prefetch_distance}")
+        if self.h2d_bytes_per_s is not None and not self.h2d_bytes_per_s > 0:
+            raise ConfigError(f"h2d_bytes_per_s must be positive, got {self.h2d_bytes_per_s}")
         if self.revert_reserve < 0 or self.revert_hold_steps < 1:
             raise ConfigError("revert_reserve must be >= 0 and revert_hold_steps >= 1")
         if self.sharing not in ("temporal", "spatial"):

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 
+DECODE_MASK = True  # decode attention needs DecodeGroup.mask (built from lens when it is None)
+
+
 @dataclass
 class PrefillSeq:
     token_start: int  # first row of this sequence in the step's flat token batch

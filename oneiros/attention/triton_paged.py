@@ -20,6 +20,8 @@ import triton.language as tl
 
 from oneiros.attention.torch_ref import AttentionMetadata, write_kv  # noqa: F401 (re-exported)
 
+DECODE_MASK = False  # the decode kernel masks by DecodeGroup.lens
+
 
 @triton.jit
 def _decode_kernel(

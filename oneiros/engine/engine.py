@@ -35,12 +35,14 @@ from oneiros.core import (
 )
 from oneiros.engine.clock import Clock, VirtualClock
 from oneiros.engine.executor import Executor, ModelRunner, TorchExecutor
-from oneiros.engine.remapping import RemapController, probe_h2d_bandwidth
+from oneiros.engine.graphs import batch_sizes
+from oneiros.engine.remapping import RemapController
 from oneiros.engine.sampler import Sampler
 from oneiros.engine.scheduler import Scheduler, preempt_younger
 from oneiros.engine.tenancy import MetadataStore, TenancyPolicy, TenantState
 from oneiros.engine.tokenizer import Tokenizer, stable_text
 from oneiros.memory.arena import PageArena
+from oneiros.memory.bandwidth import cached_probe
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
 from oneiros.memory.swap import HostBlockPool
@@ -130,17 +132,16 @@ class LLMEngine:
                     Sampler(self.device, config.seed),
                     t.scheduler.host_pool.num_blocks if t.scheduler.host_pool else 0,
                     config.prefetch_distance,
+                    batch_sizes(config.max_num_seqs) if config.cuda_graphs else None,
+                    -(-t.max_model_len // config.block_size),
                 )
                 for n, t in self.tenants.items()
             }
         )
         self.remapper: RemapController | None = None
         if config.policy == "oneiros":
-            first = next(iter(self.tenants.values())).weights
-            # Copying layer 0's master copy onto its own slab measures T_T and changes nothing.
-            bw = (
-                self.hardware.h2d_bw if self.hardware
-                else probe_h2d_bandwidth(first.host[0], first.region(0))
+            bw = config.h2d_bytes_per_s or (
+                self.hardware.h2d_bw if self.hardware else cached_probe(self.device).h2d
             )
             self.remapper = RemapController(
                 self.tenants,

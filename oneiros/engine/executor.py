@@ -10,6 +10,7 @@ import torch
 
 from oneiros.attention.torch_ref import AttentionMetadata, DecodeGroup, PrefillSeq, group_decodes
 from oneiros.core import Request, ScheduledSeq, StepPlan, StepResult
+from oneiros.engine.graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from oneiros.engine.sampler import Sampler
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
@@ -41,6 +42,8 @@ class ModelRunner:
         sampler: Sampler,
         host_blocks: int = 0,
         prefetch_distance: int = 2,
+        graph_sizes: list[int] | None = None,
+        max_blocks: int = 0,
     ) -> None:
         model = weights.model
         c = model.cfg
@@ -49,6 +52,7 @@ class ModelRunner:
         self.pool = pool
         self.prefetch_distance = prefetch_distance
         self.streamer = LayerStreamer(weights.host, weights.region, weights.bind, storage.device)
+        weights.copier = self.streamer.copy_in  # restores and moves overlap compute on CUDA
         self._pass_plan: PassPlan | None = None
         self._stats_at_start = (0, 0.0, 0.0)
         self.sampler = sampler
@@ -61,6 +65,14 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self.host_kv = torch.empty((host_blocks, *block_shape), dtype=model.dtype, pin_memory=pin)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Decode steps from CUDA graphs (graph_sizes on CUDA); `use_graphs` installs another capture.
+        self.graphs: DecodeGraphs | None = None
+        self._max_blocks = max_blocks
+        if graph_sizes and self.device.type == "cuda":
+            self.use_graphs(CudaGraphCapture(self.device), graph_sizes)
+
+    def use_graphs(self, capture: GraphCapture, sizes: list[int], settle_steps: int = 2) -> None:
+        self.graphs = DecodeGraphs(self, sizes, self._max_blocks, capture, settle_steps)
 
     def kv_layer(self, i: int) -> torch.Tensor:
         return self.kv[:, :, i]  # [P, bpp, 2, bs, Hkv, D]
@@ -90,9 +102,13 @@ class ModelRunner:
             # Decodes (one new token) first, shortest context first: they are attended in a few
             # batched calls over groups of similar length.
             seqs = sorted(plan.seqs, key=lambda s: (s.num_new_tokens != 1, s.context_len))
-            ids, pos, meta = self._prepare(seqs)
-            before, after = self._stream_hooks()
-            h = self.model.forward(ids, pos, self.kv_layer, meta, before, after)
+            size = self.graphs.size_for(seqs) if self.graphs is not None else None
+            if size is not None:
+                h = self.graphs.run(seqs, size)
+            else:
+                ids, pos, meta = self._prepare(seqs)
+                before, after, _ = self.stream_hooks()
+                h = self.model.forward(ids, pos, self.kv_layer, meta, before, after)
             rows, reqs, offset = [], [], 0
             for s in seqs:
                 offset += s.num_new_tokens
@@ -101,18 +117,24 @@ class ModelRunner:
                     reqs.append(s.request)
             if not rows:
                 return None, []
-            return self.model.lm_head(h[torch.tensor(rows, device=self.device)]), reqs
+            if len(rows) < h.shape[0]:
+                h = h[torch.tensor(rows).to(self.device, non_blocking=True)]
+            return self.model.lm_head(h), reqs
 
-    def _stream_hooks(self):
-        """Hooks that stream the model's non-resident layers through borrowed slabs (or none)."""
+    def stream_hooks(self, capturing: bool = False):
+        """(before, after, pass plan): hooks that stream the model's non-resident layers through
+        borrowed slabs and wait for restores still in flight; (None, None, None) when there are
+        neither. The residency changed since the last plan only through `reset` (see
+        TorchExecutor.residency_changed), which already waited for the old plan's copies."""
         missing = tuple(self.weights.missing_layers)
-        if not missing:
+        if not missing and not self.streamer.pending:
             self._pass_plan = None
-            return None, None
+            return None, None, None
         if self._pass_plan is None or self._pass_plan.missing != missing:
-            self.streamer.reset()
-            self._pass_plan = plan_pass(len(self.weights.slab_pages), missing, self.prefetch_distance)
-        return self.streamer.hooks(self._pass_plan)
+            n = len(self.weights.slab_pages)
+            self._pass_plan = plan_pass(n, missing, self.prefetch_distance)
+        before, after = self.streamer.hooks(self._pass_plan, timing=not capturing)
+        return before, after, self._pass_plan
 
     def sample(self, logits: torch.Tensor | None, reqs: list[Request], t0: float) -> StepResult:
         tokens: list[int] = []
@@ -137,60 +159,87 @@ class ModelRunner:
     def _prepare(
         self, seqs: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Token ids, positions and attention metadata of a step, sent to the device in one copy."""
         bs, bpp = self.block_size, self.pool.blocks_per_page
+        pack = _HostPack()
         ids: list[int] = []
         pos: list[int] = []
-        w_blocks: list[int] = []
+        w_pages: list[int] = []
+        w_slots: list[int] = []
         w_off: list[int] = []
         decode: list[ScheduledSeq] = []
-        prefills: list[PrefillSeq] = []
+        prefills: list[tuple[int, int, int, int, int]] = []  # (start, q_len, ctx, pages, slots)
         for s in seqs:
             req = s.request
-            toks = req.all_token_ids[s.start : s.context_len]
-            p = range(s.start, s.context_len)
-            ids.extend(toks)
-            pos.extend(p)
-            w_blocks.extend(req.block_ids[j // bs] for j in p)
-            w_off.extend(j % bs for j in p)
+            ids.extend(req.all_token_ids[s.start : s.context_len])
+            for j in range(s.start, s.context_len):
+                pos.append(j)
+                b = req.block_ids[j // bs]
+                w_pages.append(b // bpp)
+                w_slots.append(b % bpp)
+                w_off.append(j % bs)
             if s.num_new_tokens == 1:
                 decode.append(s)
             else:
-                blocks = torch.tensor(req.block_ids[: -(-s.context_len // bs)])
-                prefills.append(
-                    PrefillSeq(
-                        token_start=len(ids) - s.num_new_tokens,
-                        q_len=s.num_new_tokens,
-                        ctx_len=s.context_len,
-                        pages=(blocks // bpp).to(self.device),
-                        slots=(blocks % bpp).to(self.device),
-                    )
-                )
-        dev = self.device
-        wb = torch.tensor(w_blocks)
-        meta = AttentionMetadata(
-            write_pages=(wb // bpp).to(dev),
-            write_slots=(wb % bpp).to(dev),
-            write_offsets=torch.tensor(w_off).to(dev),
-            num_decode=len(decode),
-            decode_groups=[],
-            prefills=prefills,
-        )
+                blocks = req.block_ids[: -(-s.context_len // bs)]
+                prefills.append((
+                    len(ids) - s.num_new_tokens, s.num_new_tokens, s.context_len,
+                    pack.add([b // bpp for b in blocks]), pack.add([b % bpp for b in blocks]),
+                ))
+        fields = [pack.add(x) for x in (ids, pos, w_pages, w_slots, w_off)]
         num_blocks = [-(-s.context_len // bs) for s in decode]
+        groups = []
         for a, b in group_decodes(num_blocks):
             nb = num_blocks[b - 1]
-            table = torch.zeros(b - a, nb, dtype=torch.long)
-            for r, s in enumerate(decode[a:b]):
+            pages: list[int] = []
+            slots: list[int] = []
+            for s in decode[a:b]:
                 # Padding repeats the sequence's first block: KV bytes, finite, masked out.
-                ids_r = s.request.block_ids[: num_blocks[a + r]]
-                table[r] = torch.tensor(ids_r + [ids_r[0]] * (nb - len(ids_r)))
-            lens = torch.tensor([s.context_len for s in decode[a:b]])
+                row = s.request.block_ids[: -(-s.context_len // bs)]
+                row = row + [row[0]] * (nb - len(row))
+                pages.extend(x // bpp for x in row)
+                slots.extend(x % bpp for x in row)
+            lens = [s.context_len for s in decode[a:b]]
+            full = min(lens) == nb * bs
+            groups.append((a, b - a, nb, pack.add(pages), pack.add(slots), pack.add(lens), full))
+        dev = pack.to(self.device)
+        ids_t, pos_t, wp, ws, wo = (dev[i] for i in fields)
+        meta = AttentionMetadata(
+            write_pages=wp, write_slots=ws, write_offsets=wo, num_decode=len(decode),
+            decode_groups=[], prefills=[
+                PrefillSeq(start, q, ctx, dev[p], dev[sl]) for start, q, ctx, p, sl in prefills
+            ],
+        )
+        needs_mask = getattr(self.model.attention, "DECODE_MASK", True)
+        for a, g, nb, p, sl, ln, full in groups:
+            lens = dev[ln]
             mask = None
-            if int(lens.min()) != nb * bs:
-                mask = (torch.arange(nb * bs)[None, :] < lens[:, None])[:, None, None, :].to(dev)
+            if needs_mask and not full:
+                keys = torch.arange(nb * bs, device=self.device)
+                mask = (keys[None, :] < lens[:, None])[:, None, None, :]
             meta.decode_groups.append(
-                DecodeGroup(a, (table // bpp).to(dev), (table % bpp).to(dev), mask, lens.to(dev))
+                DecodeGroup(a, dev[p].view(g, nb), dev[sl].view(g, nb), mask, lens)
             )
-        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta
+        return ids_t, pos_t, meta
+
+
+class _HostPack:
+    """Integer lists packed into one host buffer (pinned on CUDA) and sent with one copy; each
+    list comes back as a slice of the device tensor."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def add(self, xs: list[int]) -> slice:
+        start = len(self.values)
+        self.values.extend(xs)
+        return slice(start, len(self.values))
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        host = torch.tensor(self.values, dtype=torch.long)
+        if device.type != "cuda":
+            return host
+        return host.pin_memory().to(device, non_blocking=True)
 
 
 class TorchExecutor(Executor):
@@ -228,6 +277,8 @@ class TorchExecutor(Executor):
         runner = self.runners[model]
         runner.streamer.reset()
         runner._pass_plan = None
+        if runner.graphs is not None:
+            runner.graphs.invalidate()
 
     def release(self, request_id: str) -> None:
         for r in self.runners.values():

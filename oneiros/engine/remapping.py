@@ -7,16 +7,13 @@ It is consulted at three points of a step:
     under its compute (alpha > alpha_max), restore layers first while free memory allows;
   - `after_step()`: dynamic reversion: when KV memory has stayed free for a while, restore layers,
     the model most likely to run next first.
-T_T comes from a start-up copy probe; T_compute from a running average of each model's step time.
+T_T comes from the start-up copy probe (`memory/bandwidth.py`); T_compute from a running average of each model's step time.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import torch
 
 from oneiros.memory.arena import OwnerKind
 from oneiros.memory.remap import (
@@ -32,20 +29,6 @@ from oneiros.memory.remap import (
 
 if TYPE_CHECKING:
     from oneiros.engine.engine import Tenant
-
-
-def probe_h2d_bandwidth(host: torch.Tensor, dst: torch.Tensor, repeats: int = 3) -> float:
-    """Bytes/s of a host-to-device copy of `host` into `dst` (best of `repeats`)."""
-    best = float("inf")
-    for _ in range(repeats):
-        if dst.is_cuda:
-            torch.cuda.synchronize(dst.device)
-        t0 = time.perf_counter()
-        dst.copy_(host, non_blocking=dst.is_cuda)
-        if dst.is_cuda:
-            torch.cuda.synchronize(dst.device)
-        best = min(best, time.perf_counter() - t0)
-    return host.numel() / max(best, 1e-9)
 
 
 class RemapController:

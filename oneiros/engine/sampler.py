@@ -56,8 +56,10 @@ class Sampler:
                 dict(zip(ids_l[i][: r.params.logprobs or 0], vals_l[i][: r.params.logprobs or 0]))
                 for i, r in enumerate(reqs)
             ]
-        # One host sync for the whole batch.
-        return tokens.tolist(), chosen.tolist(), top
+        # One device-to-host copy (and host sync) for the batch's tokens and their log-probabilities;
+        # token ids are exact in float64.
+        both = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
+        return [int(t) for t in both[0]], both[1], top
 
     @staticmethod
     def _sample_row(logits: torch.Tensor, p: SamplingParams, g: torch.Generator) -> torch.Tensor:

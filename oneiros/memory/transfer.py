@@ -10,7 +10,9 @@ with distance 2 (double buffering: each copy has the compute of about two interv
 Streamer (tensors). Runs a pass plan around the model's layers: on CUDA every copy goes to one copy
 stream from pinned host memory, ordered after an event that marks the end of the layer that frees
 its slab, and the compute stream waits on a layer's copy event just before that layer. On CPU the
-same plan runs synchronously, copies in order.
+same plan runs synchronously, copies in order. Restores and compaction moves (`copy_in`) take the
+same path: no host wait, the layer's next use waits on its event. A pass can be captured into a CUDA
+graph (`timing=False`, then `join`): its copies and waits become graph nodes.
 """
 
 from __future__ import annotations
@@ -126,28 +128,35 @@ class LayerStreamer:
         self._ready: dict[int, torch.cuda.Event] = {}  # layer -> its copy is done
         self._timings: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
-    def hooks(self, plan: PassPlan) -> tuple[Callable[[int], None], Callable[[int], None]]:
-        """(before_layer, after_layer) callbacks for DecoderModel.forward."""
+    def hooks(
+        self, plan: PassPlan, timing: bool = True
+    ) -> tuple[Callable[[int], None], Callable[[int], None]]:
+        """(before_layer, after_layer) callbacks for DecoderModel.forward. `timing=False` while a
+        graph is captured: no timing events (the copies and waits themselves are captured)."""
 
         def before(i: int) -> None:
             ev = self._ready.pop(i, None)
             if ev is not None:  # CUDA: the compute stream waits for this layer's copy only
                 stream = torch.cuda.current_stream(self.device)
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record(stream)
-                stream.wait_event(ev)
-                t1.record(stream)
-                self._timings.append(("exposed", t0, t1))
+                if timing:
+                    t0 = torch.cuda.Event(enable_timing=True)
+                    t1 = torch.cuda.Event(enable_timing=True)
+                    t0.record(stream)
+                    stream.wait_event(ev)
+                    t1.record(stream)
+                    self._timings.append(("exposed", t0, t1))
+                else:
+                    stream.wait_event(ev)
             if i in plan.slab_of:
                 self.bind(i, plan.slab_of[i])
 
         def after(i: int) -> None:
             for c in plan.starting_after(i):
-                self._start(c)
+                self._start(c, timing)
 
         return before, after
 
-    def _start(self, c: Copy) -> None:
+    def _start(self, c: Copy, timing: bool = True) -> None:
         old = self._occupant.get(c.slab, c.slab)
         if old != c.layer:
             self.bind(old, None)  # its weights are about to be overwritten
@@ -161,20 +170,54 @@ class LayerStreamer:
             self.stats.copy_s += dt
             self.stats.exposed_s += dt  # synchronous: nothing is hidden on CPU
         else:
-            assert self.copy_stream is not None
-            freed = torch.cuda.Event()
-            freed.record(torch.cuda.current_stream(self.device))  # the freeing layer has run
-            self.copy_stream.wait_event(freed)
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.copy_stream):
-                t0.record()
-                dst.copy_(src, non_blocking=True)
-                t1.record()
-            self._ready[c.layer] = t1
-            self._timings.append(("copy", t0, t1))
+            self._ready[c.layer] = self._copy_async(dst, src, timing)
         self._occupant[c.slab] = c.layer
         if c.restore:
             self.bind(c.slab, c.slab)  # on CUDA, its next use waits on the copy event
+
+    def _copy_async(self, dst: torch.Tensor, src: torch.Tensor, timing: bool) -> torch.cuda.Event:
+        """On the copy stream, after everything the compute stream has queued so far (what last
+        used dst); returns the event the copy's first reader waits on."""
+        assert self.copy_stream is not None
+        freed = torch.cuda.Event()
+        freed.record(torch.cuda.current_stream(self.device))
+        self.copy_stream.wait_event(freed)
+        t0 = torch.cuda.Event(enable_timing=timing)
+        t1 = torch.cuda.Event(enable_timing=timing)
+        with torch.cuda.stream(self.copy_stream):
+            t0.record()
+            dst.copy_(src, non_blocking=True)
+            t1.record()
+        if timing:
+            self._timings.append(("copy", t0, t1))
+        return t1
+
+    def copy_in(self, layer: int, dst: torch.Tensor) -> None:
+        """Copy layer's master copy into dst, its new slab (a restore or a compaction move). On
+        CUDA the copy runs on the copy stream with no host wait; the layer's next use waits for it
+        (the forward pass's hooks), so it overlaps the compute of the layers before it."""
+        if not self.cuda:
+            dst.copy_(self.host[layer])
+            return
+        self._ready[layer] = self._copy_async(dst, self.host[layer], timing=True)
+
+    @property
+    def pending(self) -> bool:
+        """Copies whose readers have not waited for them yet."""
+        return bool(self._ready)
+
+    def settle(self) -> None:
+        """The compute stream waits for every copy queued so far (no host wait)."""
+        if self._ready and self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self._ready.clear()
+
+    def join(self) -> None:
+        """End of a captured pass: the copy stream's work joins the compute stream (a capture may
+        not end with work forked onto another stream)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        self._ready.clear()
 
     def finish_pass(self) -> None:
         """After the step has synchronised: fold CUDA timings into the stats."""
@@ -187,8 +230,7 @@ class LayerStreamer:
         self._timings.clear()
 
     def reset(self) -> None:
-        """Forget slab occupancy (the residency changed between passes: plans start afresh)."""
-        if self._ready and self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        self._ready.clear()
+        """The residency is about to change (pages may change hands): the compute stream waits
+        for every copy in flight, and plans start afresh."""
+        self.settle()
         self._occupant.clear()

@@ -4,6 +4,8 @@ exact: a slab's pages can be taken away without write-back and the layer restore
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from oneiros.core import ConfigError
@@ -26,6 +28,9 @@ class ModelWeights:
         self.host: list[torch.Tensor] = []  # master copy of each layer slab
         self.slab_pages: list[list[int] | None] = [None] * model.cfg.num_layers
         self.resident_pages: list[int] = []
+        # How a layer's master copy reaches its slab after loading: (layer, device region). The
+        # executor installs its copy stream here (restores overlap compute); default synchronous.
+        self.copier: Callable[[int, torch.Tensor], None] | None = None
 
     @property
     def pages_per_layer(self) -> int:
@@ -58,14 +63,14 @@ class ModelWeights:
             if not self.restore_layer(i):
                 raise self._too_small()
 
-    def restore_layer(self, i: int, non_blocking: bool = False) -> bool:
+    def restore_layer(self, i: int) -> bool:
         """Give layer i a slab again and copy it from the host master copy. False if no room."""
         if self.slab_pages[i] is not None:
             raise ValueError(f"layer {i} of {self.name!r} is already resident")
         pages = self.arena.alloc_run(self.pages_per_layer, Owner.slab(self.name, i))
         if pages is None:
             return False
-        self._place(i, pages, non_blocking)
+        self._place(i, pages)
         return True
 
     def move_layer(self, i: int, dest: list[int]) -> None:
@@ -77,13 +82,22 @@ class ModelWeights:
         owner = Owner.slab(self.name, i)
         self.arena.free(old, owner)
         self.arena.transfer(dest, FREE, owner)
-        self._place(i, dest, non_blocking=False)
+        self._place(i, dest)
 
-    def _place(self, i: int, pages: list[int], non_blocking: bool) -> None:
+    def _place(self, i: int, pages: list[int]) -> None:
         region = self.storage.region(pages[0], self.layer_layout.nbytes)
-        region.copy_(self.host[i], non_blocking=non_blocking)
+        if self.copier is not None:
+            self.copier(i, region)
+        else:
+            region.copy_(self.host[i])
         self.slab_pages[i] = pages
         self.model.bind_layer(i, self.layer_layout.views(region))
+
+    def signature(self) -> tuple:
+        """Where every weight lives now (first page of the resident run and of each layer slab,
+        None for a missing layer): what a captured graph bakes in."""
+        first = [None if p is None else p[0] for p in self.slab_pages]
+        return (self.resident_pages[0] if self.resident_pages else None, *first)
 
     @property
     def missing_layers(self) -> list[int]:

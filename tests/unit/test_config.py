@@ -154,6 +154,8 @@ def test_engine_config_defaults_and_budget_parsing():
         ({"max_num_batched_tokens": -1}, "max_num_batched_tokens"),
         ({"dtype": "int8"}, "dtype"),
         ({"memory_budget": "lots"}, "size"),
+        ({"h2d_bytes_per_s": 0}, "h2d_bytes_per_s"),
+        ({"h2d_bytes_per_s": float("nan")}, "h2d_bytes_per_s"),
     ],
 )
 def test_engine_config_rejects(kwargs, match):

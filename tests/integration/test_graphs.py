@@ -1,0 +1,144 @@
+"""Decode graphs (`engine/graphs.py`): the static-buffer path a CUDA graph replays, run on a CPU with
+`EagerReplay` (the captured function runs at every replay, reading the same buffers).
+
+  - greedy outputs equal eager steps while the batch shrinks through padded sizes (5 -> 8, 4, 2, 1);
+  - with layers non-resident (their copies inside the captured pass) outputs are equal and every
+    pass streamed the plan's copies;
+  - a residency change (a layer restored to a new slab) drops the graphs, the model runs eagerly
+    until the new layout has held, then captures again; outputs stay equal;
+  - the Triton backend (interpreted) reads lengths instead of masks: equal outputs too;
+  - steps a graph cannot run (prefill, batch beyond the largest size, contexts past max_blocks)
+    run eagerly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from oneiros.core import SamplingParams
+from oneiros.engine.graphs import DecodeGraphs, EagerReplay, batch_sizes
+from oneiros.memory.transfer import plan_pass
+from tests.factories import make_request
+from tests.integration.test_remapping import force_alpha, make_engine, prompts_for, run_all
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (lazily, below)
+
+SOURCE = "random:llama-tiny"
+LENGTHS = [3, 9, 17, 30, 41]
+MAX_TOKENS = [4, 7, 10, 12, 16]  # requests finish at different steps: the batch shrinks
+
+
+def generate(engine, graphs: bool, settle: int = 1, **kw) -> tuple[list[list[int]], DecodeGraphs | None]:
+    runner = engine.executor.runners["m"]
+    if graphs:
+        runner.use_graphs(EagerReplay(), batch_sizes(8), settle_steps=settle)
+    vocab = engine.tenants["m"].model.cfg.vocab_size
+    ids = [
+        engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), "m")
+        .request_id
+        for p, n in zip(prompts_for(vocab, LENGTHS, 3), MAX_TOKENS, strict=True)
+    ]
+    done = run_all(engine)
+    return [done[i].token_ids for i in ids], runner.graphs
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[list[int]]:
+    outs, _ = generate(make_engine({"m": SOURCE}, extra_pages=64), graphs=False)
+    return outs
+
+
+def test_padded_sizes_match_eager(reference):
+    outs, graphs = generate(make_engine({"m": SOURCE}, extra_pages=64), graphs=True)
+    assert outs == reference
+    assert graphs is not None and graphs.replays > 0
+    assert graphs.captures >= 4  # 8 (five running), 4, 2, 1 as requests finish
+
+
+def test_streamed_layers_inside_the_pass(reference):
+    e = make_engine({"m": SOURCE}, extra_pages=4, prefetch_distance=2)
+    force_alpha(e, "m", 2)
+    outs, graphs = generate(e, graphs=True)
+    assert outs == reference
+    assert graphs.replays > 0
+    t = e.tenants["m"]
+    c = e.store.states["m"].counters
+    plan = plan_pass(t.model.cfg.num_layers, t.weights.missing_layers, 2)
+    assert c.h2d_bytes == c.steps * plan.num_copies * t.weights.layer_layout.nbytes
+    e.check_integrity()
+
+
+def test_residency_change_recaptures(reference):
+    e = make_engine({"m": SOURCE}, extra_pages=64)
+    force_alpha(e, "m", 1)
+    runner = e.executor.runners["m"]
+    runner.use_graphs(EagerReplay(), batch_sizes(8), settle_steps=2)
+    t = e.tenants["m"]
+    vocab = t.model.cfg.vocab_size
+    ids = [
+        e.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), "m")
+        .request_id
+        for p, n in zip(prompts_for(vocab, LENGTHS, 3), MAX_TOKENS, strict=True)
+    ]
+    done, steps, restored_at = {}, 0, None
+    while e.has_unfinished():
+        for out in e.step():
+            if out.finished:
+                done[out.request_id] = out
+        steps += 1
+        if restored_at is None and runner.graphs.replays >= 2:
+            captures = runner.graphs.captures
+            layer = t.weights.missing_layers[0]
+            e.executor.residency_changed("m")
+            assert t.weights.restore_layer(layer)
+            restored_at = runner.graphs.replays
+        e.check_integrity()
+    assert [done[i].token_ids for i in ids] == reference
+    assert restored_at is not None
+    assert runner.graphs.captures > captures  # the new layout was captured again
+    assert not t.weights.missing_layers
+
+
+def test_triton_reads_lengths(reference):
+    pytest.importorskip("triton")
+    e = make_engine({"m": SOURCE}, extra_pages=64, attention="triton", block_size=16,
+                    max_model_len=64)  # narrow block tables: the interpreter is slow
+    outs, graphs = generate(e, graphs=True)
+    assert graphs.replays > 0
+    assert outs == reference
+
+
+def test_steps_a_graph_cannot_run():
+    e = make_engine({"m": SOURCE}, extra_pages=64)
+    runner = e.executor.runners["m"]
+    runner.use_graphs(EagerReplay(), [1, 2], settle_steps=0)
+    graphs = runner.graphs
+    bs = runner.block_size
+
+    def seq(context: int, new: int):
+        from oneiros.core import ScheduledSeq
+
+        req = make_request(prompt_len=context)
+        req.block_ids = list(range(-(-context // bs)))
+        return ScheduledSeq(req, context - new, new)
+
+    assert graphs.size_for([seq(8, 1)]) == 1
+    assert graphs.size_for([seq(8, 1), seq(5, 1)]) == 2
+    assert graphs.size_for([seq(8, 1)] * 3) is None  # beyond the largest size
+    assert graphs.size_for([seq(8, 3)]) is None  # a prefill chunk
+    assert graphs.size_for([seq(graphs.max_blocks * bs + 1, 1)]) is None  # past the tables
+
+
+def test_batch_sizes():
+    assert batch_sizes(1) == [1]
+    assert batch_sizes(3) == [1, 2, 4]
+    assert batch_sizes(9) == [1, 2, 4, 8, 16]
+    assert batch_sizes(128)[-1] == 128 and all(s % 8 == 0 for s in batch_sizes(128)[3:])
+    with pytest.raises(ValueError):
+        DecodeGraphs.__init__(object.__new__(DecodeGraphs), None, [4, 2], 1, EagerReplay())
