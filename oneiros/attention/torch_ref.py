@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 DECODE_MASK = True  # decode attention needs DecodeGroup.mask (built from lens when it is None)
 
 

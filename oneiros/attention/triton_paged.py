@@ -13,6 +13,7 @@ which is how the tests check them against the reference without a GPU.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -79,7 +80,7 @@ def _prefill_kernel(
     s_page, s_slot, s_kv, s_tok, s_head,
     q_len, ctx_len, scale,
     GROUP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -91,7 +92,9 @@ def _prefill_kernel(
     q = tl.load(
         q_ptr + rows[:, None] * s_qt + h * s_qh + d[None, :],
         mask=rmask[:, None] & dmask[None, :], other=0.0,
-    ).to(tl.float32)
+    )  # the model's dtype: 16-bit inputs take the tensor cores, products accumulate in fp32
+    if UPCAST:
+        q = q.to(tl.float32)
     qpos = ctx_len - q_len + rows  # absolute position of each query
     tok = tl.arange(0, BS)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
@@ -106,9 +109,12 @@ def _prefill_kernel(
         kvalid = kpos < ctx_len
         offs = tok[:, None] * s_tok + d[None, :]
         lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(base + offs, mask=lmask, other=0.0).to(tl.float32)
-        v = tl.load(base + s_kv + offs, mask=lmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BS]
+        k = tl.load(base + offs, mask=lmask, other=0.0)
+        v = tl.load(base + s_kv + offs, mask=lmask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BS] fp32
         see = (kpos[None, :] <= qpos[:, None]) & kvalid[None, :]
         s = tl.where(see, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -116,7 +122,7 @@ def _prefill_kernel(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     o = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(
@@ -178,6 +184,10 @@ def prefill(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *_kv_strides(kv),
         q_len, ctx_len, scale,
         GROUP=Hq // hkv, BS=bs, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
+        # fp32 models get exact fp32 products (not TF32): the reference backend's precision.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # Triton's CPU interpreter has no bfloat16 dot (numpy has no bfloat16): compute in fp32.
+        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
     )
     return out
 

@@ -72,6 +72,26 @@ def test_prefill_matches_the_reference_with_and_without_a_cached_prefix(q_len, c
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_kernels_stay_within_their_error_of_fp32(dtype):
+    """16-bit K/V go to the dot products as they are (tensor cores on a GPU), softmax in fp32
+    (the interpreter computes bfloat16 in fp32: numpy has no bfloat16)."""
+    kv = arena_kv(seed=5)
+    ctx, q_len = 50, 20
+    nb = -(-ctx // kv.shape[3])
+    pages, slots = tables(1, nb, 8, 2, seed=9)
+    q = torch.randn(q_len, 4, 64, device=DEV)
+    scale = 1 / math.sqrt(64)
+    ref = tp.prefill(q, kv, pages[0], slots[0], ctx, scale)
+    low = tp.prefill(q.to(dtype), kv.to(dtype), pages[0], slots[0], ctx, scale)
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+    lens = torch.tensor([ctx], device=DEV)
+    ref = tp.decode(q[:1], kv, pages, slots, lens, scale)
+    low = tp.decode(q[:1].to(dtype), kv.to(dtype), pages, slots, lens, scale)
+    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 def test_backend_choice_and_errors():
     assert choose("auto", "cpu", 16, [64]) == "torch"
     assert choose("auto", "cuda", 4, [64]) == "torch"  # tiles too small for the kernels
