@@ -118,7 +118,8 @@ class ModelRunner:
             if not rows:
                 return None, []
             if len(rows) < h.shape[0]:
-                h = h[torch.tensor(rows).to(self.device, non_blocking=True)]
+                pack = _HostPack()
+                h = h[pack.to(self.device)[pack.add(rows)]]
             return self.model.lm_head(h), reqs
 
     def stream_hooks(self, capturing: bool = False):
