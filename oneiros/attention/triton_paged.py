@@ -1,9 +1,10 @@
 """Paged attention in Triton, reading K/V in the arena's block layout (the same metadata as the
 PyTorch reference, `torch_ref.AttentionMetadata`).
 
-Decode: one program per (sequence, query head, split of its blocks); each walks its blocks through
-the block table with an online softmax; with several splits (long contexts) the partial results are
-merged afterwards (split-K). Prefill: one program per (tile of queries, query head) of a sequence,
+Decode: one program per (sequence, KV head, split of its blocks) when query heads share KV heads
+(GQA: the group's queries meet each K/V block once, as one tile of tensor-core dot products), else
+per query head; each walks its blocks through the block table with an online softmax; with several
+splits (long contexts) the partial results are merged afterwards (split-K). Prefill: one program per (tile of queries, query head) of a sequence,
 causal, over the paged K/V of its whole visible context (a cached prefix included).
 
 On a GPU the kernels compile; on a CPU they run under Triton's interpreter (TRITON_INTERPRET=1),
@@ -74,6 +75,67 @@ def _decode_kernel(
 
 
 @triton.jit
+def _decode_grouped_kernel(
+    q_ptr, kv_ptr, pages_ptr, slots_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
+    s_qb, s_qh,
+    s_page, s_slot, s_kv, s_tok, s_head,
+    s_tb,
+    scale,
+    NUM_SPLITS: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """One program per (sequence, KV head, split): the GROUP query heads that share a KV head
+    read each K/V block once, as one [BLOCK_H, BS] tile of scores (dot products on tensor cores)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(lens_ptr + b)
+    hs = tl.arange(0, BLOCK_H)
+    hmask = hs < GROUP
+    heads = kvh * GROUP + hs
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(
+        q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :],
+        mask=hmask[:, None] & dmask[None, :], other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    tok = tl.arange(0, BS)
+    m_i = tl.full([BLOCK_H], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    first = split * BLOCKS_PER_SPLIT
+    for j in range(BLOCKS_PER_SPLIT):
+        blk = first + j
+        if blk * BS < ctx:  # at least one valid key: the running maximum becomes finite
+            valid = blk * BS + tok < ctx
+            page = tl.load(pages_ptr + b * s_tb + blk)
+            slot = tl.load(slots_ptr + b * s_tb + blk)
+            base = kv_ptr + page * s_page + slot * s_slot + kvh * s_head
+            offs = tok[:, None] * s_tok + d[None, :]
+            lmask = valid[:, None] & dmask[None, :]
+            k = tl.load(base + offs, mask=lmask, other=0.0)
+            v = tl.load(base + s_kv + offs, mask=lmask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_H, BS]
+            s = tl.where(valid[None, :], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    out = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+    tl.store(m_ptr + out, m_i, mask=hmask)
+    tl.store(l_ptr + out, l_i, mask=hmask)
+    tl.store(acc_ptr + out[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, o_ptr, kv_ptr, pages_ptr, slots_ptr,
     s_qt, s_qh, s_ot, s_oh,
@@ -131,6 +193,11 @@ def _prefill_kernel(
     )
 
 
+def _upcast(q: torch.Tensor) -> bool:
+    """Triton's CPU interpreter has no bfloat16 dot (numpy has no bfloat16): compute in fp32."""
+    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _kv_strides(kv: torch.Tensor) -> tuple[int, int, int, int, int]:
     """kv: [pages, blocks_per_page, 2, block_size, Hkv, D] with the last dim contiguous."""
     assert kv.stride(-1) == 1, "head_dim must be contiguous"
@@ -139,25 +206,39 @@ def _kv_strides(kv: torch.Tensor) -> tuple[int, int, int, int, int]:
 
 def decode(
     q: torch.Tensor, kv: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor,
-    lens: torch.Tensor, scale: float, max_blocks_per_split: int = 64,
+    lens: torch.Tensor, scale: float, max_blocks_per_split: int = 64, grouped: bool | None = None,
 ) -> torch.Tensor:
-    """q: [B, Hq, D]; pages, slots: [B, nb] block tables; lens: [B] context lengths -> [B, Hq, D]."""
+    """q: [B, Hq, D]; pages, slots: [B, nb] block tables; lens: [B] context lengths -> [B, Hq, D].
+    `grouped` (default: when query heads share KV heads and the tiles suit tl.dot): one program per
+    KV head reads each block once for all its query heads; else one program per query head."""
     B, Hq, D = q.shape
     _, _, _, bs, hkv, _ = kv.shape
+    group = Hq // hkv
+    if grouped is None:
+        grouped = group > 1 and bs >= 16 and D >= 16
     nb = pages.shape[1]
     splits = max(1, -(-nb // max_blocks_per_split))
     per_split = -(-nb // splits)
-    block_d = triton.next_power_of_2(D)
+    block_d = max(16, triton.next_power_of_2(D)) if grouped else triton.next_power_of_2(D)
     m = torch.empty(B * Hq * splits, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
     acc = torch.empty(B * Hq * splits, block_d, dtype=torch.float32, device=q.device)
     q = q.contiguous()
-    _decode_kernel[(B, Hq, splits)](
+    args = (
         q, kv, pages.contiguous(), slots.contiguous(), lens.contiguous(), m, l_, acc,
         q.stride(0), q.stride(1), *_kv_strides(kv), pages.stride(0), scale,
-        NUM_SPLITS=splits, BLOCKS_PER_SPLIT=per_split, GROUP=Hq // hkv, BS=bs, D=D,
-        BLOCK_D=block_d,
     )
+    if grouped:
+        _decode_grouped_kernel[(B, hkv, splits)](
+            *args, NUM_SPLITS=splits, BLOCKS_PER_SPLIT=per_split, GROUP=group,
+            BLOCK_H=max(16, triton.next_power_of_2(group)), BS=bs, D=D, BLOCK_D=block_d,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=_upcast(q),
+        )
+    else:
+        _decode_kernel[(B, Hq, splits)](
+            *args, NUM_SPLITS=splits, BLOCKS_PER_SPLIT=per_split, GROUP=group, BS=bs, D=D,
+            BLOCK_D=block_d,
+        )
     # Merge the splits (split-K): rescale each partial to the common maximum.
     m = m.view(B, Hq, splits)
     l_ = l_.view(B, Hq, splits)
@@ -186,8 +267,7 @@ def prefill(
         GROUP=Hq // hkv, BS=bs, D=D, BLOCK_D=block_d, BLOCK_M=block_m,
         # fp32 models get exact fp32 products (not TF32): the reference backend's precision.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        # Triton's CPU interpreter has no bfloat16 dot (numpy has no bfloat16): compute in fp32.
-        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=_upcast(q),
     )
     return out
 

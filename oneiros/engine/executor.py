@@ -119,7 +119,8 @@ class ModelRunner:
                 return None, []
             if len(rows) < h.shape[0]:
                 pack = _HostPack()
-                h = h[pack.to(self.device)[pack.add(rows)]]
+                sel = pack.add(rows)
+                h = h[pack.to(self.device)[sel]]
             return self.model.lm_head(h), reqs
 
     def stream_hooks(self, capturing: bool = False):

@@ -44,14 +44,15 @@ def tables(b, nb, pages, bpp, seed):
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (3, 3, 32), (8, 1, 48)])
 @pytest.mark.parametrize("split", [1, 2, 64])
-def test_decode_matches_the_reference(hq, hkv, d, split):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_decode_matches_the_reference(hq, hkv, d, split, grouped):
     kv = arena_kv(hkv=hkv, d=d, seed=hq + d)
     bs, nb = kv.shape[3], 4
     lens = torch.tensor([1, 17, 40, 64], device=DEV)
     pages, slots = tables(4, nb, 8, 2, seed=d)
     q = torch.randn(4, hq, d, device=DEV)
     scale = 1 / math.sqrt(d)
-    out = tp.decode(q, kv, pages, slots, lens, scale, max_blocks_per_split=split)
+    out = tp.decode(q, kv, pages, slots, lens, scale, max_blocks_per_split=split, grouped=grouped)
     mask = (torch.arange(nb * bs, device=DEV)[None, :] < lens[:, None])[:, None, None, :]
     meta = AttentionMetadata(None, None, None, 4, [DecodeGroup(0, pages, slots, mask, lens)], [])
     ref = attend(q, None, None, kv, meta)
@@ -88,8 +89,9 @@ def test_16bit_kernels_stay_within_their_error_of_fp32(dtype):
     torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
     lens = torch.tensor([ctx], device=DEV)
     ref = tp.decode(q[:1], kv, pages, slots, lens, scale)
-    low = tp.decode(q[:1].to(dtype), kv.to(dtype), pages, slots, lens, scale)
-    torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
+    for grouped in (False, True):
+        low = tp.decode(q[:1].to(dtype), kv.to(dtype), pages, slots, lens, scale, grouped=grouped)
+        torch.testing.assert_close(low.float(), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_backend_choice_and_errors():
