@@ -143,6 +143,11 @@ def run_case(
         "triton_splits": max(1, -(-num_blocks // args.max_blocks_per_split)),
     }
     calls = {"triton": triton_call, "sdpa": sdpa}
+    if args.q_heads != args.kv_heads:  # the per-query-head kernel, for the grouped one's gain
+        calls["triton_per_head"] = lambda: tp.decode(
+            case["q"], case["kv"], case["pages"], case["slots"], case["lens"], scale,
+            max_blocks_per_split=args.max_blocks_per_split, grouped=False,
+        )
     if ref is not None:
         from oneiros.attention.torch_ref import AttentionMetadata, DecodeGroup
 
@@ -161,6 +166,8 @@ def run_case(
         row[f"{name}_bw"] = nbytes / t
         row[f"{name}_frac_peak"] = nbytes / t / peak_bw
     row["triton_over_sdpa"] = row["triton_s"] / row["sdpa_s"]
+    if "triton_per_head_s" in row:
+        row["grouped_over_per_head"] = row["triton_s"] / row["triton_per_head_s"]
     if "ref_s" in row:
         row["triton_over_ref"] = row["triton_s"] / row["ref_s"]
     return row
