@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -244,6 +245,42 @@ class StepResult:
     exposed_s: float = 0.0
 
 
+class Prefix(Sequence):
+    """The first n items of an append-only list, shared rather than copied: a step's output of a
+    request sees its tokens as they were at that step (later appends stay out of it), and making
+    one costs O(1) instead of a copy of everything generated so far."""
+
+    __slots__ = ("_items", "_n")
+
+    def __init__(self, items: list, n: int | None = None) -> None:
+        self._items = items
+        self._n = len(items) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._n)
+            if step > 0:  # the clamped bounds mean the same in the longer list
+                return self._items[start:stop:step]
+            return [self._items[k] for k in range(start, stop, step)]
+        if not -self._n <= i < self._n:
+            raise IndexError("index out of range")
+        return self._items[i % self._n]
+
+    def __iter__(self):
+        return itertools.islice(self._items, self._n)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (Prefix, list, tuple)):
+            return len(other) == self._n and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What the engine hands back for a request after a step (final when `finished`)."""
@@ -251,14 +288,14 @@ class RequestOutput:
     request_id: str
     model: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    token_ids: Sequence[int]  # lists, or Prefix views of the request's own lists (no copy)
     text: str
-    logprobs: list[float]
-    top_logprobs: list[dict[int, float]]
+    logprobs: Sequence[float]
+    top_logprobs: Sequence[dict[int, float]]
     finished: bool
     finish_reason: str | None
     arrival_time: float
-    token_times: list[float]
+    token_times: Sequence[float]
     num_preemptions: int = 0
 
     @property

@@ -25,6 +25,7 @@ from oneiros.config import EngineConfig, MiB, free_device_memory
 from oneiros.core import (
     ConfigError,
     InvalidRequestError,
+    Prefix,
     Request,
     RequestOutput,
     RequestStatus,
@@ -40,7 +41,7 @@ from oneiros.engine.remapping import RemapController
 from oneiros.engine.sampler import Sampler
 from oneiros.engine.scheduler import Scheduler, preempt_younger
 from oneiros.engine.tenancy import MetadataStore, TenancyPolicy, TenantState
-from oneiros.engine.tokenizer import Tokenizer, stable_text
+from oneiros.engine.tokenizer import IncrementalText, Tokenizer
 from oneiros.memory.arena import PageArena
 from oneiros.memory.bandwidth import cached_probe
 from oneiros.memory.kv import KVPool
@@ -157,6 +158,7 @@ class LLMEngine:
                 config.prefetch_distance,
             )
         self._requests: dict[str, tuple[Tenant, Request]] = {}
+        self._texts: dict[str, IncrementalText] = {}  # running requests' detokenisers
         self._idle_reverted = False  # revert_idle ran since the last step
         self._planned: set[str] = set()  # models whose plan for the current step is made
         self._foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
@@ -322,6 +324,7 @@ class LLMEngine:
         return req
 
     def abort(self, request_id: str) -> bool:
+        self._texts.pop(request_id, None)
         entry = self._requests.pop(request_id, None)
         if entry is None:
             return False
@@ -550,6 +553,11 @@ class LLMEngine:
             if result.top_logprobs is not None:
                 req.top_logprobs.append(result.top_logprobs[k])
             req.token_times.append(now)
+            if t.tokenizer is not None:
+                text = self._texts.get(req.request_id)
+                if text is None:
+                    text = self._texts[req.request_id] = IncrementalText(t.tokenizer)
+                req.output_text = text.update(req.output_token_ids)
             status = self._stop_status(t, req)
             if status is not None:
                 t.scheduler.finish(req, status)
@@ -567,7 +575,7 @@ class LLMEngine:
             req.stop_reason = tok
             return RequestStatus.FINISHED_STOPPED
         if p.stop and t.tokenizer is not None:
-            text = stable_text(t.tokenizer, req.output_token_ids)
+            text = req.output_text
             hits = [(i, s) for s in p.stop if (i := text.find(s)) >= 0]
             if hits:
                 i, s = min(hits)
@@ -579,25 +587,27 @@ class LLMEngine:
         return None
 
     def _output(self, t: Tenant, req: Request) -> RequestOutput:
-        if not req.finished and t.tokenizer is not None:
-            req.output_text = stable_text(t.tokenizer, req.output_token_ids)
+        # A finished request's lists never change again: they are handed over as they are. A
+        # running one's are shared as views of their current length (no copy per token).
+        view = (lambda xs: xs) if req.finished else Prefix
         return RequestOutput(
             request_id=req.request_id,
             model=t.name,
             prompt_token_ids=req.prompt_token_ids,
-            token_ids=list(req.output_token_ids),
+            token_ids=view(req.output_token_ids),
             text=req.output_text,
-            logprobs=list(req.output_logprobs),
-            top_logprobs=list(req.top_logprobs),
+            logprobs=view(req.output_logprobs),
+            top_logprobs=view(req.top_logprobs),
             finished=req.finished,
             finish_reason=req.status.finish_reason,
             arrival_time=req.arrival_time,
-            token_times=list(req.token_times),
+            token_times=view(req.token_times),
             num_preemptions=req.num_preemptions,
         )
 
     def _finish(self, t: Tenant, req: Request) -> RequestOutput:
         self._requests.pop(req.request_id, None)
+        self._texts.pop(req.request_id, None)
         self.executor.release(req.request_id)
         stopped_by_string = isinstance(req.stop_reason, str) and req.stop_reason in req.params.stop
         if t.tokenizer is not None and not stopped_by_string:
@@ -606,6 +616,7 @@ class LLMEngine:
 
     # ---- invariants -----------------------------------------------------------------------------
     def check_integrity(self) -> None:
+        assert self._texts.keys() <= self._requests.keys(), "a detokeniser outlived its request"
         self.arena.check_integrity()
         for t in self.tenants.values():
             t.pool.check_integrity()
