@@ -65,7 +65,7 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self.host_kv = torch.empty((host_blocks, *block_shape), dtype=model.dtype, pin_memory=pin)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Decode steps from CUDA graphs (graph_sizes on CUDA); `use_graphs` installs another capture.
+        # Decode steps from CUDA graphs (graph_sizes, on CUDA); `use_graphs` installs any capture.
         self.graphs: DecodeGraphs | None = None
         self._max_blocks = max_blocks
         if graph_sizes and self.device.type == "cuda":

@@ -1,23 +1,23 @@
 """Decode steps replayed from captured graphs (CUDA graphs on a GPU).
 
-A decode step launches a few kernels per layer for a handful of tokens; on a GPU the launches, not the
-math, set its time at small batches. `DecodeGraphs` captures the decoder stack of one model for a set
-of batch sizes and replays it: a batch is padded up to the nearest captured size.
+A decode step launches a few kernels per layer for a handful of tokens; on a GPU the launches, not
+the math, set its time at small batches. `DecodeGraphs` captures the decoder stack of one model for
+a set of batch sizes and replays it: a batch is padded up to the nearest captured size.
 
 What a graph bakes in, and why it stays valid while the arena remaps:
   - inputs live in one static buffer, rewritten before each replay with one host-to-device copy:
     token ids, positions, where each new token's K/V go, context lengths, and block tables padded to
     the model's longest context. The KV view spans the whole arena, whose address never moves, so KV
     pages changing hands (parameter pages remapped into KV and back) need no new capture.
-  - weight addresses: a layer's slab may move (restored elsewhere, compacted) or go missing (streamed
-    through borrowed slabs, copies included in the graph). Graphs are keyed by the model's residency
-    signature; when it changes they are dropped and captured again once it has held for
-    `settle_steps` decode steps (eager until then).
+  - weight addresses: a layer's slab may move (restored elsewhere, compacted) or go missing
+    (streamed through borrowed slabs, copies included in the graph). Graphs are keyed by the
+    model's residency signature; when it changes they are dropped and captured again once it has
+    held for `settle_steps` decode steps (eager until then).
 Padding rows repeat the batch's first row (same token, position and block table): they compute
 and write exactly what that row does, so no KV slot outside the batch is touched.
 
 The capture mechanism is pluggable: `CudaGraphCapture` on a GPU; `EagerReplay` (runs the captured
-function at every replay) exercises the same buffers and padding on a CPU, which is how it is tested.
+function at every replay) exercises the same buffers and padding on a CPU (the tests).
 """
 
 from __future__ import annotations

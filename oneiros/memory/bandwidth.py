@@ -1,5 +1,5 @@
-"""Host <-> device copy bandwidth, measured once at start-up: the remapping controller's T_T (the time
-to copy one layer slab in) is a layer's bytes over the host-to-device figure.
+"""Host <-> device copy bandwidth, measured once at start-up: the remapping controller's T_T (the
+time to copy one layer slab in) is a layer's bytes over the host-to-device figure.
 
 Four figures, from pinned host memory on CUDA:
   h2d, d2h              one direction alone;

@@ -1,5 +1,5 @@
-"""Decode graphs (`engine/graphs.py`): the static-buffer path a CUDA graph replays, run on a CPU with
-`EagerReplay` (the captured function runs at every replay, reading the same buffers).
+"""Decode graphs (`engine/graphs.py`): the static-buffer path a CUDA graph replays, run on a CPU
+with `EagerReplay` (the captured function runs at every replay, reading the same buffers).
 
   - greedy outputs equal eager steps while the batch shrinks through padded sizes (5 -> 8, 4, 2, 1);
   - with layers non-resident (their copies inside the captured pass) outputs are equal and every
@@ -34,7 +34,7 @@ LENGTHS = [3, 9, 17, 30, 41]
 MAX_TOKENS = [4, 7, 10, 12, 16]  # requests finish at different steps: the batch shrinks
 
 
-def generate(engine, graphs: bool, settle: int = 1, **kw) -> tuple[list[list[int]], DecodeGraphs | None]:
+def generate(engine, graphs: bool, settle: int = 1) -> tuple[list[list[int]], DecodeGraphs | None]:
     runner = engine.executor.runners["m"]
     if graphs:
         runner.use_graphs(EagerReplay(), batch_sizes(8), settle_steps=settle)
