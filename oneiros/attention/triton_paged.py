@@ -26,6 +26,23 @@ DECODE_MASK = False  # the decode kernel masks by DecodeGroup.lens
 
 
 @triton.jit
+def _load_block(
+    kv_ptr, table_pages, table_slots, blk, kvh, tok, d, valid, dmask,
+    s_page, s_slot, s_kv, s_tok, s_head,
+):
+    """K and V of block `blk` of a block table (pointers to its pages and slots), one KV head:
+    two [BS, BLOCK_D] tiles in the cache's dtype, zero where `valid` (keys) or `dmask` are off."""
+    page = tl.load(table_pages + blk)
+    slot = tl.load(table_slots + blk)
+    base = kv_ptr + page * s_page + slot * s_slot + kvh * s_head
+    offs = tok[:, None] * s_tok + d[None, :]
+    lmask = valid[:, None] & dmask[None, :]
+    k = tl.load(base + offs, mask=lmask, other=0.0)
+    v = tl.load(base + s_kv + offs, mask=lmask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kv_ptr, pages_ptr, slots_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
     s_qb, s_qh,
@@ -53,13 +70,12 @@ def _decode_kernel(
         pos = blk * BS + tok
         valid = pos < ctx
         if blk * BS < ctx:
-            page = tl.load(pages_ptr + b * s_tb + blk)
-            slot = tl.load(slots_ptr + b * s_tb + blk)
-            base = kv_ptr + page * s_page + slot * s_slot + kvh * s_head
-            offs = tok[:, None] * s_tok + d[None, :]
-            lmask = valid[:, None] & dmask[None, :]
-            k = tl.load(base + offs, mask=lmask, other=0.0).to(tl.float32)
-            v = tl.load(base + s_kv + offs, mask=lmask, other=0.0).to(tl.float32)
+            k, v = _load_block(
+                kv_ptr, pages_ptr + b * s_tb, slots_ptr + b * s_tb, blk, kvh, tok, d, valid,
+                dmask, s_page, s_slot, s_kv, s_tok, s_head,
+            )
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1) * scale
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -111,13 +127,10 @@ def _decode_grouped_kernel(
         blk = first + j
         if blk * BS < ctx:  # at least one valid key: the running maximum becomes finite
             valid = blk * BS + tok < ctx
-            page = tl.load(pages_ptr + b * s_tb + blk)
-            slot = tl.load(slots_ptr + b * s_tb + blk)
-            base = kv_ptr + page * s_page + slot * s_slot + kvh * s_head
-            offs = tok[:, None] * s_tok + d[None, :]
-            lmask = valid[:, None] & dmask[None, :]
-            k = tl.load(base + offs, mask=lmask, other=0.0)
-            v = tl.load(base + s_kv + offs, mask=lmask, other=0.0)
+            k, v = _load_block(
+                kv_ptr, pages_ptr + b * s_tb, slots_ptr + b * s_tb, blk, kvh, tok, d, valid,
+                dmask, s_page, s_slot, s_kv, s_tok, s_head,
+            )
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
@@ -164,15 +177,12 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     last = tl.minimum(ctx_len, ctx_len - q_len + (tile + 1) * BLOCK_M)  # keys this tile may see
     for blk in range(0, tl.cdiv(last, BS)):
-        page = tl.load(pages_ptr + blk)
-        slot = tl.load(slots_ptr + blk)
-        base = kv_ptr + page * s_page + slot * s_slot + kvh * s_head
         kpos = blk * BS + tok
         kvalid = kpos < ctx_len
-        offs = tok[:, None] * s_tok + d[None, :]
-        lmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(base + offs, mask=lmask, other=0.0)
-        v = tl.load(base + s_kv + offs, mask=lmask, other=0.0)
+        k, v = _load_block(
+            kv_ptr, pages_ptr, slots_ptr, blk, kvh, tok, d, kvalid, dmask,
+            s_page, s_slot, s_kv, s_tok, s_head,
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)

@@ -106,7 +106,7 @@ class DecodeGraphs:
         self.inputs = torch.zeros(sizes[-1], NUM_FIELDS + max_blocks, dtype=torch.long, device=dev)
         self._pin = dev.type == "cuda"
         self._graphs: dict[int, Replay] = {}
-        self._copies: dict[int, tuple[int, int]] = {}  # size -> (copies, bytes) per replay
+        self._streamed = (0, 0)  # (copies, bytes) a replay streams: one residency, one plan
         self._signature: tuple | None = None
         self._stable = 0  # decode steps seen with the current signature
         self.captures = 0
@@ -116,7 +116,6 @@ class DecodeGraphs:
     def invalidate(self) -> None:
         """The model's residency is changing: graphs that baked the old weight addresses go."""
         self._graphs.clear()
-        self._copies.clear()
         self._signature = None
         self._stable = 0
 
@@ -146,7 +145,7 @@ class DecodeGraphs:
         replay = self._graphs.get(size) or self._capture(size)
         out = replay()
         if not isinstance(self.capturer, EagerReplay):  # an eager replay streams and counts
-            copies, nbytes = self._copies[size]
+            copies, nbytes = self._streamed
             streamer.stats.copies += copies
             streamer.stats.bytes += nbytes
         self.replays += 1
@@ -202,6 +201,6 @@ class DecodeGraphs:
         r.streamer.stats = counted  # warm-up and capture copies are not the step's
         self._graphs[size] = replay
         nbytes = sum(r.weights.host[c.layer].numel() for c in plan.copies) if plan else 0
-        self._copies[size] = (plan.num_copies if plan else 0, nbytes)
+        self._streamed = (plan.num_copies if plan else 0, nbytes)
         self.captures += 1
         return replay
