@@ -102,9 +102,9 @@ class ModelRunner:
             # Decodes (one new token) first, shortest context first: they are attended in a few
             # batched calls over groups of similar length.
             seqs = sorted(plan.seqs, key=lambda s: (s.num_new_tokens != 1, s.context_len))
-            size = self.graphs.size_for(seqs) if self.graphs is not None else None
-            if size is not None:
-                h = self.graphs.run(seqs, size)
+            key = self.graphs.key_for(seqs) if self.graphs is not None else None
+            if key is not None:
+                h = self.graphs.run(seqs, key)
             else:
                 ids, pos, meta = self._prepare(seqs)
                 before, after, _ = self.stream_hooks()

@@ -6,9 +6,14 @@ a set of batch sizes and replays it: a batch is padded up to the nearest capture
 
 What a graph bakes in, and why it stays valid while the arena remaps:
   - inputs live in one static buffer, rewritten before each replay with one host-to-device copy:
-    token ids, positions, where each new token's K/V go, context lengths, and block tables padded to
-    the model's longest context. The KV view spans the whole arena, whose address never moves, so KV
-    pages changing hands (parameter pages remapped into KV and back) need no new capture.
+    token ids, positions, where each new token's K/V go, context lengths, and block tables. The KV
+    view spans the whole arena, whose address never moves, so KV pages changing hands (parameter
+    pages remapped into KV and back) need no new capture.
+  - the block-table width: a graph is captured per (batch size, width), the width being the power
+    of two of blocks (from MIN_WIDTH, at most the model's longest context) that holds the batch's
+    longest context. Attention then reads tables about as wide as the contexts, not as wide as the
+    model's longest one: the reference backend gathers that width, the Triton kernel sizes its
+    split-K grid by it, and each step sends that much table to the device.
   - weight addresses: a layer's slab may move (restored elsewhere, compacted) or go missing
     (streamed through borrowed slabs, copies included in the graph). Graphs are keyed by the
     model's residency signature; when it changes they are dropped and captured again once it has
@@ -36,8 +41,9 @@ if TYPE_CHECKING:
 
 Replay = Callable[[], torch.Tensor]
 
-# Columns of the static input buffer; block ids follow from column NUM_FIELDS on.
+# Columns of a graph's input rows; block ids follow from column NUM_FIELDS on.
 IDS, POS, W_PAGE, W_SLOT, W_OFF, LEN, NUM_FIELDS = range(7)
+MIN_WIDTH = 8  # blocks: the narrowest block table a graph is captured with
 
 
 class GraphCapture(Protocol):
@@ -103,9 +109,13 @@ class DecodeGraphs:
         self.capturer = capture
         self.settle_steps = settle_steps
         dev = runner.device
-        self.inputs = torch.zeros(sizes[-1], NUM_FIELDS + max_blocks, dtype=torch.long, device=dev)
+        # One flat buffer: the graph of (size, width) reads its first size * (NUM_FIELDS + width)
+        # values as rows, so each step's inputs go over in one contiguous copy. Graphs of one
+        # model replay one at a time, each after its own fill, so they can share it.
+        self.inputs = torch.zeros(sizes[-1] * (NUM_FIELDS + max_blocks), dtype=torch.long,
+                                  device=dev)
         self._pin = dev.type == "cuda"
-        self._graphs: dict[int, Replay] = {}
+        self._graphs: dict[tuple[int, int], Replay] = {}
         self._streamed = (0, 0)  # (copies, bytes) a replay streams: one residency, one plan
         self._signature: tuple | None = None
         self._stable = 0  # decode steps seen with the current signature
@@ -119,14 +129,32 @@ class DecodeGraphs:
         self._signature = None
         self._stable = 0
 
-    def size_for(self, seqs: list[ScheduledSeq]) -> int | None:
-        """The captured size this step pads to, or None when it must run eagerly."""
+    @property
+    def captured(self) -> list[tuple[int, int]]:
+        """(batch size, table width) of the graphs held now."""
+        return sorted(self._graphs)
+
+    def width_for(self, num_blocks: int) -> int:
+        """The captured table width (in blocks) for a batch whose longest context has num_blocks."""
+        w = MIN_WIDTH
+        while w < num_blocks:
+            w *= 2
+        return min(w, self.max_blocks)
+
+    def key_for(self, seqs: list[ScheduledSeq]) -> tuple[int, int] | None:
+        """(padded batch size, table width) of the graph that runs this step, or None when it
+        must run eagerly."""
         if not seqs or len(seqs) > self.sizes[-1]:
             return None
         bs = self.runner.block_size
+        longest = 0
         for s in seqs:
-            if s.num_new_tokens != 1 or -(-s.context_len // bs) > self.max_blocks:
+            if s.num_new_tokens != 1:
                 return None
+            longest = max(longest, s.context_len)
+        need = -(-longest // bs)
+        if need > self.max_blocks:
+            return None
         sig = self.runner.weights.signature()
         if sig != self._signature:
             self.invalidate()
@@ -134,15 +162,15 @@ class DecodeGraphs:
         self._stable += 1
         if self._stable <= self.settle_steps:
             return None
-        return next(s for s in self.sizes if s >= len(seqs))
+        return next(s for s in self.sizes if s >= len(seqs)), self.width_for(need)
 
     # ---- how ---------------------------------------------------------------------------------
-    def run(self, seqs: list[ScheduledSeq], size: int) -> torch.Tensor:
+    def run(self, seqs: list[ScheduledSeq], key: tuple[int, int]) -> torch.Tensor:
         """Hidden states [len(seqs), hidden] of a decode batch (rows in the order of seqs)."""
-        self._fill(seqs, size)
+        self._fill(seqs, *key)
         streamer = self.runner.streamer
         streamer.settle()  # a restore still in flight must land before the replay reads the slab
-        replay = self._graphs.get(size) or self._capture(size)
+        replay = self._graphs.get(key) or self._capture(*key)
         out = replay()
         if not isinstance(self.capturer, EagerReplay):  # an eager replay streams and counts
             copies, nbytes = self._streamed
@@ -151,29 +179,34 @@ class DecodeGraphs:
         self.replays += 1
         return out[: len(seqs)]
 
-    def _fill(self, seqs: list[ScheduledSeq], size: int) -> None:
+    def _rows(self, size: int, width: int) -> torch.Tensor:
+        return self.inputs[: size * (NUM_FIELDS + width)].view(size, NUM_FIELDS + width)
+
+    def _fill(self, seqs: list[ScheduledSeq], size: int, width: int) -> None:
         r = self.runner
         bs, bpp = r.block_size, r.pool.blocks_per_page
-        host = torch.empty(size, NUM_FIELDS + self.max_blocks, dtype=torch.long,
-                           pin_memory=self._pin)
-        rows = []
+        values: list[int] = []
+        first: list[int] = []
         for s in seqs:
             req = s.request
             p = s.context_len - 1
             blocks = req.block_ids[: -(-s.context_len // bs)]
             b = blocks[p // bs]
-            pad = [blocks[0]] * (self.max_blocks - len(blocks))
-            rows.append([req.all_token_ids[p], p, b // bpp, b % bpp, p % bs, s.context_len,
-                         *blocks, *pad])
-        rows += [rows[0]] * (size - len(seqs))
-        host.copy_(torch.tensor(rows, dtype=torch.long))
-        self.inputs[:size].copy_(host, non_blocking=self._pin)
+            row = [req.all_token_ids[p], p, b // bpp, b % bpp, p % bs, s.context_len, *blocks]
+            row += [blocks[0]] * (NUM_FIELDS + width - len(row))
+            values += row
+            first = first or row
+        values += first * (size - len(seqs))
+        host = torch.tensor(values, dtype=torch.long)
+        if self._pin:
+            host = host.pin_memory()
+        self.inputs[: len(values)].copy_(host, non_blocking=self._pin)
 
-    def _capture(self, size: int) -> Replay:
+    def _capture(self, size: int, width: int) -> Replay:
         r = self.runner
-        model, x = r.model, self.inputs[:size]
+        model, x = r.model, self._rows(size, width)
         bs, bpp = r.block_size, r.pool.blocks_per_page
-        width = self.max_blocks * bs
+        keys_len = width * bs
         wants_mask = getattr(model.attention, "DECODE_MASK", True)  # Triton reads lens instead
         before, after, plan = r.stream_hooks(capturing=True)
 
@@ -182,7 +215,7 @@ class DecodeGraphs:
             lens = x[:, LEN]
             mask = None
             if wants_mask:
-                keys = torch.arange(width, device=x.device)
+                keys = torch.arange(keys_len, device=x.device)
                 mask = (keys[None, :] < lens[:, None])[:, None, None, :]
             meta = AttentionMetadata(
                 write_pages=x[:, W_PAGE],
@@ -199,7 +232,7 @@ class DecodeGraphs:
         counted = replace(r.streamer.stats)
         replay = self.capturer.capture(step)
         r.streamer.stats = counted  # warm-up and capture copies are not the step's
-        self._graphs[size] = replay
+        self._graphs[size, width] = replay
         nbytes = sum(r.weights.host[c.layer].numel() for c in plan.copies) if plan else 0
         self._streamed = (plan.num_copies if plan else 0, nbytes)
         self.captures += 1

@@ -7,6 +7,7 @@ with `EagerReplay` (the captured function runs at every replay, reading the same
   - a residency change (a layer restored to a new slab) drops the graphs, the model runs eagerly
     until the new layout has held, then captures again; outputs stay equal;
   - the Triton backend (interpreted) reads lengths instead of masks: equal outputs too;
+  - graphs are captured per block-table width (a power of two of blocks over the longest context);
   - steps a graph cannot run (prefill, batch beyond the largest size, contexts past max_blocks)
     run eagerly.
 """
@@ -30,7 +31,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (lazily, below)
 
 SOURCE = "random:llama-tiny"
-LENGTHS = [3, 9, 17, 30, 41]
+LENGTHS = [3, 9, 17, 26, 24]  # the longest context crosses 8 blocks of 4 tokens mid-run
 MAX_TOKENS = [4, 7, 10, 12, 16]  # requests finish at different steps: the batch shrinks
 
 
@@ -59,6 +60,8 @@ def test_padded_sizes_match_eager(reference):
     assert outs == reference
     assert graphs is not None and graphs.replays > 0
     assert graphs.captures >= 4  # 8 (five running), 4, 2, 1 as requests finish
+    # The longest context grows past 8 blocks of 4 tokens: tables 8, then 16 blocks wide.
+    assert {w for _, w in graphs.captured} == {8, 16} and graphs.max_blocks > 16
 
 
 def test_streamed_layers_inside_the_pass(reference):
@@ -128,11 +131,25 @@ def test_steps_a_graph_cannot_run():
         req.block_ids = list(range(-(-context // bs)))
         return ScheduledSeq(req, context - new, new)
 
-    assert graphs.size_for([seq(8, 1)]) == 1
-    assert graphs.size_for([seq(8, 1), seq(5, 1)]) == 2
-    assert graphs.size_for([seq(8, 1)] * 3) is None  # beyond the largest size
-    assert graphs.size_for([seq(8, 3)]) is None  # a prefill chunk
-    assert graphs.size_for([seq(graphs.max_blocks * bs + 1, 1)]) is None  # past the tables
+    assert graphs.key_for([seq(8, 1)]) == (1, 8)
+    assert graphs.key_for([seq(8, 1), seq(5, 1)]) == (2, 8)
+    assert graphs.key_for([seq(8, 1)] * 3) is None  # beyond the largest size
+    assert graphs.key_for([seq(8, 3)]) is None  # a prefill chunk
+    assert graphs.key_for([seq(graphs.max_blocks * bs + 1, 1)]) is None  # past the tables
+
+
+def test_table_width_follows_the_longest_context():
+    e = make_engine({"m": SOURCE}, extra_pages=64, block_size=4, max_model_len=100)
+    runner = e.executor.runners["m"]
+    runner.use_graphs(EagerReplay(), [1, 2], settle_steps=0)
+    graphs = runner.graphs
+    assert graphs.max_blocks == 25
+    assert [graphs.width_for(n) for n in (1, 8, 9, 16, 17, 25)] == [8, 8, 16, 16, 25, 25]
+    req = make_request(prompt_len=40)
+    req.block_ids = list(range(10))
+    from oneiros.core import ScheduledSeq
+
+    assert graphs.key_for([ScheduledSeq(req, 39, 1)]) == (1, 16)  # 10 blocks -> width 16
 
 
 def test_batch_sizes():
