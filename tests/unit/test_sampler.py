@@ -224,3 +224,35 @@ def test_temperature_changes_the_distribution():
     cold, hot = _frequencies(logits, 0.5), _frequencies(logits, 2.0)
     assert cold[0] > 0.6 > hot[0]
     assert hot[4] > cold[4]
+
+
+def test_each_row_gets_its_own_temperature():
+    """Rows of one batch are sampled together: each must still use its own temperature."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 2500
+    temps = [0.5, 2.0] * n
+    reqs = [req(temperature=t) for t in temps]
+    tokens = Sampler(CPU, 0).sample(logits.expand(2 * n, -1), reqs)[0]
+    for offset, t in ((0, 0.5), (1, 2.0)):
+        freq = torch.bincount(torch.tensor(tokens[offset::2]), minlength=5).float() / n
+        assert (freq - (logits / t).softmax(-1)).abs().max() < 0.04, (t, freq)
+
+
+def test_truncation_is_per_row():
+    """A companion's top-k does not truncate a row that asked for none, and greedy rows stay
+    greedy next to sampled ones."""
+    logits = logits_rows(1, 21, scale=0.3)[0]  # flat: an untruncated row reaches many tokens
+    best2 = set(logits.topk(2).indices.tolist())
+    s = Sampler(CPU, 3)
+    reqs = [req(top_k=2), req(), req(temperature=0.0), req(top_p=0.2)]
+    seen: list[set[int]] = [set() for _ in reqs]
+    for _ in range(200):
+        for k, tok in enumerate(s.sample(logits.expand(4, -1), reqs)[0]):
+            seen[k].add(tok)
+    assert seen[0] <= best2 and len(seen[0]) == 2
+    assert len(seen[1] - best2) > 5
+    assert seen[2] == {int(logits.argmax())}
+    probs = logits.softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus = set(order[: int((probs[order].cumsum(0) < 0.2).sum()) + 1].tolist())
+    assert seen[3] <= nucleus and len(seen[3]) > 1
