@@ -131,6 +131,7 @@ class RequestStatus(enum.IntEnum):
 
 
 _ids = itertools.count()
+_order = itertools.count()  # creation order: breaks ties between equal arrival times
 
 
 @dataclass(slots=True, eq=False)
@@ -157,6 +158,13 @@ class Request:
     num_preemptions: int = 0
     stop_reason: str | int | None = None
     output_text: str = ""
+    order: int = field(default_factory=lambda: next(_order))
+
+    @property
+    def age_key(self) -> tuple[float, int]:
+        """Sorts older requests first (arrival time, then creation order): a total order, so of
+        two requests one is always the younger."""
+        return self.arrival_time, self.order
 
     @property
     def all_token_ids(self) -> list[int]:

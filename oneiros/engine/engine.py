@@ -234,6 +234,7 @@ class LLMEngine:
             make_room=None if cfg.policy == "static" else lambda n, r: self._make_room(name, n, r),
             counters=state.counters,
             remappable_pages=self._remappable_pages if cfg.policy == "oneiros" else None,
+            can_wait=None if cfg.policy == "static" else lambda r: self._can_wait(name, r),
         )
         tok = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
         eos = set(c.eos_token_ids)
@@ -446,6 +447,16 @@ class LLMEngine:
             )
             freed += more
         return freed > 0
+
+    def _can_wait(self, requester: str, req: Request) -> bool:
+        """`req`, the youngest running request of `requester`, found no page: a younger running
+        request of a model already planned this step holds pages `_make_room` could not take.
+        `req` then waits (keeps its blocks) instead of preempting itself."""
+        return any(
+            r.age_key > req.age_key
+            for name in self._planned if name != requester
+            for r in self.tenants[name].scheduler.running
+        )
 
     def _foreign_plan(self, sched: Scheduler) -> StepPlan:
         """The plan that carries this step's preemptions of `sched`'s requests made on behalf of

@@ -6,7 +6,13 @@ a request needs a KV block and the pool has none, the scheduler first asks `make
 idle KV pages of other models, parameter pages under remapping, and, for a running request, the
 blocks of another model's running request younger than any of this model's: the youngest request of
 the whole engine is preempted, so the oldest always makes progress), and only then preempts its own
-youngest running request:
+youngest running request. Except when that is the request itself and `can_wait` says a younger
+request of another model holds pages but could not be preempted (its model's plan for this step is
+made): the request keeps its blocks and sits the step out, since preempting itself would only hand
+its pages to a younger request and start the same contest again (two models could trade pages
+forever, each losing its progress to recompute). The younger request either finishes or, needing
+a page of its own, preempts itself; the older one then goes on.
+Preemption:
   - recompute: its blocks are freed; it is prefilled again later with the tokens it already produced;
   - swap: its blocks are copied to host memory (plan.swap_out) and copied back when it resumes
     (plan.swap_in); recompute is the fallback when the host swap space is full.
@@ -45,6 +51,7 @@ class Scheduler:
         make_room: Callable[[int, Request], bool] | None = None,
         counters: TenantCounters | None = None,
         remappable_pages: Callable[[], int] | None = None,
+        can_wait: Callable[[Request], bool] | None = None,
     ) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
@@ -54,6 +61,7 @@ class Scheduler:
         self.preemption = preemption
         self.host_pool = host_pool
         self.make_room = make_room
+        self.can_wait = can_wait
         self.counters = counters or TenantCounters()
         self.remappable_pages = remappable_pages
         self.pool = pool
@@ -115,6 +123,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan(self.model)
         budget = self.max_num_batched_tokens
+        waited = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -126,12 +135,16 @@ class Scheduler:
                     # Alone, and more than this model could ever hold: it can never grow further.
                     self._finish_for_capacity(req)
                     continue
+                if victim is req and self.can_wait is not None and self.can_wait(req):
+                    waited = True  # it keeps its blocks; a younger request elsewhere gives way
+                    i += 1
+                    continue
                 self.preempt(victim, plan)
                 continue  # retry req (or move on, if req itself was the victim)
             plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n
             i += 1
-        if not plan.preempted:
+        if not plan.preempted and not waited:
             self._admit(plan, budget)
         return plan
 
@@ -243,12 +256,12 @@ def preempt_younger(
     pages freed and the requests preempted. A waiting request never preempts a running one."""
     if req.status is not RequestStatus.RUNNING:
         return 0, []
-    floor = requester.running[-1].arrival_time if requester.running else req.arrival_time
+    floor = requester.running[-1].age_key if requester.running else req.age_key
     freed, victims = 0, []
     while freed < pages:
         candidates = [
-            (r.arrival_time, k, r) for k, s in enumerate(others) for r in s.running
-            if r.arrival_time > floor
+            (r.age_key, k, r) for k, s in enumerate(others) for r in s.running
+            if r.age_key > floor
         ]
         if not candidates:
             break

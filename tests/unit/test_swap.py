@@ -13,7 +13,7 @@ show up as a wrong label.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from oneiros.core import InvalidRequestError, Request, RequestStatus, StepPlan
@@ -253,6 +253,17 @@ def _make_room(
     return make_room
 
 
+def _can_wait(me: Scheduler, others: list[Scheduler], planned: set[str]):
+    """The engine's can_wait: a younger running request of an already planned model holds pages."""
+
+    def can_wait(req: Request) -> bool:
+        return any(
+            r.age_key > req.age_key for o in others if o.model in planned for r in o.running
+        )
+
+    return can_wait
+
+
 def check_all(scheds: list[Scheduler]) -> None:
     scheds[0].pool.arena.check_integrity()
     for s in scheds:
@@ -280,6 +291,14 @@ request_spec = st.tuples(
     budget=st.integers(1, 16),
     spatial=st.booleans(),
 )
+# Regression: the older request of b and the younger of a each held one of the two pages and
+# needed the other; b, planned after a, could not take a's and preempted itself, a did the same
+# when its turn came, and neither ever finished (recompute lost their progress every time).
+@example(
+    specs=[(0, 1, 3, 0, None), (0, 1, 2, 0, None), (1, 1, 3, 0, None), (0, 1, 3, 0, None)],
+    num_pages=2, blocks_per_page=1, block_size=2, host_blocks=(0, 0), max_num_seqs=1, budget=1,
+    spatial=True,
+)
 def test_two_models_swapping_on_one_arena(
     specs, num_pages, blocks_per_page, block_size, host_blocks, max_num_seqs, budget, spatial
 ):
@@ -305,6 +324,8 @@ def test_two_models_swapping_on_one_arena(
     foreign: dict[str, StepPlan] = {}  # preemptions made for the other model, by victim model
     a.make_room = _make_room(a, [b], planned, foreign)
     b.make_room = _make_room(b, [a], planned, foreign)
+    a.can_wait = _can_wait(a, [b], planned)
+    b.can_wait = _can_wait(b, [a], planned)
     capacity = num_pages * blocks_per_page
     assert a.max_blocks() == b.max_blocks() == capacity
 
