@@ -59,6 +59,38 @@ def base_parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine options of the benchmarks that drive an engine (see `engine_kwargs`)."""
+    p.add_argument("--model", default=None, help="default random:llama-3-8b (tiny: llama-tiny)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--memory-budget", default=None,
+                   help="EngineConfig.memory_budget (default: the engine's; tiny: 64MiB)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace, device: torch.device, **overrides: Any) -> dict:
+    """EngineConfig fields of a benchmark's engine: `args.model` as tenant "m" on `device`, the
+    dtype, seed, memory budget (tiny: 64MiB) and batched-token budget of `add_engine_args`; then
+    `overrides`, those that are not None."""
+    kw: dict[str, Any] = {"models": {"m": args.model}, "device": str(device),
+                          "dtype": args.dtype, "seed": args.seed}
+    budget = args.memory_budget or ("64MiB" if args.tiny else None)
+    if budget is not None:
+        kw["memory_budget"] = budget
+    if args.max_num_batched_tokens is not None:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return kw
+
+
+def build_engine(args: argparse.Namespace, device: torch.device, **overrides: Any) -> Any:
+    """An LLMEngine with `engine_kwargs(args, device, **overrides)`."""
+    from oneiros.config import EngineConfig
+    from oneiros.engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(**engine_kwargs(args, device, **overrides)))
+
+
 def int_list(s: str) -> list[int]:
     try:
         out = [int(x) for x in s.split(",") if x.strip()]

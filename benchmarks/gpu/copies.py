@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--copy-repeats", type=int, default=None, help="default 10 (tiny: 3)")
     p.add_argument("--skip-bandwidth", action="store_true", help="skip part (a)")
     p.add_argument("--skip-streaming", action="store_true", help="skip part (b)")
-    p.add_argument("--model", default=None, help="default random:llama-3-8b (tiny: llama-tiny)")
+    common.add_engine_args(p)
     p.add_argument("--alphas", type=common.int_list, default=None, help="default 1,2,4,8 (tiny: 1)")
     p.add_argument("--batches", type=common.int_list, default=None, help="default 8,32 (tiny: 2)")
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default 512)")
@@ -59,9 +59,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2])
     p.add_argument("--cuda-graphs", action="store_true", help="EngineConfig.cuda_graphs=True")
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--memory-budget", default=None,
-                   help="EngineConfig.memory_budget (default: the engine's; tiny: 64MiB)")
     p.add_argument("--trace-steps", default=None, help="EngineConfig.trace_steps (JSONL path)")
     a = p.parse_args(argv)
     tiny = a.tiny
@@ -73,8 +70,6 @@ def parse_args(argv: list[str] | None = None):
     a.context = a.context or (16 if tiny else 512)
     a.steps = a.steps or (3 if tiny else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if tiny else 3)
-    if a.memory_budget is None and tiny:
-        a.memory_budget = "64MiB"
     return a
 
 
@@ -106,22 +101,13 @@ def copy_bandwidth(args, device: torch.device, probe) -> list[dict[str, Any]]:
 
 # ---- (b) layer streaming ------------------------------------------------------------------------
 def build_engine(args, device: torch.device, max_batch: int):
-    from oneiros.config import EngineConfig
-    from oneiros.engine.engine import LLMEngine
-
-    kw: dict[str, Any] = {
-        "models": {"m": args.model}, "device": str(device), "dtype": args.dtype,
-        "max_num_seqs": max_batch, "cuda_graphs": args.cuda_graphs,
-        "attention": args.attention, "prefetch_distance": args.prefetch_distance,
-        "seed": args.seed,
+    return common.build_engine(
+        args, device, max_num_seqs=max_batch, cuda_graphs=args.cuda_graphs,
+        attention=args.attention, prefetch_distance=args.prefetch_distance,
+        trace_steps=args.trace_steps or None,
         # recompute: the engine itself never remaps here; only this script evicts layers.
-        "policy": "recompute",
-    }
-    if args.memory_budget is not None:
-        kw["memory_budget"] = args.memory_budget
-    if args.trace_steps:
-        kw["trace_steps"] = args.trace_steps
-    return LLMEngine(EngineConfig(**kw))
+        policy="recompute",
+    )
 
 
 def counters_of(t) -> tuple[int, float, float]:

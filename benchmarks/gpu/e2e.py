@@ -41,7 +41,7 @@ TARGET_RATIO = 3.0
 
 def parse_args(argv: list[str] | None = None):
     p = common.base_parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default random:llama-3-8b (tiny: llama-tiny)")
+    common.add_engine_args(p)
     p.add_argument("--num-prompts", type=int, default=None, help="default 256 (tiny: 8)")
     p.add_argument("--min-prompt", type=int, default=None, help="default 128 (tiny: 8)")
     p.add_argument("--max-prompt", type=int, default=None, help="default 1024 (tiny: 32)")
@@ -52,11 +52,7 @@ def parse_args(argv: list[str] | None = None):
                    help="let transformers compile its forward (falls back to eager on failure)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--compare", type=int, default=4, help="requests whose outputs are compared")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--memory-budget", default=None,
-                   help="EngineConfig.memory_budget (default: the engine's; tiny: 64MiB)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="EngineConfig.max_num_seqs")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false")
     a = p.parse_args(argv)
@@ -72,8 +68,6 @@ def parse_args(argv: list[str] | None = None):
     a.min_output = pick(a.min_output, 4, 128)
     a.max_output = pick(a.max_output, 12, 512)
     a.hf_batch = pick(a.hf_batch, 4, 32)
-    if a.memory_budget is None and tiny:
-        a.memory_budget = "64MiB"
     if not (0 < a.min_prompt <= a.max_prompt and 0 < a.min_output <= a.max_output):
         p.error("need 0 < min <= max for prompt and output lengths")
     if a.num_prompts <= 0 or a.hf_batch <= 0:
@@ -98,13 +92,10 @@ def run_oneiros(args, device: torch.device, work: list[dict[str, Any]]) -> dict[
     from oneiros.core import SamplingParams
     from oneiros.engine.llm import LLM
 
-    kw: dict[str, Any] = {"device": str(device), "dtype": args.dtype, "seed": args.seed,
-                          "attention": args.attention, "cuda_graphs": args.cuda_graphs}
-    for k in ("memory_budget", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, k) is not None:
-            kw[k] = getattr(args, k)
+    kw = common.engine_kwargs(args, device, attention=args.attention,
+                              cuda_graphs=args.cuda_graphs, max_num_seqs=args.max_num_seqs)
     t0 = time.perf_counter()
-    llm = LLM(models={"m": args.model}, **kw)
+    llm = LLM(**kw)
     load_s = time.perf_counter() - t0
     print(f"[oneiros] loaded in {load_s:.1f}s; warming up", file=sys.stderr, flush=True)
 

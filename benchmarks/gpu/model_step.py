@@ -40,7 +40,7 @@ TARGET_BATCH = 32
 
 def parse_args(argv: list[str] | None = None):
     p = common.base_parser(NAME, __doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="default random:llama-3-8b (tiny: llama-tiny)")
+    common.add_engine_args(p)
     p.add_argument("--batches", type=common.int_list, default=None, help="default 1,8,32,128")
     p.add_argument("--context", type=int, default=None, help="prompt tokens (default 512)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps (default 20)")
@@ -49,11 +49,7 @@ def parse_args(argv: list[str] | None = None):
                    help="EngineConfig.cuda_graphs")
     p.add_argument("--attention", type=common.str_list, default=None,
                    help="backends, comma-separated (default: triton,torch on CUDA, torch on CPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--memory-budget", default=None,
-                   help="EngineConfig.memory_budget (default: the engine's; tiny: 64MiB)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--trace-steps", default=None,
                    help="EngineConfig.trace_steps: a JSONL path (one file per configuration)")
     a = p.parse_args(argv)
@@ -63,8 +59,6 @@ def parse_args(argv: list[str] | None = None):
     a.context = a.context or (16 if tiny else 512)
     a.steps = a.steps or (3 if tiny else 20)
     a.warmup = a.warmup if a.warmup is not None else (1 if tiny else 5)
-    if a.memory_budget is None and tiny:
-        a.memory_budget = "64MiB"
     return a
 
 
@@ -75,26 +69,14 @@ def configurations(args, device: torch.device) -> list[dict[str, Any]]:
 
 
 def build_engine(args, device: torch.device, conf: dict[str, Any], tag: str):
-    from oneiros.config import EngineConfig
-    from oneiros.engine.engine import LLMEngine
-
-    kw: dict[str, Any] = {
-        "models": {"m": args.model},
-        "device": str(device),
-        "dtype": args.dtype,
-        "max_num_seqs": args.max_num_seqs or max(args.batches),
-        "cuda_graphs": conf["cuda_graphs"],
-        "attention": conf["attention"],
-        "seed": args.seed,
-    }
-    if args.memory_budget is not None:
-        kw["memory_budget"] = args.memory_budget
-    if args.max_num_batched_tokens is not None:
-        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    trace = None
     if args.trace_steps:
         path = Path(args.trace_steps)
-        kw["trace_steps"] = str(path.with_name(f"{path.stem}-{tag}{path.suffix or '.jsonl'}"))
-    return LLMEngine(EngineConfig(**kw))
+        trace = str(path.with_name(f"{path.stem}-{tag}{path.suffix or '.jsonl'}"))
+    return common.build_engine(
+        args, device, max_num_seqs=args.max_num_seqs or max(args.batches),
+        cuda_graphs=conf["cuda_graphs"], attention=conf["attention"], trace_steps=trace,
+    )
 
 
 def measure(args, device: torch.device, conf: dict[str, Any], peak_bw: float) -> dict[str, Any]:
