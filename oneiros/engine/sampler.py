@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from oneiros.core import Request
+from oneiros.core import Request, SamplingParams
 
 _SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (as vLLM does)
 
@@ -41,7 +41,7 @@ class Sampler:
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         tokens = torch.argmax(logits, dim=-1)  # [N] greedy for every row; sampled rows overwrite
         # A temperature this close to 0 is greedy in all but name, and dividing by it would
-        # overflow the logits to inf (multinomial then fails on NaN probabilities).
+        # overflow the logits to inf (and the probabilities to NaN).
         rows = [
             i for i, r in enumerate(reqs)
             if not r.params.greedy and r.params.temperature >= _SAMPLING_EPS
@@ -67,10 +67,11 @@ class Sampler:
         both = torch.stack((tokens.to(torch.float64), chosen.to(torch.float64))).tolist()
         return [int(t) for t in both[0]], both[1], top
 
-    def _rows_index(self, rows: list[int], reqs: list[Request]) -> tuple[torch.Tensor, ...]:
+    def _rows_index(
+        self, rows: list[int], params: list[SamplingParams]
+    ) -> tuple[torch.Tensor, ...]:
         """(row index, temperature, top_k, top_p) of the sampled rows, on the device after one
         copy (from pinned memory on CUDA: it does not wait for the device)."""
-        params = [reqs[i].params for i in rows]
         host = torch.tensor(
             [rows, [p.temperature for p in params], [max(p.top_k, 0) for p in params],
              [p.top_p for p in params]],
@@ -90,9 +91,9 @@ class Sampler:
         from its own generator, the others' from the engine's in one call: a seeded request's
         tokens do not depend on its batch companions, nor on whether their truncation sorted the
         batch."""
-        index, temps, top_k, top_p = self._rows_index(rows, reqs)
-        scaled = logits[index] / temps[:, None]
         params = [reqs[i].params for i in rows]
+        index, temps, top_k, top_p = self._rows_index(rows, params)
+        scaled = logits[index] / temps[:, None]
         if any(p.top_p < 1.0 for p in params):
             scaled = self._nucleus(scaled, top_k, top_p)
         elif any(p.top_k > 0 for p in params):
