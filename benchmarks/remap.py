@@ -59,7 +59,6 @@ if str(ROOT) not in sys.path:
 from oneiros.config import EngineConfig, parse_bytes  # noqa: E402
 from oneiros.core import SamplingParams  # noqa: E402
 from oneiros.engine.engine import LLMEngine  # noqa: E402
-from oneiros.memory.arena import OwnerKind  # noqa: E402
 from oneiros.memory.weights import weight_pages  # noqa: E402
 from oneiros.models.loader import resolve  # noqa: E402
 from oneiros.models.registry import build_model  # noqa: E402
@@ -125,20 +124,6 @@ def build_engine(args: argparse.Namespace, models: dict[str, str], policy: str) 
     )
     kw["memory_budget"] = args.memory_budget if args.memory_budget else args.budget_bytes
     engine = LLMEngine(EngineConfig(**kw))
-    # NaN bytes left in never-written KV memory can poison decode attention (see the xfail test
-    # test_decode_ignores_garbage_in_unwritten_kv_slots): start every policy from zeroed free pages
-    # and zeroed slab tails (the part of a slab's last page that becomes KV when it is remapped).
-    buf, page = engine.storage.buffer, engine.arena.page_bytes
-    pages = buf.view(engine.arena.num_pages, page)
-    for p in range(engine.arena.num_pages):
-        if engine.arena.owner(p).kind is OwnerKind.FREE:
-            pages[p].zero_()
-    for t in engine.tenants.values():
-        w = t.weights
-        runs = [(w.resident_pages, w.resident_layout.nbytes)]
-        runs += [(sp, w.layer_layout.nbytes) for sp in w.slab_pages if sp is not None]
-        for run, nbytes in runs:
-            buf[run[0] * page + nbytes : (run[0] + len(run)) * page].zero_()
     return engine
 
 
@@ -253,7 +238,7 @@ def run_policy(args: argparse.Namespace, models: dict[str, str], policy: str,
     for _ in range(args.cooldown):
         engine.add_request([5, 6, 7], SamplingParams(max_tokens=1, ignore_eos=True), cool_name)
         drain(engine)
-        if not any(t.weights.missing_layers for t in engine.tenants.values()):
+        if not any(t.residency.missing_layers for t in engine.tenants.values()):
             break
     cool_s = time.perf_counter() - cool_start
     engine.check_integrity()
@@ -296,7 +281,7 @@ def run_policy(args: argparse.Namespace, models: dict[str, str], policy: str,
         "wall_s": t_end - t0,
         "build_and_warmup_s": build_s,
         "cooldown_s": cool_s,
-        "layers_missing_at_end": {n: t.weights.missing_layers for n, t in engine.tenants.items()},
+        "layers_missing_at_end": {n: t.residency.missing_layers for n, t in engine.tenants.items()},
         "per_model_counters": during,
         "slab_summary": slab_summary(engine, hist0),
         "page_timeline": timeline(engine, hist0, t0, args.timeline_points),

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from oneiros.core import ConfigError
+from oneiros.engine.policies import POLICIES
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -30,9 +31,6 @@ def parse_bytes(value: str | float) -> int | float:
     if unit == "" and num <= 1.0:
         return num
     return int(num * _UNITS[unit])
-
-
-POLICIES = ("recompute", "swap", "static", "oneiros")
 
 
 @dataclass(frozen=True)

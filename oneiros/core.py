@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,17 @@ class UnknownModelError(OneirosError, KeyError):
 
 class ConfigError(OneirosError, ValueError):
     """A setting cannot work (for example a memory budget too small for the model's weights)."""
+
+
+class IntegrityError(OneirosError, AssertionError):
+    """An accounting invariant does not hold (a bug). Raised, not asserted: integrity checks must
+    still run under `python -O`, where assert statements vanish."""
+
+
+def ensure(condition: object, message: str) -> None:
+    """Raise IntegrityError(message) unless condition holds."""
+    if not condition:
+        raise IntegrityError(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +180,22 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt and output tokens as one new list (a copy: use `token`/`tokens` per step)."""
         return self.prompt_token_ids + self.output_token_ids
+
+    def token(self, i: int) -> int:
+        """Token i of prompt + output, without building the joined list."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output (only that slice is copied)."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        if start >= n:
+            return self.output_token_ids[start - n : stop - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
 
     @property
     def num_tokens(self) -> int:
@@ -212,17 +239,67 @@ class ScheduledSeq:
         return self.context_len == self.request.num_tokens
 
 
+# ---- memory actions: planning decides them as data, the executor applies (or prices) them ------
+@dataclass(frozen=True, slots=True)
+class EvictLayer:
+    """Remap: a decoder layer gives up its slab; `pages` go free for KV cache. No write-back: the
+    host master copy is exact."""
+
+    model: str
+    layer: int
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreLayer:
+    """A non-resident layer gets a slab on `pages` again: one host-to-device copy of its master."""
+
+    model: str
+    layer: int
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MoveLayer:
+    """Compaction: a resident layer's slab moves from `src` to `pages`, copied again from the host
+    master copy (so old and new places may overlap)."""
+
+    model: str
+    layer: int
+    src: tuple[int, ...]
+    pages: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeKV:
+    """A KV pool took (`grow`) or gave back pages. Bookkeeping only for the executor: KV views span
+    the whole arena, so no byte moves."""
+
+    model: str
+    pages: tuple[int, ...]
+    grow: bool
+
+
+MemoryOp = EvictLayer | RestoreLayer | MoveLayer | ResizeKV
+LAYER_COPIES = (RestoreLayer, MoveLayer)  # ops that copy one layer host-to-device
+
+
 @dataclass(slots=True)
 class StepPlan:
-    """What one engine step does: which requests run with how many tokens, for which model."""
+    """One model's share of a step: which requests run with how many tokens, the KV block copies
+    around them, and the layers its pass streams."""
 
     model: str
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    recomputed_tokens: int = 0  # computed tokens the recompute preemptions of this plan dropped
     # KV block copies to run before the forward pass, as (device block, host block) pairs.
     # Swap-outs run first: their device blocks may be handed to another request in this step.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # The model's non-resident layers in this pass: streamed through borrowed slabs
+    # (`memory.passplan.plan_pass` says which copy starts when).
+    stream: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -235,6 +312,29 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.seqs and not self.swap_out
+
+
+@dataclass(slots=True)
+class Step:
+    """One engine step as data: plan -> execute -> commit.
+
+    The executor applies every plan's swap-outs, then `memory` in order (the order planning made
+    each decision, so every action sees the pages as the accounting had them), then the swap-ins,
+    then runs the plans' passes. `idle` plans only preempted (no copy, no pass): commit and trace
+    read them. `finished` are requests planning gave up on; `notes` tally decisions that are not
+    memory actions (failed restores, reactivations), per (model, counter name)."""
+
+    now: float
+    plans: list[StepPlan] = field(default_factory=list)
+    memory: list[MemoryOp] = field(default_factory=list)
+    idle: list[StepPlan] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    notes: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to execute: no pass, no copy, no memory action."""
+        return not self.plans and not self.memory
 
 
 @dataclass(slots=True)

@@ -7,11 +7,11 @@
 (b) Layer streaming under decode. An engine with `random:llama-3-8b` (`--tiny`: llama-tiny) runs a
     batch of decoding requests (as model_step.py does). Decode steps are timed with every layer
     resident (T0); then alpha layers, chosen by `oneiros.memory.remap.removal_order`, are made
-    non-resident (`weights.evict_layer`, then `executor.residency_changed`) and the steps are timed
+    non-resident (`engine.evict_layers`) and the steps are timed
     again (T_alpha): each forward pass now streams them in through borrowed slabs. The copy time
     per step is
 
-        copies per pass (oneiros.memory.transfer.plan_pass) x layer bytes / probe h2d bandwidth
+        copies per pass (oneiros.memory.passplan.plan_pass) x layer bytes / probe h2d bandwidth
 
     and the hidden fraction is 1 - max(0, T_alpha - T0) / copy time, clipped to [0, 1]. The
     engine's own per-step figures (bytes copied, copy time from CUDA events, time the compute
@@ -129,21 +129,21 @@ def timed_steps(engine, t, reqs, args, timer, kv_per_token) -> dict[str, Any]:
 
 def streaming(args, device: torch.device, probe) -> dict[str, Any]:
     from oneiros.memory.remap import removal_order
-    from oneiros.memory.transfer import plan_pass
+    from oneiros.memory.passplan import plan_pass
 
     t0 = time.perf_counter()
     engine = build_engine(args, device, max(args.batches))
     load_s = time.perf_counter() - t0
     t = engine.tenants["m"]
-    w = t.weights
-    num_layers = t.model.cfg.num_layers
+    residency = t.residency
+    num_layers = t.num_layers
     alphas = [a for a in args.alphas if a <= num_layers - 1]
     if alphas != args.alphas:
         print(f"alphas above {num_layers - 1} skipped (layer 0 always stays)", file=sys.stderr)
     order = removal_order(num_layers)
     itemsize = torch.empty((), dtype=t.model.dtype).element_size()
     kv_per_token = t.model.cfg.kv_bytes_per_token(itemsize)
-    layer_bytes = w.layer_layout.nbytes
+    layer_bytes = residency.layer_bytes
     timer = common.StepTimer(device)
     print(f"[streaming] engine built in {load_s:.1f}s; layer slab {layer_bytes / common.MiB:.1f} "
           f"MiB", file=sys.stderr, flush=True)
@@ -156,11 +156,9 @@ def streaming(args, device: torch.device, probe) -> dict[str, Any]:
         base = timed_steps(engine, t, reqs, args, timer, kv_per_token)
         evicted: list[int] = []
         for alpha in alphas:
-            for layer in order[len(evicted):alpha]:
-                w.evict_layer(layer)
-                evicted.append(layer)
-            engine.executor.residency_changed("m")
-            plan = plan_pass(num_layers, w.missing_layers, args.prefetch_distance)
+            engine.evict_layers("m", order[len(evicted):alpha])
+            evicted += order[len(evicted):alpha]
+            plan = plan_pass(num_layers, residency.missing_layers, args.prefetch_distance)
             copy_bytes = plan.num_copies * layer_bytes
             copy_s = copy_bytes / probe.h2d
             res = timed_steps(engine, t, reqs, args, timer, kv_per_token)
@@ -168,7 +166,7 @@ def streaming(args, device: torch.device, probe) -> dict[str, Any]:
             hidden = min(1.0, max(0.0, 1.0 - extra / copy_s)) if copy_s > 0 else None
             eng_copy, eng_exp = res["engine_copy_s_per_step"], res["engine_exposed_s_per_step"]
             rows.append({
-                "batch": batch, "alpha": alpha, "missing_layers": list(w.missing_layers),
+                "batch": batch, "alpha": alpha, "missing_layers": list(residency.missing_layers),
                 "copies_per_step": plan.num_copies, "copy_bytes_per_step": copy_bytes,
                 "copy_s_per_step": copy_s, "t0_s": base["step_s"], "t_alpha_s": res["step_s"],
                 "extra_s": extra, "hidden_fraction": hidden,
@@ -184,10 +182,8 @@ def streaming(args, device: torch.device, probe) -> dict[str, Any]:
                   f"T_alpha {res['step_s'] * 1e3:.3f} ms, copies {copy_s * 1e3:.3f} ms "
                   f"-> hidden {hidden if hidden is None else round(hidden, 3)}",
                   file=sys.stderr, flush=True)
-        for layer in reversed(evicted):
-            if not w.restore_layer(layer):
-                raise RuntimeError(f"layer {layer} could not be restored (arena full)")
-        engine.executor.residency_changed("m")
+        if not engine.restore_layers("m", list(reversed(evicted))):
+            raise RuntimeError("the evicted layers could not be restored (arena full)")
         after = timed_steps(engine, t, reqs, args, timer, kv_per_token)
         for r in rows:
             if r["batch"] == batch:
@@ -195,10 +191,10 @@ def streaming(args, device: torch.device, probe) -> dict[str, Any]:
         common.release(engine, reqs)
     out = {"load_s": load_s, "num_layers": num_layers, "layer_bytes": layer_bytes,
            "removal_order": order, "prefetch_distance": args.prefetch_distance,
-           "cuda_graphs": args.cuda_graphs, "attention": engine.attention, "rows": rows}
+           "cuda_graphs": args.cuda_graphs, "attention": engine.backend.attention, "rows": rows}
     engine.check_integrity()
     engine.close()
-    del engine, t, w
+    del engine, t, residency
     common.free_engine(device)
     return out
 

@@ -118,7 +118,7 @@ def run_oneiros(args, device: torch.device, work: list[dict[str, Any]]) -> dict[
         "generated_tokens": useful,
         "expected_tokens": expected,
         "tokens_per_s": useful / wall,
-        "attention": engine.attention,
+        "attention": engine.backend.attention,
         "cuda_graphs": args.cuda_graphs,
         "dtype": str(engine.dtype),
         "preemptions": sum(o.num_preemptions for o in outs),

@@ -90,7 +90,7 @@ def measure(args, device: torch.device, conf: dict[str, Any], peak_bw: float) ->
     kv_per_token = model.cfg.kv_bytes_per_token(itemsize)
     timer = common.StepTimer(device)
     out: dict[str, Any] = {
-        **conf, "tag": tag, "load_s": load_s, "engine_attention": engine.attention,
+        **conf, "tag": tag, "load_s": load_s, "engine_attention": engine.backend.attention,
         "dtype": str(model.dtype), "kv_bytes_per_token": kv_per_token, "batches": [],
     }
     print(f"[{tag}] engine built in {load_s:.1f}s", file=sys.stderr, flush=True)

@@ -16,8 +16,7 @@ from typing import Any
 
 from oneiros.config import EngineConfig
 from oneiros.core import OneirosError
-
-POLICIES = ("recompute", "swap", "static", "oneiros")
+from oneiros.engine.policies import POLICIES
 
 
 def policies_arg(value: str) -> list[str]:

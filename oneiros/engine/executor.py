@@ -1,34 +1,39 @@
-"""Executors run one `StepPlan`. The real one runs the PyTorch model; a simulated one (same
-interface) advances a virtual clock instead."""
+"""The torch backend: ModelRunner turns one model's plan into tensors and runs it; TorchExecutor
+applies a step's memory actions (layer moves on the copy stream, KV swaps) and runs every plan."""
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from oneiros import attention as attention_backends
 from oneiros.attention.torch_ref import AttentionMetadata, DecodeGroup, PrefillSeq, group_decodes
-from oneiros.core import Request, ScheduledSeq, StepPlan, StepResult
-from oneiros.engine.graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
+from oneiros.config import EngineConfig, free_device_memory
+from oneiros.core import (
+    ConfigError,
+    MemoryOp,
+    Request,
+    ResizeKV,
+    ScheduledSeq,
+    Step,
+    StepPlan,
+    StepResult,
+)
+from oneiros.engine.backends import Backend, Executor
+from oneiros.engine.clock import Clock
+from oneiros.engine.graphs import CudaGraphCapture, DecodeGraphs, GraphCapture, batch_sizes
 from oneiros.engine.sampler import Sampler
+from oneiros.memory.bandwidth import cached_probe
 from oneiros.memory.kv import KVPool
+from oneiros.memory.passplan import PassPlan, plan_pass
 from oneiros.memory.storage import DeviceArena
-from oneiros.memory.transfer import LayerStreamer, PassPlan, plan_pass
+from oneiros.memory.streamer import LayerStreamer
 from oneiros.memory.weights import ModelWeights
 
-
-class Executor(ABC):
-    @abstractmethod
-    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
-        """Run each plan (one per model in this step): its KV copies, its forward pass, and sample
-        one token per sequence that reaches its end. Plans of different models may overlap."""
-
-    def release(self, request_id: str) -> None:
-        """Forget per-request state (e.g. a seeded generator) of a finished request."""
-
-    def residency_changed(self, model: str) -> None:
-        """The model's resident layers are about to change: finish what depends on the old set."""
+if TYPE_CHECKING:
+    from oneiros.engine.tenant import Tenant
 
 
 class ModelRunner:
@@ -48,13 +53,13 @@ class ModelRunner:
         model = weights.model
         c = model.cfg
         self.weights = weights
+        self.residency = weights.residency
         self.model = model
         self.pool = pool
         self.prefetch_distance = prefetch_distance
         self.streamer = LayerStreamer(weights.host, weights.region, weights.bind, storage.device)
-        weights.copier = self.streamer.copy_in  # restores and moves overlap compute on CUDA
-        self._pass_plan: PassPlan | None = None
-        self._stats_at_start = (0, 0.0, 0.0)
+        self.stream_layers: tuple[int, ...] = ()  # the non-resident layers of the current pass
+        self._timing_at_start = (0.0, 0.0)
         self.sampler = sampler
         self.device = storage.device
         self.block_size = pool.block_size
@@ -77,14 +82,28 @@ class ModelRunner:
     def kv_layer(self, i: int) -> torch.Tensor:
         return self.kv[:, :, i]  # [P, bpp, 2, bs, Hkv, D]
 
-    def copy_blocks(self, plan: StepPlan) -> None:
-        """Swap-outs before swap-ins: a block swapped out may be reused by this very step."""
+    # ---- memory actions --------------------------------------------------------------------------
+    def apply(self, op: MemoryOp) -> None:
+        """Move the bytes of one layer action. The residency changes: copies in flight that
+        depend on the old layout finish first (the streamer waits for them), captured graphs go."""
+        self.streamer.reset()
+        if self.graphs is not None:
+            self.graphs.invalidate()
+        # On CUDA a copy runs on the copy stream; the layer's next use waits for its event.
+        self.weights.apply(op, self.streamer.copy_in)
+
+    def swap_out(self, plan: StepPlan) -> None:
+        """Copy the plan's swapped-out blocks to host memory (before anything reuses them)."""
         bpp = self.pool.blocks_per_page
         if plan.swap_out:
             dev = torch.tensor([d for d, _ in plan.swap_out])
             host = torch.tensor([h for _, h in plan.swap_out])
             blocks = self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)]
             self.host_kv[host] = blocks.to("cpu")
+
+    def swap_in(self, plan: StepPlan) -> None:
+        """Copy swapped-in blocks back from host memory into their new device blocks."""
+        bpp = self.pool.blocks_per_page
         if plan.swap_in:
             host = torch.tensor([h for h, _ in plan.swap_in])
             dev = torch.tensor([d for _, d in plan.swap_in])
@@ -95,7 +114,8 @@ class ModelRunner:
         """The forward pass (after the executor ran the step's copies); returns logits [N, V] of the
         sampling rows and their requests."""
         st = self.streamer.stats
-        self._stats_at_start = (st.bytes, st.copy_s, st.exposed_s)
+        self._timing_at_start = (st.copy_s, st.exposed_s)
+        self.stream_layers = plan.stream
         with torch.inference_mode():
             if not plan.seqs:
                 return None, []
@@ -107,7 +127,7 @@ class ModelRunner:
                 h = self.graphs.run(seqs, key)
             else:
                 ids, pos, meta = self._prepare(seqs)
-                before, after, _ = self.stream_hooks()
+                before, after = self.stream_hooks()
                 h = self.model.forward(ids, pos, self.kv_layer, meta, before, after)
             rows, reqs, offset = [], [], 0
             for s in seqs:
@@ -123,22 +143,26 @@ class ModelRunner:
                 h = h[pack.to(self.device)[sel]]
             return self.model.lm_head(h), reqs
 
-    def stream_hooks(self, capturing: bool = False):
-        """(before, after, pass plan): hooks that stream the model's non-resident layers through
-        borrowed slabs and wait for restores still in flight; (None, None, None) when there are
-        neither. The residency changed since the last plan only through `reset` (see
-        TorchExecutor.residency_changed), which already waited for the old plan's copies."""
-        missing = tuple(self.weights.missing_layers)
-        if not missing and not self.streamer.pending:
-            self._pass_plan = None
-            return None, None, None
-        if self._pass_plan is None or self._pass_plan.missing != missing:
-            n = len(self.weights.slab_pages)
-            self._pass_plan = plan_pass(n, missing, self.prefetch_distance)
-        before, after = self.streamer.hooks(self._pass_plan, timing=not capturing)
-        return before, after, self._pass_plan
+    def pass_plan(self) -> PassPlan | None:
+        """The current pass's streaming plan (None: every layer resident)."""
+        if not self.stream_layers:
+            return None
+        return plan_pass(self.model.cfg.num_layers, self.stream_layers, self.prefetch_distance)
 
-    def sample(self, logits: torch.Tensor | None, reqs: list[Request], t0: float) -> StepResult:
+    def stream_hooks(self, capturing: bool = False):
+        """(before, after): hooks that stream the pass's non-resident layers through borrowed
+        slabs and wait for restores still in flight; (None, None) when there are neither. The
+        residency changed since the last pass only through `apply`, which already waited for
+        the old plan's copies."""
+        plan = self.pass_plan()
+        if plan is None and not self.streamer.pending:
+            return None, None
+        plan = plan or plan_pass(self.model.cfg.num_layers, (), self.prefetch_distance)
+        return self.streamer.hooks(plan, timing=not capturing)
+
+    def sample(
+        self, plan: StepPlan, logits: torch.Tensor | None, reqs: list[Request], t0: float
+    ) -> StepResult:
         tokens: list[int] = []
         logprobs: list[float] = []
         top = None
@@ -146,16 +170,17 @@ class ModelRunner:
             with torch.inference_mode():
                 tokens, logprobs, top = self.sampler.sample(logits, reqs)  # syncs the device
         self.streamer.finish_pass()
-        st, before = self.streamer.stats, self._stats_at_start
+        st, before = self.streamer.stats, self._timing_at_start
+        passes = self.pass_plan() if plan.seqs else None
         return StepResult(
             [r.request_id for r in reqs],
             tokens,
             logprobs,
             top,
             time.perf_counter() - t0,
-            h2d_bytes=st.bytes - before[0],
-            copy_s=st.copy_s - before[1],
-            exposed_s=st.exposed_s - before[2],
+            h2d_bytes=passes.num_copies * self.residency.layer_bytes if passes else 0,
+            copy_s=st.copy_s - before[0],
+            exposed_s=st.exposed_s - before[1],
         )
 
     def _prepare(
@@ -173,7 +198,7 @@ class ModelRunner:
         prefills: list[tuple[int, int, int, int, int]] = []  # (start, q_len, ctx, pages, slots)
         for s in seqs:
             req = s.request
-            ids.extend(req.all_token_ids[s.start : s.context_len])
+            ids.extend(req.tokens(s.start, s.context_len))
             for j in range(s.start, s.context_len):
                 pos.append(j)
                 b = req.block_ids[j // bs]
@@ -250,38 +275,107 @@ class TorchExecutor(Executor):
     def __init__(self, runners: dict[str, ModelRunner]) -> None:
         self.runners = runners
 
-    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+    def execute(self, step: Step) -> list[StepResult]:
         t0 = time.perf_counter()
+        plans = step.plans
+        # Memory first, in an order that respects every action's view of the pages: swap-outs
+        # read blocks freed while planning (before anything writes them), layer actions go in
+        # the order they were decided, swap-ins write blocks nothing later in the step takes.
+        with torch.inference_mode():
+            for plan in plans:
+                self.runners[plan.model].swap_out(plan)
+            for op in step.memory:
+                if not isinstance(op, ResizeKV):
+                    self.runners[op.model].apply(op)
+            for plan in plans:
+                self.runners[plan.model].swap_in(plan)
+        if not plans:
+            return []
         runners = [self.runners[p.model] for p in plans]
         # Spatial sharing on CUDA: each model's kernels go to its own stream, all of them ordered
         # after what the main stream did before and joined back into it before sampling.
         streams = len(plans) > 1 and all(r.stream is not None for r in runners)
         main = torch.cuda.current_stream(runners[0].device) if streams else None
-        # Every plan's KV copies first, in order: a block swapped out for one model may be written
-        # by another model's forward pass in this very step.
-        with torch.inference_mode():
-            for plan, runner in zip(plans, runners):
-                runner.copy_blocks(plan)
         pending = []
         for plan, runner in zip(plans, runners):
             if streams:
                 runner.stream.wait_stream(main)
                 with torch.cuda.stream(runner.stream):
-                    pending.append((runner, *runner.forward(plan)))
+                    pending.append((plan, runner, *runner.forward(plan)))
             else:
-                pending.append((runner, *runner.forward(plan)))
+                pending.append((plan, runner, *runner.forward(plan)))
         if streams:
             for runner in runners:
                 main.wait_stream(runner.stream)
-        return [runner.sample(logits, reqs, t0) for runner, logits, reqs in pending]
-
-    def residency_changed(self, model: str) -> None:
-        runner = self.runners[model]
-        runner.streamer.reset()
-        runner._pass_plan = None
-        if runner.graphs is not None:
-            runner.graphs.invalidate()
+        return [runner.sample(plan, logits, reqs, t0) for plan, runner, logits, reqs in pending]
 
     def release(self, request_id: str) -> None:
         for r in self.runners.values():
             r.sampler.release(request_id)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported (use cpu or cuda[:N])")
+    return dev
+
+
+class TorchBackend(Backend):
+    """The models run for real, on cpu or cuda, against the wall clock."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = _device(config.device)
+        self.clock = Clock()
+        self.attention = "torch"
+
+    def default_dtype(self) -> str:
+        return "bfloat16" if self.device.type == "cuda" else "float32"
+
+    def device_memory(self) -> int:
+        return free_device_memory(str(self.device))
+
+    def h2d_bytes_per_s(self) -> float:
+        return self.config.h2d_bytes_per_s or cached_probe(self.device).h2d
+
+    def prepare_models(self, models: dict[str, Any]) -> None:
+        self.attention = attention_backends.choose(
+            self.config.attention, self.device.type, self.config.block_size,
+            [m.cfg.head_dim for m in models.values()],
+        )
+        backend = attention_backends.load(self.attention)
+        for m in models.values():
+            m.attention = backend
+
+    def loads_weights(self) -> bool:
+        return True
+
+    def executor(self, tenants: dict[str, Tenant], weights: dict[str, Any]) -> Executor:
+        cfg = self.config
+        storage = next(iter(weights.values())).storage
+        return TorchExecutor({
+            n: ModelRunner(
+                weights[n],
+                t.pool,
+                storage,
+                Sampler(self.device, cfg.seed),
+                t.scheduler.host_pool.num_blocks if t.scheduler.host_pool else 0,
+                cfg.prefetch_distance,
+                batch_sizes(cfg.max_num_seqs) if cfg.cuda_graphs else None,
+                -(-t.max_model_len // cfg.block_size),
+            )
+            for n, t in tenants.items()
+        })

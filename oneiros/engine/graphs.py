@@ -28,7 +28,6 @@ function at every replay) exercises the same buffers and padding on a CPU (the t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -116,7 +115,6 @@ class DecodeGraphs:
                                   device=dev)
         self._pin = dev.type == "cuda"
         self._graphs: dict[tuple[int, int], Replay] = {}
-        self._streamed = (0, 0)  # (copies, bytes) a replay streams: one residency, one plan
         self._signature: tuple | None = None
         self._stable = 0  # decode steps seen with the current signature
         self.captures = 0
@@ -155,7 +153,7 @@ class DecodeGraphs:
         need = -(-longest // bs)
         if need > self.max_blocks:
             return None
-        sig = self.runner.weights.signature()
+        sig = self.runner.residency.signature()
         if sig != self._signature:
             self.invalidate()
             self._signature = sig
@@ -172,10 +170,6 @@ class DecodeGraphs:
         streamer.settle()  # a restore still in flight must land before the replay reads the slab
         replay = self._graphs.get(key) or self._capture(*key)
         out = replay()
-        if not isinstance(self.capturer, EagerReplay):  # an eager replay streams and counts
-            copies, nbytes = self._streamed
-            streamer.stats.copies += copies
-            streamer.stats.bytes += nbytes
         self.replays += 1
         return out[: len(seqs)]
 
@@ -192,7 +186,7 @@ class DecodeGraphs:
             p = s.context_len - 1
             blocks = req.block_ids[: -(-s.context_len // bs)]
             b = blocks[p // bs]
-            row = [req.all_token_ids[p], p, b // bpp, b % bpp, p % bs, s.context_len, *blocks]
+            row = [req.token(p), p, b // bpp, b % bpp, p % bs, s.context_len, *blocks]
             row += [blocks[0]] * (NUM_FIELDS + width - len(row))
             values += row
             first = first or row
@@ -208,7 +202,7 @@ class DecodeGraphs:
         bs, bpp = r.block_size, r.pool.blocks_per_page
         keys_len = width * bs
         wants_mask = getattr(model.attention, "DECODE_MASK", True)  # Triton reads lens instead
-        before, after, plan = r.stream_hooks(capturing=True)
+        before, after = r.stream_hooks(capturing=True)
 
         def step() -> torch.Tensor:
             blocks = x[:, NUM_FIELDS:]
@@ -229,11 +223,7 @@ class DecodeGraphs:
             r.streamer.join()  # the pass's last copies (slab restores) end inside the graph
             return h
 
-        counted = replace(r.streamer.stats)
         replay = self.capturer.capture(step)
-        r.streamer.stats = counted  # warm-up and capture copies are not the step's
         self._graphs[size, width] = replay
-        nbytes = sum(r.weights.host[c.layer].numel() for c in plan.copies) if plan else 0
-        self._streamed = (plan.num_copies if plan else 0, nbytes)
         self.captures += 1
         return replay

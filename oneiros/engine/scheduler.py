@@ -1,28 +1,23 @@
 """Continuous batching for one model: which requests run this step, with how many tokens.
 
 Scheduling is by token budget (vLLM v1 style): every live request's computed tokens catch up with its
-known tokens, a decode being the case of one new token. Running requests go first, oldest first. When
-a request needs a KV block and the pool has none, the scheduler first asks `make_room` (the engine:
-idle KV pages of other models, parameter pages under remapping, and, for a running request, the
-blocks of another model's running request younger than any of this model's: the youngest request of
-the whole engine is preempted, so the oldest always makes progress), and only then preempts its own
-youngest running request. Except when that is the request itself and `can_wait` says a younger
-request of another model holds pages but could not be preempted (its model's plan for this step is
-made): the request keeps its blocks and sits the step out, since preempting itself would only hand
-its pages to a younger request and start the same contest again (two models could trade pages
-forever, each losing its progress to recompute). The younger request either finishes or, needing
-a page of its own, preempts itself; the older one then goes on.
-Preemption:
+known tokens, a decode being the case of one new token. Running requests go first, oldest first.
+Waiting requests are admitted only in steps without preemption and while blocks and the budget last.
+
+When the pool has no block for a request, the scheduler asks its `Arbiter` (engine/arbiter.py: every
+cross-model memory decision) to make room; failing that it preempts its own youngest running request,
+or, when that is the request itself and the arbiter says it may wait, leaves it out of this step with
+its blocks kept. Preemption:
   - recompute: its blocks are freed; it is prefilled again later with the tokens it already produced;
   - swap: its blocks are copied to host memory (plan.swap_out) and copied back when it resumes
     (plan.swap_in); recompute is the fallback when the host swap space is full.
-Waiting requests are admitted only in steps without preemption and while blocks and the budget last.
+Everything the scheduler decides is in the plan it returns; it keeps no counters.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from oneiros.core import (
     InvalidRequestError,
@@ -30,10 +25,13 @@ from oneiros.core import (
     RequestStatus,
     ScheduledSeq,
     StepPlan,
+    ensure,
 )
-from oneiros.engine.tenancy import TenantCounters
 from oneiros.memory.kv import KVPool
 from oneiros.memory.swap import HostBlockPool
+
+if TYPE_CHECKING:
+    from oneiros.engine.arbiter import Arbiter
 
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -48,10 +46,7 @@ class Scheduler:
         max_model_len: int,
         preemption: str = "recompute",
         host_pool: HostBlockPool | None = None,
-        make_room: Callable[[int, Request], bool] | None = None,
-        counters: TenantCounters | None = None,
-        remappable_pages: Callable[[], int] | None = None,
-        can_wait: Callable[[Request], bool] | None = None,
+        arbiter: Arbiter | None = None,
     ) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
@@ -60,10 +55,7 @@ class Scheduler:
         self.model = model
         self.preemption = preemption
         self.host_pool = host_pool
-        self.make_room = make_room
-        self.can_wait = can_wait
-        self.counters = counters or TenantCounters()
-        self.remappable_pages = remappable_pages
+        self.arbiter = arbiter  # None: this model's own pages and the free ones, nothing else
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -98,22 +90,12 @@ class Scheduler:
         self.waiting.append(req)
 
     def max_blocks(self) -> int:
-        """Blocks this model could hold with its own pages, every free page and, when it may take
-        them (`make_room`), the KV pages of other models."""
-        arena = self.pool.arena
-        pages = self.pool.num_pages + arena.num_free
-        if self.make_room is not None:
-            mine = f"{self.model}/kv"
-            pages += sum(
-                n for k, n in arena.usage_by_kind().items() if k.endswith("/kv") and k != mine
-            )
-        if self.remappable_pages is not None:
-            pages += self.remappable_pages()
+        """Blocks this model could ever hold: its own pages, the free ones and whatever the arbiter
+        may take for it (other models' KV pages, parameter pages)."""
+        pages = self.pool.num_pages + self.pool.arena.num_free
+        if self.arbiter is not None:
+            pages += self.arbiter.borrowable_pages(self.model)
         return pages * self.pool.blocks_per_page
-
-    @property
-    def num_preemptions(self) -> int:
-        return self.counters.preemptions
 
     @property
     def has_work(self) -> bool:
@@ -135,7 +117,7 @@ class Scheduler:
                     # Alone, and more than this model could ever hold: it can never grow further.
                     self._finish_for_capacity(req)
                     continue
-                if victim is req and self.can_wait is not None and self.can_wait(req):
+                if victim is req and self._may_wait(req):
                     waited = True  # it keeps its blocks; a younger request elsewhere gives way
                     i += 1
                     continue
@@ -158,7 +140,6 @@ class Scheduler:
             if req.host_block_ids:  # resume a swapped-out request: copy its KV back first
                 assert self.host_pool is not None
                 plan.swap_in.extend(zip(req.host_block_ids, req.block_ids))
-                self.counters.swap_in_bytes += len(req.host_block_ids) * self.pool.block_bytes
                 self.host_pool.free(req.host_block_ids)
                 req.host_block_ids = []
             req.status = RequestStatus.RUNNING
@@ -172,35 +153,38 @@ class Scheduler:
         if missing <= 0:
             return True
         blocks = self.pool.allocate(missing)
-        if blocks is None and self.make_room is not None and self.make_room(missing, req):
+        if blocks is None and self._make_room(missing, req):
             blocks = self.pool.allocate(missing)
         if blocks is None:
             return False
         req.block_ids.extend(blocks)
         return True
 
+    def _make_room(self, blocks: int, req: Request) -> bool:
+        return self.arbiter is not None and self.arbiter.make_room(self.model, blocks, req)
+
+    def _may_wait(self, req: Request) -> bool:
+        return self.arbiter is not None and self.arbiter.can_wait(self.model, req)
+
     # ---- state changes --------------------------------------------------------------------------
-    def preempt(self, req: Request, plan: StepPlan | None = None) -> None:
-        """Take req's KV blocks away and requeue it at the front (swap, else recompute)."""
+    def preempt(self, req: Request, plan: StepPlan) -> None:
+        """Take req's KV blocks away and requeue it at the front (swap, else recompute); the plan
+        records what happened (preempted, swap_out, recomputed_tokens)."""
         self.running.remove(req)
         host = None
-        if self.preemption == "swap" and plan is not None and req.block_ids:
+        if self.preemption == "swap" and req.block_ids:
             assert self.host_pool is not None
             host = self.host_pool.allocate(len(req.block_ids))
         if host is not None:
-            assert plan is not None
             plan.swap_out.extend(zip(req.block_ids, host))
-            self.counters.swap_out_bytes += len(host) * self.pool.block_bytes
             req.host_block_ids = host
         else:
-            self.counters.recomputed_tokens += req.num_computed_tokens
+            plan.recomputed_tokens += req.num_computed_tokens
             req.num_computed_tokens = 0
         self._free_blocks(req)
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
-        self.counters.preemptions += 1
-        if plan is not None:
-            plan.preempted.append(req)
+        plan.preempted.append(req)
         self.waiting.appendleft(req)
 
     def finish(self, req: Request, status: RequestStatus) -> None:
@@ -235,38 +219,9 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         live = [b for r in self.running for b in r.block_ids]
-        assert len(live) == len(set(live)), "a KV block is shared by two requests"
-        assert len(live) == self.pool.num_used, "blocks in use that no request holds"
-        assert all(not r.block_ids for r in self.waiting), "a waiting request holds blocks"
+        ensure(len(live) == len(set(live)), "a KV block is shared by two requests")
+        ensure(len(live) == self.pool.num_used, "blocks in use that no request holds")
+        ensure(all(not r.block_ids for r in self.waiting), "a waiting request holds blocks")
         if self.host_pool is not None:
             self.host_pool.check_integrity([b for r in self.waiting for b in r.host_block_ids])
 
-
-def preempt_younger(
-    requester: Scheduler,
-    others: list[Scheduler],
-    req: Request,
-    pages: int,
-    plan_of: Callable[[Scheduler], StepPlan],
-) -> tuple[int, list[Request]]:
-    """Free up to `pages` arena pages for `req`, a running request of `requester`, by preempting
-    running requests of `others` that are younger than every running request of `requester`,
-    youngest first. A victim is swapped or recomputed by its own model's policy; its swap-out goes
-    into `plan_of(its scheduler)`, which the engine runs (copies first) in this step. Returns the
-    pages freed and the requests preempted. A waiting request never preempts a running one."""
-    if req.status is not RequestStatus.RUNNING:
-        return 0, []
-    floor = requester.running[-1].age_key if requester.running else req.age_key
-    freed, victims = 0, []
-    while freed < pages:
-        candidates = [
-            (r.age_key, k, r) for k, s in enumerate(others) for r in s.running
-            if r.age_key > floor
-        ]
-        if not candidates:
-            break
-        _, k, victim = max(candidates, key=lambda c: (c[0], c[1]))
-        others[k].preempt(victim, plan_of(others[k]))
-        victims.append(victim)
-        freed += len(others[k].pool.shrink(pages - freed))
-    return freed, victims

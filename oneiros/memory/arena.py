@@ -12,6 +12,8 @@ import enum
 from collections import Counter
 from dataclasses import dataclass
 
+from oneiros.core import ensure
+
 
 class OwnerKind(enum.Enum):
     FREE = "free"
@@ -229,9 +231,9 @@ class PageArena:
 
     def check_integrity(self) -> None:
         """Every page has one owner and the free set is exactly the pages owned by FREE."""
-        assert len(self._owner) == self.num_pages
+        ensure(len(self._owner) == self.num_pages, "owner table size drifted")
         free = {p for p, o in enumerate(self._owner) if o.kind is OwnerKind.FREE}
-        assert free == self._free, f"free set drifted: {sorted(free ^ self._free)}"
+        ensure(free == self._free, f"free set drifted: {sorted(free ^ self._free)}")
         counts = Counter(_kind_label(o) for o in self._owner)
-        assert +self._kind_counts == counts, "page counts by kind drifted"
+        ensure(+self._kind_counts == counts, "page counts by kind drifted")
 

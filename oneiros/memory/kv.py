@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 
-from oneiros.core import ConfigError
+from oneiros.core import ConfigError, ResizeKV, ensure
 from oneiros.memory.arena import Owner, PageArena
 
 
@@ -39,6 +39,7 @@ class KVPool:
         # where layer slabs are placed when parameters come back.
         self._free_blocks: list[int] = []
         self._used: set[int] = set()
+        self._resizes: list[ResizeKV] = []  # since the last drain_resizes()
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -116,6 +117,7 @@ class KVPool:
                 raise ValueError(f"page {p} already belongs to the KV pool of {self.model!r}")
             if self.arena.owner(p) != self.owner:
                 raise ValueError(f"page {p} belongs to {self.arena.owner(p)}, not {self.owner}")
+        self._resizes.append(ResizeKV(self.model, tuple(pages), grow=True))
         for p in pages:
             self._pages.add(p)
             base = p * self.blocks_per_page
@@ -136,12 +138,18 @@ class KVPool:
         heapq.heapify(self._free_blocks)
         self._pages -= idle_set
         self.arena.free(idle, self.owner)
+        self._resizes.append(ResizeKV(self.model, tuple(idle), grow=False))
         return idle
 
+    def drain_resizes(self) -> list[ResizeKV]:
+        """The pages taken and given back since the last call, as memory actions of the step."""
+        out, self._resizes = self._resizes, []
+        return out
+
     def check_integrity(self) -> None:
-        assert set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view"
+        ensure(set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view")
         free = set(self._free_blocks)
-        assert len(free) == len(self._free_blocks), "a block is on the free list twice"
-        assert not free & self._used, "a block is both free and used"
+        ensure(len(free) == len(self._free_blocks), "a block is on the free list twice")
+        ensure(not free & self._used, "a block is both free and used")
         every = {p * self.blocks_per_page + s for p in self._pages for s in range(self.blocks_per_page)}
-        assert free | self._used == every, "blocks lost or invented"
+        ensure(free | self._used == every, "blocks lost or invented")

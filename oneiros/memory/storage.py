@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-_ALIGN = 256  # bytes; keeps every tensor aligned for vectorised kernels
+from oneiros.memory.residency import packed_offsets, pages_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,16 +34,11 @@ class SlabLayout:
 
     @staticmethod
     def build(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> SlabLayout:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        entries, offset = [], 0
-        for name, shape in shapes.items():
-            nbytes = math.prod(shape) * itemsize
-            entries.append(SlabEntry(name, tuple(shape), offset, nbytes))
-            offset += -(-nbytes // _ALIGN) * _ALIGN
-        return SlabLayout(tuple(entries), dtype, offset)
+        packed, nbytes = packed_offsets(shapes, torch.empty((), dtype=dtype).element_size())
+        return SlabLayout(tuple(SlabEntry(*e) for e in packed), dtype, nbytes)
 
     def pages(self, page_bytes: int) -> int:
-        return max(1, -(-self.nbytes // page_bytes))
+        return pages_for(self.nbytes, page_bytes)
 
     def views(self, region: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views into a uint8 region of at least `nbytes` bytes."""
@@ -96,8 +91,10 @@ class DeviceArena:
 
 
 def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
-    """A host byte buffer for master copies: pinned when the device is CUDA, so copies are async."""
+    """A zeroed host byte buffer for master copies, pinned when the device is CUDA (async copies).
+    Zeroed because a slab's alignment padding is copied with it and, once the slab is remapped,
+    lands in KV pages: every arena byte must stay finite (see DeviceArena)."""
     if device.type == "meta":  # the simulator: accounting only, no bytes anywhere
         return torch.empty(nbytes, dtype=torch.uint8, device="meta")
     pin = device.type == "cuda" and torch.cuda.is_available()
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)

@@ -3,6 +3,8 @@ memory (pinned on CUDA) until the request resumes. Bookkeeping only; the executo
 
 from __future__ import annotations
 
+from oneiros.core import ensure
+
 
 class HostBlockPool:
     """A fixed number of host KV blocks of one model's geometry."""
@@ -31,4 +33,4 @@ class HostBlockPool:
 
     def check_integrity(self, held: list[int]) -> None:
         """`held`: host blocks that requests hold; with the free list they must tile the space."""
-        assert sorted(held + self._free) == list(range(self.num_blocks)), "host blocks leaked"
+        ensure(sorted(held + self._free) == list(range(self.num_blocks)), "host blocks leaked")

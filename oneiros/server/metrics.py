@@ -27,7 +27,7 @@ def memory_snapshot(engine: LLMEngine) -> dict[str, Any]:
     arena = engine.arena
     models: dict[str, Any] = {}
     for name, t in engine.tenants.items():
-        slabs = t.weights.slab_pages
+        slabs = t.residency.slab_pages
         m: dict[str, Any] = {
             "num_layers": len(slabs),
             "layers_resident": sum(p is not None for p in slabs),
@@ -40,7 +40,7 @@ def memory_snapshot(engine: LLMEngine) -> dict[str, Any]:
             "max_model_len": t.max_model_len,
             "running": len(t.scheduler.running),
             "waiting": len(t.scheduler.waiting),
-            "preemptions": t.scheduler.num_preemptions,
+            "preemptions": t.state.counters.preemptions,
         }
         host = getattr(t.scheduler, "host_pool", None)  # swap policy only
         if host is not None:

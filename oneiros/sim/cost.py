@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from oneiros.core import StepPlan
-from oneiros.memory.transfer import plan_pass
+from oneiros.memory.passplan import plan_pass
 from oneiros.sim.hardware import HardwareProfile
 
 

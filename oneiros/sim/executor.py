@@ -7,11 +7,9 @@ benchmark forces each output to its length with ignore_eos); their timestamps ar
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from oneiros.core import StepPlan, StepResult
+from oneiros.core import LAYER_COPIES, Step, StepResult
+from oneiros.engine.backends import Executor
 from oneiros.engine.clock import VirtualClock
-from oneiros.engine.executor import Executor
 from oneiros.sim.cost import (
     ModelCost,
     StepWork,
@@ -25,24 +23,15 @@ from oneiros.sim.hardware import HardwareProfile
 
 
 class SimTenant:
-    """What the simulated executor reads of one model: its geometry and its current residency."""
+    """What the simulated executor reads of one model: its geometry."""
 
     def __init__(
-        self,
-        cost: ModelCost,
-        layer_bytes: int,
-        block_bytes: int,
-        vocab_size: int,
-        missing: Callable[[], list[int]],
-        copied_layers: Callable[[], int],
+        self, cost: ModelCost, layer_bytes: int, block_bytes: int, vocab_size: int
     ) -> None:
         self.cost = cost
         self.layer_bytes = layer_bytes
         self.block_bytes = block_bytes
         self.vocab_size = vocab_size
-        self.missing = missing  # the model's non-resident layers now
-        self.copied_layers = copied_layers  # layers restored or moved so far (synchronous copies)
-        self.charged_layers = 0
 
 
 class SimExecutor(Executor):
@@ -57,18 +46,23 @@ class SimExecutor(Executor):
         self.clock = clock
         self.tenants = tenants
         self.prefetch_distance = prefetch_distance
+        self._pending_s = 0.0  # layer copies of memory-only steps, charged to the next pass
 
-    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+    def execute(self, step: Step) -> list[StepResult]:
         hw = self.hw
         total_flops = total_bytes = 0.0
-        sync_s = overhead = 0.0
+        overhead = 0.0
+        # Restores and compaction moves are charged as synchronous layer copies.
+        sync_s = self._pending_s + sum(
+            self.tenants[op.model].layer_bytes / hw.h2d_bw
+            for op in step.memory if isinstance(op, LAYER_COPIES)
+        )
+        self._pending_s = 0.0
+        if not step.plans:
+            self._pending_s = sync_s
+            return []
         results: list[StepResult] = []
-        for t in self.tenants.values():
-            # Restores and compaction moves since the last step were synchronous layer copies.
-            copied = t.copied_layers()
-            sync_s += (copied - t.charged_layers) * t.layer_bytes / hw.h2d_bw
-            t.charged_layers = copied
-        for plan in plans:
+        for plan in step.plans:
             t = self.tenants[plan.model]
             sync_s += swap_time(
                 hw, len(plan.swap_out) * t.block_bytes, len(plan.swap_in) * t.block_bytes
@@ -83,9 +77,8 @@ class SimExecutor(Executor):
             own = compute_time(hw, flops, nbytes)
             over = overhead_time(hw, t.cost.num_layers, work.tokens)
             overhead = max(overhead, over)
-            missing = tuple(t.missing())
             stream = stream_pass(
-                hw, t.cost.num_layers, missing, self.prefetch_distance, t.layer_bytes,
+                hw, t.cost.num_layers, plan.stream, self.prefetch_distance, t.layer_bytes,
                 own / t.cost.num_layers,
             )
             ids, toks = [], []

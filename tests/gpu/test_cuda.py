@@ -46,9 +46,7 @@ def prompts(vocab: int) -> list[list[int]]:
 def generate(e: LLMEngine, alpha: int = 0, on_step=None) -> list[list[int]]:
     t = e.tenants["m"]
     if alpha:
-        e.executor.residency_changed("m")
-        for layer in remap.uniform_layers(t.model.cfg.num_layers, alpha):
-            t.weights.evict_layer(layer)
+        e.evict_layers("m", remap.uniform_layers(t.num_layers, alpha))
     ids = [
         e.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), "m")
         .request_id
@@ -95,8 +93,8 @@ def test_a_restore_mid_run_recaptures(reference):
         g = e.executor.runners["m"].graphs
         if "captures" not in seen and g.replays >= 2:
             seen["captures"] = g.captures
-            e.executor.residency_changed("m")
-            assert t.weights.restore_layer(t.weights.missing_layers[0])  # async, copy stream
+            # Async, on the copy stream.
+            assert e.restore_layers("m", t.residency.missing_layers[:1])
 
     assert generate(e, alpha=1, on_step=restore_once) == reference
     assert e.executor.runners["m"].graphs.captures > seen["captures"]

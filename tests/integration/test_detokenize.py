@@ -60,6 +60,6 @@ def test_engine_streams_the_same_text_it_finishes_with(smollm2_llm):
         outs += e.step()
         e.check_integrity()
     final = outs[-1]
-    assert final.finished and not e._texts
+    assert final.finished and not e.committer.texts
     for o in outs[:-1]:
         assert final.text.startswith(o.text)

@@ -21,7 +21,7 @@ import torch
 
 from oneiros.core import SamplingParams
 from oneiros.engine.graphs import DecodeGraphs, EagerReplay, batch_sizes
-from oneiros.memory.transfer import plan_pass
+from oneiros.memory.passplan import plan_pass
 from tests.factories import make_request
 from tests.integration.test_remapping import force_alpha, make_engine, prompts_for, run_all
 
@@ -72,8 +72,8 @@ def test_streamed_layers_inside_the_pass(reference):
     assert graphs.replays > 0
     t = e.tenants["m"]
     c = e.store.states["m"].counters
-    plan = plan_pass(t.model.cfg.num_layers, t.weights.missing_layers, 2)
-    assert c.h2d_bytes == c.steps * plan.num_copies * t.weights.layer_layout.nbytes
+    plan = plan_pass(t.num_layers, t.residency.missing_layers, 2)
+    assert c.h2d_bytes == c.steps * plan.num_copies * t.residency.layer_bytes
     e.check_integrity()
 
 
@@ -97,15 +97,13 @@ def test_residency_change_recaptures(reference):
         steps += 1
         if restored_at is None and runner.graphs.replays >= 2:
             captures = runner.graphs.captures
-            layer = t.weights.missing_layers[0]
-            e.executor.residency_changed("m")
-            assert t.weights.restore_layer(layer)
+            assert e.restore_layers("m", t.residency.missing_layers[:1])
             restored_at = runner.graphs.replays
         e.check_integrity()
     assert [done[i].token_ids for i in ids] == reference
     assert restored_at is not None
     assert runner.graphs.captures > captures  # the new layout was captured again
-    assert not t.weights.missing_layers
+    assert not t.residency.missing_layers
 
 
 def test_triton_reads_lengths(reference):

@@ -378,7 +378,7 @@ def smol_solo(smollm2_llm) -> SoloRuns:
 def test_smollm2_twice_and_a_random_model(policy, smollm2_llm, smol_jobs, smol_solo, tmp_path):
     sources = {"a": "smollm2", "b": "smollm2", "c": "random:llama-tiny"}
     page = 2 * MiB
-    weights = 2 * smollm2_llm.engine.tenant(None).weights.total_pages
+    weights = 2 * smollm2_llm.engine.tenant(None).residency.total_pages
     weights += weight_pages_of(["random:llama-tiny"], page)
     llm = LLM(
         models=sources,

@@ -25,7 +25,7 @@ from oneiros.core import SamplingParams
 from oneiros.engine.engine import LLMEngine
 from oneiros.memory import remap
 from oneiros.memory.arena import OwnerKind
-from oneiros.memory.transfer import plan_pass
+from oneiros.memory.passplan import plan_pass
 from oneiros.memory.weights import weight_pages
 from oneiros.models.loader import CONFIG_DIR, resolve
 from oneiros.models.registry import build_model
@@ -93,11 +93,10 @@ def generate(engine, model, prompts, max_tokens):
 def force_alpha(engine: LLMEngine, name: str, alpha: int) -> list[int]:
     """Remap alpha layers of `name` (the controller's choice of layers); returns the freed pages."""
     t = engine.tenants[name]
-    engine.executor.residency_changed(name)
-    freed = []
-    for layer in remap.uniform_layers(t.model.cfg.num_layers, alpha):
-        freed += t.weights.evict_layer(layer)
-    assert t.weights.missing_layers == remap.uniform_layers(t.model.cfg.num_layers, alpha)
+    layers = remap.uniform_layers(t.num_layers, alpha)
+    freed = [p for i in layers for p in t.residency.slab_pages[i]]
+    assert engine.evict_layers(name, layers) == len(freed)
+    assert t.residency.missing_layers == layers
     return freed
 
 
@@ -126,13 +125,13 @@ def check_identity(source: str, alpha: int, distance: int) -> None:
     outs = generate(e, "m", prompts_for(vocab, _LENGTHS, 0), _MAX_TOKENS)
     assert outs == reference(source), f"alpha={alpha} distance={distance}: outputs differ"
     missing = remap.uniform_layers(n, alpha)
-    assert t.weights.missing_layers == missing, "policy recompute never restores layers"
+    assert t.residency.missing_layers == missing, "policy recompute never restores layers"
     # The KV cache grew onto the pages the remapped slabs gave up.
     assert t.pool.num_pages > _EXTRA and set(t.pool._pages) & freed
     # Every forward pass streamed the plan's copies: h2d bytes = steps x copies x layer bytes.
     c = e.store.states["m"].counters
     plan = plan_pass(n, missing, distance)
-    assert c.h2d_bytes == c.steps * plan.num_copies * t.weights.layer_layout.nbytes
+    assert c.h2d_bytes == c.steps * plan.num_copies * t.residency.layer_bytes
     assert c.stream_exposed_s == pytest.approx(c.stream_copy_s)  # CPU: copies are synchronous
     e.check_integrity()
 
@@ -157,7 +156,7 @@ def test_smollm2_token_identity_with_most_layers_streamed():
     e = make_engine({"s": "smollm2"}, extra_pages=1, page=page, block_size=16)
     t = e.tenants["s"]
     n = t.model.cfg.num_layers
-    assert n == 30 and t.weights.pages_per_layer == 7
+    assert n == 30 and t.residency.pages_per_layer == 7
     assert t.tokenizer is not None
     prompts = [
         t.tokenizer.encode("The capital of France is"),
@@ -171,11 +170,9 @@ def test_smollm2_token_identity_with_most_layers_streamed():
         h2d = e.store.states["s"].counters.h2d_bytes
         assert generate(e, "s", prompts, 6) == base, f"alpha={alpha} distance={distance}"
         assert e.store.states["s"].counters.h2d_bytes > h2d
-        assert t.weights.missing_layers == remap.uniform_layers(n, alpha)
-        e.executor.residency_changed("s")
+        assert t.residency.missing_layers == remap.uniform_layers(n, alpha)
         t.pool.shrink()
-        for layer in reversed(t.weights.missing_layers):
-            assert t.weights.restore_layer(layer)
+        assert e.restore_layers("s", list(reversed(t.residency.missing_layers)))
     e.check_integrity()
 
 
@@ -270,15 +267,15 @@ def test_oneiros_remaps_instead_of_preempting_and_reverts(solo_outputs, sharing)
 
     # The load falls: a trickle of one-token requests keeps the engine stepping; after
     # revert_hold_steps steps with enough free memory the layers come back, one per step.
-    missing_peak = sum(len(t.weights.missing_layers) for t in e.tenants.values())
+    missing_peak = sum(len(t.residency.missing_layers) for t in e.tenants.values())
     assert missing_peak > 0
     idle_start = len(e.store.page_history)
     for _ in range(60):
         e.add_request([5, 6, 7], SamplingParams(max_tokens=1, **GREEDY), "a")
         run_all(e)
-        if not any(t.weights.missing_layers for t in e.tenants.values()):
+        if not any(t.residency.missing_layers for t in e.tenants.values()):
             break
-    assert not any(t.weights.missing_layers for t in e.tenants.values())
+    assert not any(t.residency.missing_layers for t in e.tenants.values())
     assert total(e, "restored_layers") == total(e, "remapped_layers")
     hist = list(e.store.page_history)
     regained = [
@@ -299,7 +296,7 @@ def test_oneiros_remaps_instead_of_preempting_and_reverts(solo_outputs, sharing)
     # Every slab holds its own layer's bytes again (compared as int64 words: uint8 equal is slow).
     for t in e.tenants.values():
         for i in range(t.model.cfg.num_layers):
-            region, host = t.weights.region(i), t.weights.host[i]
+            region, host = e.weights[t.name].region(i), e.weights[t.name].host[i]
             assert torch.equal(region.view(torch.int64), host.view(torch.int64))
 
 
@@ -325,7 +322,7 @@ def test_reversion_restores_every_layer_once_the_load_falls():
     for _ in range(40):
         e.add_request([5, 6], SamplingParams(max_tokens=1, **GREEDY), "b")
         run_all(e)
-    missing = {n: t.weights.missing_layers for n, t in e.tenants.items()}
+    missing = {n: t.residency.missing_layers for n, t in e.tenants.items()}
     need = sum(len(m) for m in missing.values()) * 3
     assert e.arena.num_free + sum(t.pool.num_idle_pages for t in e.tenants.values()) >= need
     assert missing == {n: [] for n in TENANTS}, (
@@ -346,9 +343,16 @@ def test_every_arena_byte_starts_finite_so_masked_kv_slots_stay_harmless(solo_ou
         if e.arena.owner(p).kind is OwnerKind.FREE:
             assert not pages[p].any(), f"free page {p} is not zeroed"
     for t in e.tenants.values():
-        w = t.weights
-        for run in w.slab_pages:
+        w = e.weights[t.name]
+        for run in t.residency.slab_pages:
             assert not buf[run[0] * page + w.layer_layout.nbytes : (run[0] + len(run)) * page].any()
+        # The host master copies' alignment padding is copied with every restore and lands in KV
+        # pages once the slab is remapped: it must be zeros too.
+        covered = torch.zeros(w.layer_layout.nbytes, dtype=torch.bool)
+        for entry in w.layer_layout.entries:
+            covered[entry.offset : entry.offset + entry.nbytes] = True
+        for host in w.host:
+            assert not host[~covered].any(), f"{t.name}: host copy padding is not zeroed"
     outs, _ = run_bursts(e)
     assert total(e, "remapped_layers") > 0
     assert outs == solo_outputs
@@ -360,13 +364,13 @@ def test_an_idle_engine_gives_parameters_their_memory_back(solo_outputs):
     e = workload_engine("oneiros", revert_hold_steps=10**6)  # no reversion while steps run
     outs, _ = run_bursts(e)
     assert outs == solo_outputs
-    missing = sum(len(t.weights.missing_layers) for t in e.tenants.values())
+    missing = sum(len(t.residency.missing_layers) for t in e.tenants.values())
     assert missing > 0
     restored = e.revert_idle()
     assert restored == missing
-    assert all(not t.weights.missing_layers for t in e.tenants.values())
+    assert all(not t.residency.missing_layers for t in e.tenants.values())
     assert e.revert_idle() == 0  # once per idle period
     e.check_integrity()
     for t in e.tenants.values():  # every slab holds its own layer's bytes again
         for i in range(t.model.cfg.num_layers):
-            assert same_bytes(t.weights.region(i), t.weights.host[i])
+            assert same_bytes(e.weights[t.name].region(i), e.weights[t.name].host[i])

@@ -32,7 +32,8 @@ from oneiros.memory.remap import (
     uniform_layers,
 )
 from oneiros.memory.storage import DeviceArena
-from oneiros.memory.weights import ModelWeights, weight_pages
+from oneiros.core import EvictLayer, RestoreLayer
+from oneiros.memory.weights import ModelWeights, make_residency, weight_pages
 from oneiros.models.loader import resolve
 from oneiros.models.registry import build_model
 from tests.helpers import same_bytes
@@ -326,6 +327,43 @@ def _source(src: str):
     return _RESOLVED[src]
 
 
+class Layers:
+    """A model's parameter accounting and its bytes driven together, as planning and the executor
+    do: the residency changes, the matching memory action is applied to the bytes at once."""
+
+    def __init__(self, name: str, model, arena: PageArena, storage: DeviceArena, source) -> None:
+        self.name, self.model, self.arena, self.storage = name, model, arena, storage
+        self.res = make_residency(name, model, arena)
+        self.res.place_all()
+        self.w = ModelWeights(self.res, model, storage)
+        self.w.load(source)
+        self.host, self.layer_layout, self.resident_layout = (
+            self.w.host, self.w.layer_layout, self.w.resident_layout
+        )
+
+    slab_pages = property(lambda self: self.res.slab_pages)
+    missing_layers = property(lambda self: self.res.missing_layers)
+    pages_per_layer = property(lambda self: self.res.pages_per_layer)
+    resident_pages = property(lambda self: self.res.resident_pages)
+
+    def region(self, i: int) -> torch.Tensor:
+        return self.w.region(i)
+
+    def evict_layer(self, i: int) -> list[int]:
+        pages = self.res.evict(i)
+        self.w.apply(EvictLayer(self.name, i, tuple(pages)))
+        return pages
+
+    def restore_layer(self, i: int) -> bool:
+        pages = self.res.restore(i)
+        if pages is not None:
+            self.w.apply(RestoreLayer(self.name, i, tuple(pages)))
+        return pages is not None
+
+    def release(self) -> None:
+        self.res.release()
+
+
 def load_models(extra_pages: int):
     """Both models loaded into one arena with `extra_pages` pages left for KV; their KV pools."""
     built = {n: (build_model(_source(s).config, torch.float32, torch.device("cpu")), _source(s))
@@ -335,9 +373,7 @@ def load_models(extra_pages: int):
     storage = DeviceArena(pages, PAGE, torch.device("cpu"))
     weights, pools = {}, {}
     for name, (model, source) in built.items():
-        w = ModelWeights(name, model, arena, storage)
-        w.load(source)
-        weights[name] = w
+        weights[name] = Layers(name, model, arena, storage, source)
         c = model.cfg
         pools[name] = KVPool(name, arena, 4 * c.kv_bytes_per_token(4), 4)
     return arena, storage, weights, pools
@@ -351,7 +387,7 @@ def max_free_run(arena: PageArena) -> int:
     return best
 
 
-def check_layers(w: ModelWeights, resident_bytes: torch.Tensor) -> None:
+def check_layers(w: Layers, resident_bytes: torch.Tensor) -> None:
     """Every layer is resident in its own slab (pages owned by it, contiguous, holding its bytes and
     bound to the model) or listed missing (no pages, unbound)."""
     arena = w.arena
@@ -557,8 +593,7 @@ def test_fragmentation_can_strand_a_layer_with_enough_free_pages():
     ) + 1, PAGE)
     storage = DeviceArena(arena.num_pages, PAGE, torch.device("cpu"))
     model = build_model(_source("random:llama-tiny").config, torch.float32, torch.device("cpu"))
-    w = ModelWeights("m", model, arena, storage)
-    w.load(_source("random:llama-tiny"))
+    w = Layers("m", model, arena, storage, _source("random:llama-tiny"))
     pool = KVPool("m", arena, 4 * model.cfg.kv_bytes_per_token(4), 4)
     # Layout from the top: resident 13..17, layer 0 at 10..12, 1 at 7..9, 2 at 4..6, 3 at 1..3.
     assert [w.slab_pages[i][0] for i in range(4)] == [10, 7, 4, 1] and arena.num_free == 1

@@ -7,7 +7,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from oneiros.core import InvalidRequestError, RequestStatus
+from oneiros.engine.arbiter import Arbiter
 from oneiros.engine.scheduler import Scheduler
+from oneiros.engine.tenancy import MetadataStore
 from oneiros.memory.arena import Owner, PageArena
 from tests.factories import SimStats, commit, make_request, make_scheduler, step
 
@@ -139,7 +141,7 @@ def test_preemption_frees_blocks_and_requeues_the_youngest_at_the_front():
     assert [s.request for s in plan.seqs] == [old]
     assert young.block_ids == [] and young.num_computed_tokens == 0
     assert young.status is RequestStatus.PREEMPTED and young.num_preemptions == 1
-    assert sched.num_preemptions == 1
+    assert plan.recomputed_tokens == 4 and plan.swap_out == []  # its prompt + 1 token
     assert list(sched.waiting) == [young, later]  # in front of the request that waited before it
     assert young.output_token_ids == young_out  # its tokens are kept, to be prefilled again
     assert sched.pool.num_used == len(old.block_ids) == 3
@@ -322,23 +324,14 @@ def test_random_request_mixes(
 
 
 # ---- several models on one arena ---------------------------------------------------------------
-def _make_room_from(others):
-    """What the engine's make_room does: give back idle KV pages of the other models."""
-
-    def make_room(blocks: int, req=None) -> bool:
-        freed = [o.pool.shrink() for o in others]  # every idle page, not just the first pool's
-        return any(freed)
-
-    return make_room
-
-
 def _two_models(make_room: bool):
+    """Two schedulers on a 2-page arena; with `make_room`, sharing pages through the engine's
+    arbiter (idle KV pages of the other model)."""
     arena = PageArena(2, 4096)
     a = make_scheduler(arena=arena, model="a", block_bytes=4096, block_size=4)
     b = make_scheduler(arena=arena, model="b", block_bytes=4096, block_size=4)
     if make_room:
-        a.make_room = _make_room_from([b])
-        b.make_room = _make_room_from([a])
+        a.arbiter = b.arbiter = Arbiter({"a": a, "b": b}, MetadataStore(["a", "b"]))
     return arena, a, b
 
 

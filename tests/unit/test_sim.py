@@ -169,7 +169,8 @@ def _simulate(hardware, policy="oneiros", budget=0.9, n=60, seed=0, **kw):
 def test_full_size_models_simulate_on_the_meta_device():
     e, lengths, _ = _simulate("gh200")
     assert len(lengths) == 60
-    assert e.storage.buffer.device.type == "meta"  # no bytes were allocated
+    assert e.weights == {}  # accounting only: no weights and no device buffer were made
+    assert all(t.model.layers[0] is None for t in e.tenants.values())
     assert e.clock.now() > 0
     remapped = sum(s.counters.remapped_layers for s in e.store.states.values())
     assert remapped > 0  # 96 GB hold the weights with little KV to spare

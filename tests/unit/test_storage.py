@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from oneiros.memory.arena import PageArena
 from oneiros.memory.kv import KVPool
-from oneiros.memory.storage import _ALIGN, DeviceArena, SlabLayout
+from oneiros.memory.residency import ALIGN as _ALIGN
+from oneiros.memory.storage import DeviceArena, SlabLayout
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from oneiros.core import InvalidRequestError, Request, RequestStatus, StepPlan
-from oneiros.engine.scheduler import Scheduler, preempt_younger
+from oneiros.engine.arbiter import Arbiter
+from oneiros.engine.scheduler import Scheduler
+from oneiros.engine.tenancy import MetadataStore
 from oneiros.memory.arena import Owner, PageArena
 from oneiros.memory.swap import HostBlockPool
 from tests.factories import commit, make_request, make_scheduler, step
@@ -130,8 +132,8 @@ def test_swap_out_keeps_computed_tokens_and_swap_in_restores_them():
     assert young.host_block_ids == [0, 1] and young.block_ids == []
     assert young.num_computed_tokens == computed  # nothing to recompute
     assert young.status is RequestStatus.PREEMPTED and list(sched.waiting) == [young]
-    assert sched.counters.swap_out_bytes == 2 * 1024 and sched.counters.recomputed_tokens == 0
-    assert sched.counters.preemptions == 1 and sched.host_pool.num_free == 6
+    assert len(plan.swap_out) == 2 and plan.recomputed_tokens == 0
+    assert len(plan.preempted) == 1 and sched.host_pool.num_free == 6
     sched.check_integrity()
     commit(sched, plan)
     # Run old to the end; young comes back with a swap-in of exactly its host blocks.
@@ -147,7 +149,7 @@ def test_swap_out_keeps_computed_tokens_and_swap_in_restores_them():
     assert s.start == computed and s.num_new_tokens == young.num_tokens - computed
     commit(sched, plan)
     assert young.host_block_ids == [] and sched.host_pool.num_free == 8
-    assert sched.counters.swap_in_bytes == sched.counters.swap_out_bytes
+    assert len(plan.swap_in) == 2  # every block swapped out came back
     while sched.has_work:
         step(sched)
         sched.check_integrity()
@@ -166,7 +168,7 @@ def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
     assert plan.preempted == [young]
     assert plan.swap_out == [] and young.host_block_ids == []  # 2 blocks, 1 host block: recompute
     assert young.num_computed_tokens == 0
-    assert sched.counters.recomputed_tokens == 4 and sched.counters.swap_out_bytes == 0
+    assert plan.recomputed_tokens == 4 and plan.swap_out == []
     assert sched.host_pool.num_free == 1
     sched.check_integrity()
 
@@ -225,45 +227,6 @@ class SimKV:
                 self.dev[(r.block_ids[j // bs], j % bs)] = (r.request_id, j, toks[j])
 
 
-def _make_room(
-    me: Scheduler, others: list[Scheduler], planned: set[str], foreign: dict[str, StepPlan]
-):
-    """The engine's make_room: free pages by shrinking the other models' idle KV pages, then by
-    preempting a younger running request of a model not yet planned in this step."""
-
-    def make_room(blocks: int, req: Request) -> bool:
-        need = me.pool.pages_needed(blocks) - me.pool.arena.num_free
-        freed = 0
-        for o in others:
-            if freed >= need:
-                break
-            freed += len(o.pool.shrink(need - freed))
-        if freed < need:
-            free_to_take = [o for o in others if o.model not in planned]
-            def foreign_plan(sched: Scheduler) -> StepPlan:
-                return foreign.setdefault(sched.model, StepPlan(sched.model))
-
-            more, victims = preempt_younger(me, free_to_take, req, need - freed, foreign_plan)
-            freed += more
-            for v in victims:
-                event("preempted for another model")
-                assert v.block_ids == []
-        return freed > 0
-
-    return make_room
-
-
-def _can_wait(me: Scheduler, others: list[Scheduler], planned: set[str]):
-    """The engine's can_wait: a younger running request of an already planned model holds pages."""
-
-    def can_wait(req: Request) -> bool:
-        return any(
-            r.age_key > req.age_key for o in others if o.model in planned for r in o.running
-        )
-
-    return can_wait
-
-
 def check_all(scheds: list[Scheduler]) -> None:
     scheds[0].pool.arena.check_integrity()
     for s in scheds:
@@ -320,12 +283,11 @@ def test_two_models_swapping_on_one_arena(
         for m, hb in zip(("a", "b"), host_blocks, strict=True)
     ]
     a, b = scheds
-    planned: set[str] = set()  # models whose plan for the current step is made
-    foreign: dict[str, StepPlan] = {}  # preemptions made for the other model, by victim model
-    a.make_room = _make_room(a, [b], planned, foreign)
-    b.make_room = _make_room(b, [a], planned, foreign)
-    a.can_wait = _can_wait(a, [b], planned)
-    b.can_wait = _can_wait(b, [a], planned)
+    # The engine's arbiter: idle KV pages of the other model, then a younger running request of a
+    # model not yet planned in this step; an older request that finds nothing may wait.
+    arbiter = Arbiter({"a": a, "b": b}, MetadataStore(["a", "b"]))
+    a.arbiter = b.arbiter = arbiter
+    foreign = arbiter.foreign  # preemptions made for the other model, by victim model (live view)
     capacity = num_pages * blocks_per_page
     assert a.max_blocks() == b.max_blocks() == capacity
 
@@ -362,8 +324,8 @@ def test_two_models_swapping_on_one_arena(
 
         # Schedule: spatial, every model; temporal, the first with a non-empty plan in round robin.
         order = [(rr + k) % 2 for k in range(2)]
-        planned.clear()
-        foreign.clear()
+        arbiter.begin()
+        foreign = arbiter.foreign
         seen: set[int] = set()  # foreign victims already checked
         plans: list[tuple[int, StepPlan]] = []
         for m in order:
@@ -430,14 +392,16 @@ def test_two_models_swapping_on_one_arena(
             held_now = {h for r in sched.waiting for h in r.host_block_ids}
             assert held_now == set(host_owner[m]), "host blocks held != blocks swapped out"
 
-            planned.add(sched.model)
+            arbiter.planned_model(sched.model)
             if not plan.empty:
                 plans.append((m, plan))
                 if not spatial:
                     break
         if spatial and len(plans) > 1:
             event("two models in one step")
-        for fm, f in foreign.items():  # swap-outs made for the other model run first
+        for fm, f in arbiter.take_foreign().items():  # swap-outs made for the other model first
+            for _ in f.preempted:
+                event("preempted for another model")
             if f.swap_out:
                 kv.execute(scheds["ab".index(fm)], f)
         if not plans:

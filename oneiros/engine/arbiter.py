@@ -1,0 +1,127 @@
+"""The arbiter: every cross-model memory decision of a step, in one torch-free place.
+
+Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Room is made
+in this order, cheapest first:
+  1. idle KV pages (no live block) of other models, the least recently run model's first;
+  2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose);
+  3. when the asking request is running: a running request of another model that is younger than
+     every running request of the asking model (the engine's youngest goes first, whichever model it
+     belongs to, so the oldest request always makes progress). The victim's model may not have been
+     planned yet in this step; its preemption (and swap-out) goes into a plan of its own model.
+A request that found no page while a younger request of an already planned model holds pages may wait
+(`can_wait`): preempting itself would only hand its pages to a younger request. Under a policy that
+does not share memory (static partitions) the arbiter gives nothing.
+
+Nothing here moves bytes: pages change owner in the accounting, and the memory actions go into the
+step (`Step.memory`) for the executor to apply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from oneiros.core import Request, RequestStatus, StepPlan
+
+if TYPE_CHECKING:
+    from oneiros.engine.remapping import RemapController
+    from oneiros.engine.scheduler import Scheduler
+    from oneiros.engine.tenancy import MetadataStore
+
+
+class Arbiter:
+    def __init__(
+        self,
+        schedulers: dict[str, Scheduler],
+        store: MetadataStore,
+        shares_memory: bool = True,
+        remap: RemapController | None = None,
+    ) -> None:
+        self.schedulers = schedulers
+        self.store = store
+        self.shares_memory = shares_memory
+        self.remap = remap
+        self.planned: set[str] = set()  # models whose plan for the current step is made
+        self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
+
+    # ---- the step --------------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.planned = set()
+        self.foreign = {}
+
+    def planned_model(self, model: str) -> None:
+        """`model`'s plan for this step is made: its running requests can no longer be preempted
+        for another model in this step."""
+        self.planned.add(model)
+
+    def take_foreign(self) -> dict[str, StepPlan]:
+        """Plans holding this step's preemptions made on behalf of another model, by victim model."""
+        out, self.foreign = self.foreign, {}
+        return out
+
+    # ---- decisions -------------------------------------------------------------------------------
+    def borrowable_pages(self, model: str) -> int:
+        """Pages `model` could get beyond its own and the free ones: other models' KV pages and
+        the parameter pages remapping could still free (every model at its cap)."""
+        if not self.shares_memory:
+            return 0
+        pages = sum(s.pool.num_pages for n, s in self.schedulers.items() if n != model)
+        if self.remap is not None:
+            pages += self.remap.remappable_pages()
+        return pages
+
+    def make_room(self, requester: str, blocks: int, req: Request) -> bool:
+        """Free arena pages for `blocks` more blocks of `requester`'s request `req`. True if any
+        page was freed."""
+        if not self.shares_memory:
+            return False
+        pool = self.schedulers[requester].pool
+        need = pool.pages_needed(blocks) - pool.arena.num_free
+        freed = 0
+        for name in reversed(self.store.mru_order()):
+            if freed >= need:
+                break
+            if name != requester:
+                freed += len(self.schedulers[name].pool.shrink(need - freed))
+        if freed < need and self.remap is not None:
+            freed += self.remap.take(requester, need - freed)
+        if freed < need:
+            freed += self._preempt_younger(requester, req, need - freed)
+        return freed > 0
+
+    def can_wait(self, requester: str, req: Request) -> bool:
+        """`req`, the youngest running request of `requester`, found no page: may it keep its
+        blocks and sit this step out? Yes when a younger running request of a model already
+        planned this step holds pages that could not be taken."""
+        if not self.shares_memory:
+            return False
+        return any(
+            r.age_key > req.age_key
+            for name in self.planned if name != requester
+            for r in self.schedulers[name].running
+        )
+
+    def _preempt_younger(self, requester: str, req: Request, pages: int) -> int:
+        """Preempt running requests of models not yet planned that are younger than every running
+        request of `requester`, youngest first, until `pages` pages are free; returns the pages
+        freed. A waiting request never preempts a running one."""
+        if req.status is not RequestStatus.RUNNING:
+            return 0
+        mine = self.schedulers[requester]
+        floor = mine.running[-1].age_key if mine.running else req.age_key
+        others = [s for n, s in self.schedulers.items() if n != requester and n not in self.planned]
+        freed = 0
+        while freed < pages:
+            candidates = [
+                (r.age_key, k, r) for k, s in enumerate(others) for r in s.running
+                if r.age_key > floor
+            ]
+            if not candidates:
+                break
+            _, k, victim = max(candidates, key=lambda c: (c[0], c[1]))
+            sched = others[k]
+            plan = self.foreign.get(sched.model)
+            if plan is None:
+                plan = self.foreign[sched.model] = StepPlan(sched.model)
+            sched.preempt(victim, plan)
+            freed += len(sched.pool.shrink(pages - freed))
+        return freed

@@ -1,0 +1,130 @@
+"""Planning a step, torch-free: which models run (tenancy), what each runs (its scheduler), and every
+memory decision on the way (the arbiter, the remapping controller), returned as one `Step` of data.
+
+    refresh the metadata store from the schedulers and the accounting
+    for each model in tenancy order:   prepare its layers (remap controller) -> schedule (scheduler,
+                                       asking the arbiter for room)
+    fold preemptions made for another model into that model's plan; note each plan's streamed
+    layers; collect the KV pools' resizes
+After the step ran, `observe` folds measured step times into the controller and plans dynamic
+reversion (a step of memory actions only), as does `revert_idle` when no request is left.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from oneiros.core import Step, StepResult
+
+if TYPE_CHECKING:
+    from oneiros.engine.arbiter import Arbiter
+    from oneiros.engine.remapping import RemapController
+    from oneiros.engine.tenancy import MetadataStore, TenancyPolicy
+    from oneiros.engine.tenant import Tenant
+
+
+class Planner:
+    def __init__(
+        self,
+        tenants: dict[str, Tenant],
+        store: MetadataStore,
+        tenancy: TenancyPolicy,
+        arbiter: Arbiter,
+        remap: RemapController | None,
+    ) -> None:
+        self.tenants = tenants
+        self.store = store
+        self.tenancy = tenancy
+        self.arbiter = arbiter
+        self.remap = remap
+
+    def plan(self, now: float) -> Step:
+        step = Step(now)
+        self.refresh()
+        self.arbiter.begin()
+        if self.remap is not None:
+            self.remap.begin(step)
+        for name in self.tenancy.order(self.store, now):
+            t = self.tenants[name]
+            self.tenancy.ran(self.store, name, now)
+            if self.remap is not None:
+                self.remap.prepare(t)
+            plan = t.scheduler.schedule()
+            step.finished += t.scheduler.finished_in_schedule
+            t.scheduler.finished_in_schedule.clear()
+            self.arbiter.planned_model(name)
+            if not plan.empty:
+                step.plans.append(plan)
+                if not self.tenancy.spatial:
+                    break  # temporal: one model per step, the first with something to run
+            elif plan.preempted:
+                step.idle.append(plan)
+        self._merge_foreign(step)
+        for plan in step.plans:
+            plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
+        self._collect_resizes(step)
+        return step
+
+    def observe(self, step: Step, results: list[StepResult]) -> Step | None:
+        """After `step` ran: measured compute times feed the controller's alpha; dynamic reversion
+        may restore layers (returned as a step of memory actions, None when there is none)."""
+        if self.remap is None:
+            return None
+        for plan, result in zip(step.plans, results):
+            if plan.seqs:
+                self.remap.observe_step(
+                    plan.model, result.elapsed - result.exposed_s, plan.num_prefill_tokens == 0
+                )
+        self.refresh()
+        after = Step(step.now)
+        self.remap.begin(after)
+        self.remap.after_step(self.tenancy.order(self.store))
+        self._collect_resizes(after)
+        return after if after.memory or after.notes else None
+
+    def revert_idle(self, now: float) -> Step | None:
+        """No request anywhere: restore every remapped layer memory allows, the model most
+        likely to run next first (no hysteresis: there is no demand to wait out)."""
+        if self.remap is None:
+            return None
+        step = Step(now)
+        self.remap.begin(step)
+        self.remap.restore_all(self.tenancy.order(self.store))
+        self._collect_resizes(step)
+        return step
+
+    def refresh(self) -> None:
+        """The metadata store's view of each model, from its scheduler and accounting."""
+        for t in self.tenants.values():
+            st = t.state
+            st.num_running = len(t.scheduler.running)
+            st.num_waiting = len(t.scheduler.waiting)
+            active = t.scheduler.has_work
+            st.layers_missing = len(t.residency.missing_layers)
+            if active and not st.active and st.layers_missing:
+                st.reactivating = True
+            st.active = active
+            st.kv_blocks_used = t.pool.num_used
+            st.kv_pages = t.pool.num_pages
+
+    def _merge_foreign(self, step: Step) -> None:
+        """Fold preemptions made for another model into the victim model's plan of this step (its
+        swap-outs first), or add a plan of their own: executed when it swaps out (copies only),
+        else kept as idle (commit and trace only)."""
+        for name, f in self.arbiter.take_foreign().items():
+            own = next((p for p in step.plans + step.idle if p.model == name), None)
+            if own is not None:
+                own.preempted[:0] = f.preempted
+                own.swap_out[:0] = f.swap_out
+                own.recomputed_tokens += f.recomputed_tokens
+                if own.swap_out and any(p is own for p in step.idle):
+                    step.idle = [p for p in step.idle if p is not own]
+                    step.plans.insert(0, own)
+            elif f.swap_out:
+                step.plans.insert(0, f)
+            else:
+                step.idle.append(f)
+
+    def _collect_resizes(self, step: Step) -> None:
+        for t in self.tenants.values():
+            step.memory += t.pool.drain_resizes()

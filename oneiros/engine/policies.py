@@ -1,0 +1,55 @@
+"""Memory policies: what happens when a model's KV cache runs out. One registry entry per policy;
+the engine asks the entry, never "which policy is this?".
+
+    recompute  preempt the youngest request, prefill it again later (vLLM's default)
+    swap       copy the preempted request's KV blocks to host memory and back (vLLM v0 swap)
+    static     fixed, equal KV shares per model, nothing moves between models
+    oneiros    remap parameter memory into KV cache first, then fall back to recompute or swap
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from oneiros.core import ConfigError
+
+if TYPE_CHECKING:
+    from oneiros.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    name: str
+    preemption: str  # recompute | swap: what a preempted request loses
+    shares_memory: bool  # idle KV pages (and parameter pages) move between models
+    remaps: bool  # parameter pages become KV pages (a RemapController)
+    partitions_kv: bool  # every free page is split between the models at start
+
+
+def _recompute(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("recompute", "recompute", True, False, False)
+
+
+def _swap(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("swap", "swap", True, False, False)
+
+
+def _static(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("static", "recompute", False, False, True)
+
+
+def _oneiros(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("oneiros", cfg.remap_fallback, True, True, False)
+
+
+POLICIES = {"recompute": _recompute, "swap": _swap, "static": _static, "oneiros": _oneiros}
+
+
+def memory_policy(cfg: EngineConfig) -> MemoryPolicy:
+    try:
+        return POLICIES[cfg.policy](cfg)
+    except KeyError:
+        raise ConfigError(
+            f"policy must be one of {', '.join(POLICIES)}, not {cfg.policy!r}"
+        ) from None
