@@ -199,18 +199,20 @@ class PhaseTimer:
     """Wall time per engine phase, by wrapping oneiros functions for the duration of one run.
 
     Inclusive times (a phase contains the phases it calls). CPU only: on CUDA, kernels are async
-    and the times would land wherever the host next synchronises. Targets that no longer exist are
-    skipped.
+    and the times would land wherever the host next synchronises. Targets are named by the objects
+    themselves, not by strings: a renamed function fails here, at import, instead of vanishing
+    from the report.
     """
 
     def __init__(self) -> None:
         self.stats: dict[str, list[float]] = {}
         self._undo: list[tuple[Any, str, Any]] = []
 
-    def wrap(self, owner: Any, attr: str, label: str) -> None:
-        orig = owner.__dict__.get(attr) if isinstance(owner, type) else getattr(owner, attr, None)
-        if orig is None or not callable(orig):
-            return
+    def wrap(self, owner: Any, fn: Any, label: str) -> None:
+        attr = fn.__name__
+        orig = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        if orig is not fn:
+            raise RuntimeError(f"{label}: {owner!r} has no {attr} of its own")
         st = self.stats.setdefault(label, [0, 0.0])
         clock = time.perf_counter
 
@@ -226,44 +228,41 @@ class PhaseTimer:
         self._undo.append((owner, attr, orig))
 
     def install(self) -> None:
-        import importlib
+        from oneiros.attention import torch_ref
+        from oneiros.engine import commit
+        from oneiros.engine.commit import Committer
+        from oneiros.engine.engine import LLMEngine
+        from oneiros.engine.executor import ModelRunner, TorchExecutor
+        from oneiros.engine.planner import Planner
+        from oneiros.engine.sampler import Sampler
+        from oneiros.engine.scheduler import Scheduler
+        from oneiros.engine.tokenizer import IncrementalText, Tokenizer
+        from oneiros.models import llama
+        from oneiros.models.base import DecoderModel
 
-        def mod(name: str) -> Any:
-            try:
-                return importlib.import_module(name)
-            except ImportError:
-                return None
-
-        eng, ex = mod("oneiros.engine.engine"), mod("oneiros.engine.executor")
-        sch, smp = mod("oneiros.engine.scheduler"), mod("oneiros.engine.sampler")
-        tkz, base = mod("oneiros.engine.tokenizer"), mod("oneiros.models.base")
-        llama, ref = mod("oneiros.models.llama"), mod("oneiros.attention.torch_ref")
         targets = [
-            (getattr(eng, "LLMEngine", None), "step", "engine.step (total)"),
-            (getattr(sch, "Scheduler", None), "schedule", "scheduler.schedule"),
-            (getattr(ex, "ModelRunner", None), "_prepare", "executor._prepare"),
-            (
-                getattr(ex, "ModelRunner", None),
-                "forward",
-                "executor.forward (prepare+model+lm_head)",
-            ),
-            (getattr(base, "DecoderModel", None), "forward", "model.forward (30 layers)"),
-            (getattr(base, "DecoderModel", None), "lm_head", "model.lm_head"),
-            (torch.nn.functional, "linear", "F.linear (all matmuls, incl. lm_head)"),
-            (llama, "rms_norm", "rms_norm"),
-            (llama, "write_kv", "attention: write_kv"),
-            (llama, "attend", "attention: attend (incl. gather)"),
-            (ref, "_gather", "attention: _gather (KV copy)"),
-            (getattr(smp, "Sampler", None), "sample", "sampler.sample"),
-            (getattr(eng, "LLMEngine", None), "_commit", "engine._commit"),
-            (getattr(eng, "LLMEngine", None), "_output", "engine._output (RequestOutput)"),
-            (eng, "stable_text", "detok: stable_text (per step)"),
-            (getattr(tkz, "Tokenizer", None), "decode", "detok: Tokenizer.decode"),
-            (getattr(eng, "LLMEngine", None), "_finish", "engine._finish"),
+            (LLMEngine, LLMEngine.step, "engine.step (total)"),
+            (Planner, Planner.plan, "planner.plan (tenancy, schedulers, memory)"),
+            (Scheduler, Scheduler.schedule, "scheduler.schedule"),
+            (TorchExecutor, TorchExecutor.execute, "executor.execute"),
+            (ModelRunner, ModelRunner._prepare, "runner._prepare"),
+            (ModelRunner, ModelRunner.forward, "runner.forward (prepare+model+lm_head)"),
+            (DecoderModel, DecoderModel.forward, "model.forward (all layers)"),
+            (DecoderModel, DecoderModel.lm_head, "model.lm_head"),
+            (torch.nn.functional, torch.nn.functional.linear, "F.linear (all matmuls)"),
+            (llama, llama.rms_norm, "rms_norm"),
+            (torch_ref, torch_ref.write_kv, "attention: write_kv"),
+            (torch_ref, torch_ref.attend, "attention: attend (incl. gather)"),
+            (torch_ref, torch_ref._gather, "attention: _gather (KV copy)"),
+            (Sampler, Sampler.sample, "sampler.sample"),
+            (Committer, Committer.commit, "committer.commit"),
+            (commit, commit.output, "commit.output (RequestOutput)"),
+            (IncrementalText, IncrementalText.update, "detok: IncrementalText.update"),
+            (Tokenizer, Tokenizer.decode, "detok: Tokenizer.decode"),
+            (Committer, Committer.finish, "committer.finish"),
         ]
-        for owner, attr, label in targets:
-            if owner is not None:
-                self.wrap(owner, attr, label)
+        for owner, fn, label in targets:
+            self.wrap(owner, fn, label)
 
     def uninstall(self) -> None:
         for owner, attr, orig in reversed(self._undo):

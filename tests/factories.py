@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from oneiros.core import Request, RequestStatus, SamplingParams, StepPlan
 from oneiros.engine.scheduler import Scheduler
 from oneiros.memory.arena import PageArena
 from oneiros.memory.kv import KVPool
+
+if TYPE_CHECKING:
+    from oneiros.engine.tenant import Tenant
 
 _tokens = itertools.count(1)
 
@@ -133,3 +137,68 @@ def step(sched: Scheduler, stats: SimStats | None = None) -> tuple[StepPlan, lis
         stats.preemptions += len(plan.preempted)
         stats.finished += finished
     return plan, finished
+
+
+# ---- tenants without models: accounting, scheduler and metadata only ---------------------------------
+def make_tenants(
+    arena: PageArena,
+    layers: dict[str, int],
+    *,
+    layer_pages: int = 2,
+    block_bytes: int | None = None,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    max_num_batched_tokens: int = 64,
+    max_model_len: int = 256,
+    preemption: str = "recompute",
+) -> dict[str, Tenant]:
+    """Torch-free tenants on `arena`: model name -> number of decoder layers, each layer a slab of
+    `layer_pages` pages, one resident page per model, every parameter placed (in order)."""
+    from oneiros.engine.tenancy import MetadataStore
+    from oneiros.engine.tenant import Tenant
+    from oneiros.memory.residency import LayerResidency
+    from oneiros.memory.swap import HostBlockPool
+
+    page = arena.page_bytes
+    store = MetadataStore(list(layers))
+    tenants = {}
+    for name, n in layers.items():
+        res = LayerResidency(name, arena, n, layer_pages * page, page)
+        res.place_all()
+        pool = KVPool(name, arena, block_bytes or page // 4, block_size)
+        host = HostBlockPool(name, 64, pool.block_bytes) if preemption == "swap" else None
+        sched = Scheduler(
+            name, pool, max_num_seqs, max_num_batched_tokens, max_model_len,
+            preemption=preemption, host_pool=host,
+        )
+        tenants[name] = Tenant(name, res, pool, sched, store.states[name], max_model_len, 50_000)
+    return tenants
+
+
+def make_planning(tenants: dict[str, Tenant], *, remap: bool = True, sharing: str = "temporal",
+                  h2d_bytes_per_s: float = float("inf"), **remap_kw):
+    """The engine's planning components over torch-free tenants: (store, arbiter, controller,
+    planner). The store is the one the tenants' states belong to."""
+    from oneiros.engine.arbiter import Arbiter
+    from oneiros.engine.planner import Planner
+    from oneiros.engine.remapping import RemapController
+    from oneiros.engine.tenancy import MetadataStore, TenancyPolicy
+
+    arena = next(iter(tenants.values())).pool.arena
+    store = MetadataStore(list(tenants))
+    store.states = {n: t.state for n, t in tenants.items()}
+    arbiter = Arbiter({n: t.scheduler for n, t in tenants.items()}, store)
+    controller = None
+    if remap:
+        kw = dict(max_remap_fraction=0.9, revert_reserve=0.25, revert_hold_steps=2,
+                  prefetch_distance=2)
+        kw.update(remap_kw)
+        controller = RemapController(
+            tenants, arena, sharing, kw.pop("max_remap_fraction"), kw.pop("revert_reserve"),
+            kw.pop("revert_hold_steps"), h2d_bytes_per_s, **kw,
+        )
+        arbiter.remap = controller
+    for t in tenants.values():
+        t.scheduler.arbiter = arbiter
+    planner = Planner(tenants, store, TenancyPolicy(sharing, 1e9), arbiter, controller)
+    return store, arbiter, controller, planner

@@ -94,18 +94,14 @@ class Planner:
         return step
 
     def refresh(self) -> None:
-        """The metadata store's view of each model, from its scheduler and accounting."""
+        """The metadata store's view of each model: whether it has work, and whether it just came
+        back to work with layers missing (the controller then decides how it runs)."""
         for t in self.tenants.values():
             st = t.state
-            st.num_running = len(t.scheduler.running)
-            st.num_waiting = len(t.scheduler.waiting)
             active = t.scheduler.has_work
-            st.layers_missing = len(t.residency.missing_layers)
-            if active and not st.active and st.layers_missing:
+            if active and not st.active and t.residency.missing_layers:
                 st.reactivating = True
             st.active = active
-            st.kv_blocks_used = t.pool.num_used
-            st.kv_pages = t.pool.num_pages
 
     def _merge_foreign(self, step: Step) -> None:
         """Fold preemptions made for another model into the victim model's plan of this step (its

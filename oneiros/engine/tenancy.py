@@ -40,14 +40,9 @@ class TenantState:
     """The metadata store's entry for one model."""
 
     name: str
-    last_run: float = 0.0  # perf_counter of the last step it ran in (0: never)
+    last_run: float = 0.0  # engine-clock time of the last step it ran in (0: never)
     last_offer: float = 0.0  # last time the tenancy policy offered it a step
     active: bool = False  # has running or waiting requests
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_pages: int = 0
-    layers_missing: int = 0  # non-resident layers (remapped)
     reactivating: bool = False  # became active with layers missing; cleared once decided
     counters: TenantCounters = field(default_factory=TenantCounters)
 

@@ -1,0 +1,305 @@
+"""The arbiter and the remapping controller on fakes: torch-free tenants (page accounting, KV pools,
+schedulers, metadata) and no model. Every memory decision must show up as data in the step."""
+
+from __future__ import annotations
+
+import pytest
+
+from oneiros.core import (
+    EvictLayer,
+    MoveLayer,
+    RequestStatus,
+    ResizeKV,
+    RestoreLayer,
+    Step,
+    StepResult,
+)
+from oneiros.engine.arbiter import Arbiter
+from oneiros.memory.arena import Owner, OwnerKind, PageArena
+from tests.factories import commit, make_planning, make_request, make_tenants
+
+PAGE = 4096  # 4 KV blocks of 4 tokens per page (make_tenants' default block bytes)
+
+
+def run_step(planner, now: float = 0.0, step_s: float = 1e-3) -> Step:
+    """plan -> (no executor: every pass takes step_s) -> commit each plan -> observe; returns
+    the step (reversion planned after it is applied to the accounting already)."""
+    step = planner.plan(now)
+    results = []
+    for plan in step.plans:
+        commit(planner.tenants[plan.model].scheduler, plan)
+        results.append(StepResult([], [], [], elapsed=step_s))
+    planner.observe(step, results)
+    return step
+
+
+def check(tenants) -> None:
+    arena = next(iter(tenants.values())).pool.arena
+    arena.check_integrity()
+    for t in tenants.values():
+        t.pool.check_integrity()
+        t.residency.check_integrity()
+        t.scheduler.check_integrity()
+
+
+# ---- idle KV pages first -------------------------------------------------------------------------
+def test_idle_kv_pages_of_the_least_recently_run_model_go_first():
+    arena = PageArena(3 * 3 + 3, PAGE)  # three models of 1 layer (3 pages each) + 3 free pages
+    tenants = make_tenants(arena, {"a": 1, "b": 1, "c": 1})
+    store, arbiter, _, _ = make_planning(tenants, remap=False)
+    for name in ("b", "c"):
+        assert tenants[name].pool.grow(1)  # idle KV pages: no live block
+    tenants["b"].state.last_run, tenants["c"].state.last_run = 2.0, 1.0
+    arbiter.begin()
+    req = make_request(4, model="a")
+    assert arbiter.make_room("a", 8, req)  # 2 pages: 1 free, then c's (ran longest ago)
+    assert tenants["c"].pool.num_pages == 0 and tenants["b"].pool.num_pages == 1
+    blocks = tenants["a"].pool.allocate(8)
+    assert blocks is not None
+    tenants["a"].pool.free(blocks)
+    check(tenants)
+
+
+def test_a_policy_that_shares_nothing_gives_nothing():
+    arena = PageArena(2 * 3 + 2, PAGE)
+    tenants = make_tenants(arena, {"a": 1, "b": 1})
+    arbiter = Arbiter({n: t.scheduler for n, t in tenants.items()}, None, shares_memory=False)
+    tenants["b"].pool.grow(2)
+    assert arbiter.borrowable_pages("a") == 0
+    assert not arbiter.make_room("a", 4, make_request(4, model="a"))
+    assert not arbiter.can_wait("a", make_request(4, model="a"))
+    assert tenants["b"].pool.num_pages == 2
+
+
+# ---- remapping before preemption -----------------------------------------------------------------
+def test_remapping_takes_an_inactive_models_layer_before_preempting():
+    arena = PageArena(2 * (1 + 4 * 2), PAGE)  # two models of 4 layers, no free page at all
+    tenants = make_tenants(arena, {"a": 4, "b": 4})
+    _, _, controller, planner = make_planning(tenants)
+    a, b = tenants["a"], tenants["b"]
+    req = make_request(6, max_tokens=4, model="a")
+    a.scheduler.add(req)
+    step = run_step(planner)
+    assert [p.model for p in step.plans] == ["a"] and step.plans[0].preempted == []
+    evicted = [op for op in step.memory if isinstance(op, EvictLayer)]
+    # b has no work: it gives first, in its removal order (layer 2 of 4), and the pages it gave
+    # became a's KV pages in the same step.
+    assert [(op.model, op.layer) for op in evicted] == [("b", 2)]
+    assert b.residency.missing_layers == [2]
+    grown = [op for op in step.memory if isinstance(op, ResizeKV) and op.grow]
+    assert set(grown[0].pages) <= set(evicted[0].pages)
+    assert controller.remappable_pages() > 0
+    check(tenants)
+
+
+def test_the_per_model_cap_keeps_layers_and_preemption_follows():
+    arena = PageArena(1 + 3 * 2 + 1, PAGE)  # one model of 3 layers; one free page
+    tenants = make_tenants(arena, {"a": 3})
+    _, _, controller, planner = make_planning(tenants, max_remap_fraction=0.5)
+    a = tenants["a"]
+    assert controller.remappable_pages() == 1 * 2  # cap int(0.5 x 3) = 1 layer
+    # Each grows to 48 tokens (3 pages); 1 free page + 1 remappable layer (2 pages) hold 3.
+    old, young = make_request(8, max_tokens=40, model="a"), make_request(8, max_tokens=40, model="a")
+    a.scheduler.add(old)
+    a.scheduler.add(young)
+    preempted = []
+    for k in range(300):
+        step = run_step(planner, float(k))
+        preempted += [r for p in step.plans + step.idle for r in p.preempted]
+        check(tenants)
+        assert len(a.residency.missing_layers) <= 1, "the cap was passed"
+        if not a.scheduler.has_work:
+            break
+    assert old.finished and young.finished
+    assert young in preempted and old not in preempted  # the youngest goes, never the oldest
+
+
+# ---- preempting a younger request of another model -----------------------------------------------
+def test_a_younger_running_request_of_a_model_not_yet_planned_gives_way():
+    arena = PageArena(2 * 3 + 2, PAGE)
+    tenants = make_tenants(arena, {"a": 1, "b": 1})
+    _, arbiter, _, _ = make_planning(tenants, remap=False)
+    a, b = tenants["a"], tenants["b"]
+    old = make_request(12, model="a")
+    young = make_request(12, model="b")
+    for t, r in ((a, old), (b, young)):
+        t.scheduler.add(r)
+        commit(t.scheduler, t.scheduler.schedule())  # one page each: the arena is full
+    assert arena.num_free == 0 and old.status is young.status is RequestStatus.RUNNING
+    arbiter.begin()
+    assert arbiter.make_room("a", 1, old)
+    assert young.status is RequestStatus.PREEMPTED and young.block_ids == []
+    foreign = arbiter.take_foreign()
+    assert list(foreign) == ["b"] and foreign["b"].preempted == [young]
+    assert foreign["b"].recomputed_tokens == 12  # recompute: its computed prompt is lost
+    check(tenants)
+
+
+def test_a_waiting_request_never_preempts_a_running_one():
+    arena = PageArena(2 * 3 + 1, PAGE)
+    tenants = make_tenants(arena, {"a": 1, "b": 1})
+    _, arbiter, _, _ = make_planning(tenants, remap=False)
+    b = tenants["b"]
+    running = make_request(12, model="b")
+    b.scheduler.add(running)
+    commit(b.scheduler, b.scheduler.schedule())
+    arbiter.begin()
+    waiting = make_request(4, model="a")
+    waiting.arrival_time = running.arrival_time + 1  # any age: it is not running
+    assert not arbiter.make_room("a", 1, waiting)
+    assert running.status is RequestStatus.RUNNING
+
+
+def test_an_older_request_waits_instead_of_preempting_itself_for_a_planned_younger_one():
+    """The two-model livelock (found by the swap property test): one request per model and step,
+    one token per step, two KV pages of one block. The older request of b and the younger of a
+    each hold one page and need the other; a is planned first, so its request can no longer be
+    preempted for b. b's older request then waits (keeps its page) instead of preempting itself,
+    which would hand its page to the younger request and start the same contest again."""
+    arena = PageArena(2 * 3 + 2, PAGE)
+    tenants = make_tenants(
+        arena, {"a": 1, "b": 1}, block_bytes=PAGE, block_size=2, max_num_seqs=1,
+        max_num_batched_tokens=1,
+    )
+    _, arbiter, _, planner = make_planning(tenants, remap=False, sharing="spatial")
+    a, b = tenants["a"], tenants["b"]
+    reqs = [make_request(1, max_tokens=n, model=m) for m, n in (("a", 3), ("a", 2), ("b", 3))]
+    reqs.append(make_request(1, max_tokens=3, model="a"))
+    for r in reqs:
+        r.arrival_time = 0.0  # equal arrivals: creation order decides which is younger
+        tenants[r.model].scheduler.add(r)
+    waits = []
+    can_wait = arbiter.can_wait
+    arbiter.can_wait = lambda model, req: waits.append(can_wait(model, req)) or waits[-1]
+    for k in range(100):
+        run_step(planner, float(k))
+        check(tenants)
+        if not (a.scheduler.has_work or b.scheduler.has_work):
+            break
+    assert all(r.finished for r in reqs), "livelock: the requests never finish"
+    assert any(waits), "the wait rule never fired: the example no longer exercises it"
+
+
+# ---- the remapping controller --------------------------------------------------------------------
+def test_donors_inactive_first_most_recently_run_first_and_lru_reverses_it():
+    for order, first in (("mru", "c"), ("lru", "b")):
+        arena = PageArena(3 * (1 + 4 * 2), PAGE)
+        tenants = make_tenants(arena, {"a": 4, "b": 4, "c": 4})
+        _, _, controller, _ = make_planning(tenants, donor_order=order)
+        tenants["a"].state.active = True
+        tenants["b"].state.last_run, tenants["c"].state.last_run = 1.0, 2.0
+        step = Step(0.0)
+        controller.begin(step)
+        assert controller.take("a", 2) == 2
+        assert [(op.model, op.layer) for op in step.memory] == [(first, 2)]
+
+
+def test_prepare_restores_what_streaming_cannot_hide_and_notes_the_reactivation():
+    arena = PageArena(2 * (1 + 4 * 2) + 4, PAGE)
+    tenants = make_tenants(arena, {"a": 4, "b": 4})
+    _, _, controller, _ = make_planning(tenants, h2d_bytes_per_s=2 * PAGE / 1e-3)  # 1 ms a layer
+    a = tenants["a"]
+    step = Step(0.0)
+    controller.begin(step)
+    for layer in (2, 1, 3):
+        controller._evict(a, layer)
+    controller.observe_step("a", 2.5e-3)  # a pass of 2.5 ms hides 2.5 copies: alpha_max = 0
+    assert controller.alpha_max(a) == 0
+    a.state.reactivating = True
+    step = Step(1.0)
+    controller.begin(step)
+    controller.prepare(a)
+    restored = [op.layer for op in step.memory if isinstance(op, RestoreLayer)]
+    assert restored == [3, 1, 2]  # the reverse of the removal order [2, 1, 3]
+    assert a.residency.missing_layers == []
+    assert step.notes["a", "reactivations_restored"] == 1 and not a.state.reactivating
+    check(tenants)
+
+
+def test_a_failed_restore_is_noted_and_backs_off():
+    """Two free pages, each alone between live KV pages: no slab fits, even after compaction."""
+    arena = PageArena(1 + 5 * 2, PAGE)  # 0-1 layer 4, 2-3 layer 3, 4-5 layer 2, ..., 10 resident
+    tenants = make_tenants(arena, {"a": 5})
+    _, _, controller, _ = make_planning(tenants, h2d_bytes_per_s=2 * PAGE / 1e-3)
+    a = tenants["a"]
+    controller.begin(Step(0.0))
+    controller._evict(a, 3)
+    controller._evict(a, 2)
+    blocks = a.pool.allocate(16)  # the pool grows onto pages 2..5, all of them live
+    assert blocks is not None and sorted(a.pool._pages) == [2, 3, 4, 5]
+    a.pool.free([x for x in blocks if x // a.pool.blocks_per_page in (3, 5)])
+    a.pool.shrink()
+    assert sorted(p for p in range(arena.num_pages) if arena.owner(p).kind is OwnerKind.FREE) == [
+        3, 5
+    ]
+    controller.observe_step("a", 1e-4)  # streaming hides nothing: restore if at all possible
+    step = Step(1.0)
+    controller.begin(step)
+    controller.prepare(a)
+    assert step.notes["a", "restore_failures"] == 1
+    assert not any(isinstance(op, (RestoreLayer, MoveLayer)) for op in step.memory)
+    again = Step(2.0)
+    controller.begin(again)
+    controller.prepare(a)  # backing off: no second attempt at once
+    assert again.notes["a", "restore_failures"] == 0
+    arena.check_integrity()
+    a.pool.check_integrity()
+
+
+def test_compaction_moves_slabs_so_free_pages_join():
+    arena = PageArena(1 + 3 * 2 + 1, PAGE)
+    tenants = make_tenants(arena, {"a": 3})
+    _, _, controller, _ = make_planning(tenants)
+    a = tenants["a"]
+    step = Step(0.0)
+    controller.begin(step)
+    controller._evict(a, 1)  # slab pages in the middle go free: 1 + 2 free pages, not contiguous
+    free = [p for p in range(arena.num_pages) if arena.owner(p).kind is OwnerKind.FREE]
+    assert len(free) == 3 and free != list(range(free[0], free[0] + 3))
+    assert controller._compact(3)
+    moves = [op for op in step.memory if isinstance(op, MoveLayer)]
+    assert moves and all(arena.owner(op.pages[0]) == Owner.slab("a", op.layer) for op in moves)
+    assert max(length for _, length in arena.runs()) >= 3
+    check(tenants)
+
+
+def test_reversion_waits_for_the_hysteresis_then_restores_one_layer():
+    arena = PageArena(1 + 4 * 2 + 4, PAGE)
+    tenants = make_tenants(arena, {"a": 4})
+    store, _, controller, planner = make_planning(tenants, revert_hold_steps=3)
+    controller.begin(Step(0.0))
+    controller._evict(tenants["a"], 2)
+    restored = []
+    for k in range(4):
+        after = Step(float(k))
+        controller.begin(after)
+        controller.after_step(["a"])
+        restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
+    assert restored == [[], [], [2], []]
+
+
+@pytest.mark.parametrize("sharing", ["temporal", "spatial"])
+def test_planning_random_bursts_keeps_every_invariant(sharing):
+    """Bursts on three models over a tight arena, planned step after step with remapping: the
+    accounting stays exact, every request finishes, nothing is preempted more than the load needs."""
+    import random
+
+    arena = PageArena(3 * (1 + 4 * 2) + 2, PAGE)
+    tenants = make_tenants(arena, {"a": 4, "b": 4, "c": 4}, preemption="swap")
+    _, _, _, planner = make_planning(tenants, sharing=sharing)
+    rng = random.Random(7)
+    reqs = []
+    for k in range(400):
+        if k < 150 and rng.random() < 0.3:
+            name = rng.choice("abc")
+            r = make_request(rng.randint(1, 30), max_tokens=rng.randint(1, 20), model=name)
+            r.arrival_time = float(k)
+            tenants[name].scheduler.add(r)
+            reqs.append(r)
+        step = run_step(planner, float(k))
+        for op in step.memory:
+            assert isinstance(op, (EvictLayer, RestoreLayer, MoveLayer, ResizeKV))
+        check(tenants)
+        if k > 150 and not any(t.scheduler.has_work for t in tenants.values()):
+            break
+    assert all(r.finished for r in reqs)
