@@ -3,9 +3,15 @@
 Definitions (every time in seconds, on one clock):
   - TTFT of a request: its first token's time minus its arrival time (the scheduled arrival, so
     time spent queued before the engine admits it counts).
-  - TBT: the gaps between consecutive tokens of a request. Percentiles of TBT are taken over all
-    gaps of all requests pooled together (a long request weighs more than a short one, as in
-    vLLM's ITL), with numpy's default linear interpolation.
+  - TBT, three ways (they answer different questions, so every report shows all three):
+      tbt      the gaps between consecutive tokens, pooled over all requests (a long request
+               weighs more than a short one): vLLM's ITL;
+      tpot     each request's mean gap, (last token - first token) / (tokens - 1), one value per
+               request: vLLM's TPOT, and the measure the paper's comparison (built on vLLM 0.7.3's
+               serving benchmark) is judged on;
+      max_gap  each request's worst gap, one value per request: what a preemption stall does to
+               the request it hits, which pooled gaps dilute.
+    Percentiles use numpy's default linear interpolation.
   - Makespan: from the earliest arrival to the latest token of the run.
   - Throughput: generated tokens / makespan; total throughput also counts prompt tokens.
   - Goodput: see `summarize`.
@@ -44,6 +50,18 @@ class RequestRecord:
     def tbt(self) -> list[float]:
         t = self.token_times
         return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean gap between tokens after the first; None with fewer than two tokens."""
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+    @property
+    def max_gap(self) -> float | None:
+        """The request's longest gap between tokens; None with fewer than two tokens."""
+        gaps = self.tbt
+        return max(gaps) if gaps else None
 
     @property
     def finish_time(self) -> float | None:
@@ -161,6 +179,8 @@ def _summary_of(
         "duration_s": duration,
         "ttft_s": distribution(ttfts),
         "tbt_s": distribution(g for r in records for g in r.tbt),
+        "tpot_s": distribution(t for r in records if (t := r.tpot) is not None),
+        "max_gap_s": distribution(t for r in records if (t := r.max_gap) is not None),
         "latency_s": distribution(latencies),
         "throughput_tok_s": _rate(generated, duration),
         "total_throughput_tok_s": _rate(prompt + generated, duration),
@@ -200,6 +220,9 @@ HEADLINE_METRICS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("tbt_p50", ("tbt_s", "p50"), True),
     ("tbt_p90", ("tbt_s", "p90"), True),
     ("tbt_p99", ("tbt_s", "p99"), True),
+    ("tpot_p50", ("tpot_s", "p50"), True),
+    ("tpot_p99", ("tpot_s", "p99"), True),
+    ("max_gap_p99", ("max_gap_s", "p99"), True),
     ("throughput_tok_s", ("throughput_tok_s",), False),
     ("goodput_tok_s", ("goodput", "tokens_per_s"), False),
     ("preemptions", ("engine", "preemptions"), True),

@@ -61,6 +61,8 @@ def test_request_record_definitions():
     assert A.ttft == 1.0 and A.tbt == [0.5, 1.0, 0.5] and A.latency == 3.0 and A.finish_time == 3.0
     assert B.ttft == pytest.approx(0.2) and B.tbt == pytest.approx([0.2])
     assert C.ttft == 2.0 and C.tbt == []
+    assert A.tpot == pytest.approx(2 / 3) and A.max_gap == 1.0 and B.tpot == pytest.approx(0.2)
+    assert C.tpot is None and C.max_gap is None
     empty = RequestRecord("a", 1.0, [], 3, 0, finish_reason=None)
     assert empty.ttft is None and empty.latency is None and empty.tbt == []
     assert RequestRecord.from_dict(A.to_dict()) == A
@@ -104,6 +106,12 @@ def test_summary_of_the_worked_example():
     assert tbt["p90"] == pytest.approx(0.85)
     assert tbt["p99"] == pytest.approx(0.985)
     assert s["latency_s"]["max"] == 3.0
+    # TPOT: one value per request with two tokens or more: A (3.0 - 1.0) / 3, B 0.2 / 1.
+    tpot = s["tpot_s"]
+    assert tpot["count"] == 2 and tpot["max"] == pytest.approx(2 / 3)
+    assert tpot["p50"] == pytest.approx((2 / 3 + 0.2) / 2)
+    # Worst gap per request: A 1.0, B 0.2 (a stall counts once per request, not once per gap).
+    assert s["max_gap_s"]["count"] == 2 and s["max_gap_s"]["p99"] == pytest.approx(0.2 + 0.99 * 0.8)
     assert s["throughput_tok_s"] == pytest.approx(1.75)
     assert s["total_throughput_tok_s"] == pytest.approx(10.5)
     assert s["request_throughput_rps"] == pytest.approx(0.75)
