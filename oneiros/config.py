@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from oneiros.core import ConfigError
 from oneiros.engine.policies import POLICIES
@@ -61,9 +62,13 @@ class EngineConfig:
     prefetch_distance: int = 2  # borrowed slabs per pass: 1 -> alpha+1 copies, 2 -> alpha+2
     revert_reserve: float = 0.25  # revert only while free KV >= this x KV in use (+ one layer)
     revert_hold_steps: int = 8  # ... for this many consecutive steps (hysteresis)
-    # temporal: one model per step (round-robin, max_wait_s bound); spatial: all models each step.
+    # temporal: one model per step, in turns of turn_steps steps (round robin, and a model not offered
+    # a step for max_wait_s goes next); spatial: every model with work in each step.
     sharing: str = "temporal"
     max_wait_s: float = 1.0
+    turn_steps: int = 8
+    # Share of a pass its streamed copies may leave exposed (the replayed plan sets alpha by it).
+    stream_exposure_target: float = 0.02
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -73,7 +78,8 @@ class EngineConfig:
     h2d_bytes_per_s: float | None = None
     # torch: run the models; sim: a cost model of `hardware` advances a virtual clock (no tensors).
     executor: str = "torch"
-    hardware: str | None = None  # sim: a profile name (oneiros.sim.hardware) or a profile JSON path
+    # sim: a profile name (oneiros.sim.hardware), a profile JSON path, or a HardwareProfile
+    hardware: Any = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -107,6 +113,12 @@ class EngineConfig:
             raise ConfigError(f"prefetch_distance must be 1 or 2, got {self.prefetch_distance}")
         if self.h2d_bytes_per_s is not None and not self.h2d_bytes_per_s > 0:
             raise ConfigError(f"h2d_bytes_per_s must be positive, got {self.h2d_bytes_per_s}")
+        if self.turn_steps < 1:
+            raise ConfigError(f"turn_steps must be at least 1, got {self.turn_steps}")
+        if not 0.0 <= self.stream_exposure_target < 1.0:
+            raise ConfigError(
+                f"stream_exposure_target must be in [0, 1), got {self.stream_exposure_target}"
+            )
         if self.revert_reserve < 0 or self.revert_hold_steps < 1:
             raise ConfigError("revert_reserve must be >= 0 and revert_hold_steps >= 1")
         if self.sharing not in ("temporal", "spatial"):

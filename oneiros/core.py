@@ -311,7 +311,8 @@ class StepPlan:
 
     @property
     def empty(self) -> bool:
-        return not self.seqs and not self.swap_out
+        """Nothing to execute: no pass and no KV copy."""
+        return not self.seqs and not self.swap_out and not self.swap_in
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@
 
 (b) Layer streaming under decode. An engine with `random:llama-3-8b` (`--tiny`: llama-tiny) runs a
     batch of decoding requests (as model_step.py does). Decode steps are timed with every layer
-    resident (T0); then alpha layers, chosen by `oneiros.memory.remap.removal_order`, are made
+    resident (T0); then alpha layers, taken one at a time as the controller does (`oneiros.memory.remap.next_to_evict`), are made
     non-resident (`engine.evict_layers`) and the steps are timed
     again (T_alpha): each forward pass now streams them in through borrowed slabs. The copy time
     per step is
@@ -128,7 +128,7 @@ def timed_steps(engine, t, reqs, args, timer, kv_per_token) -> dict[str, Any]:
 
 
 def streaming(args, device: torch.device, probe) -> dict[str, Any]:
-    from oneiros.memory.remap import removal_order
+    from oneiros.memory.remap import next_to_evict
     from oneiros.memory.passplan import plan_pass
 
     t0 = time.perf_counter()
@@ -140,7 +140,9 @@ def streaming(args, device: torch.device, probe) -> dict[str, Any]:
     alphas = [a for a in args.alphas if a <= num_layers - 1]
     if alphas != args.alphas:
         print(f"alphas above {num_layers - 1} skipped (layer 0 always stays)", file=sys.stderr)
-    order = removal_order(num_layers)
+    order: list[int] = []  # the controller's nested layout, one layer at a time
+    while (nxt := next_to_evict(num_layers, order)) is not None:
+        order.append(nxt)
     itemsize = torch.empty((), dtype=t.model.dtype).element_size()
     kv_per_token = t.model.cfg.kv_bytes_per_token(itemsize)
     layer_bytes = residency.layer_bytes

@@ -267,6 +267,9 @@ class _Replay:
                 if max_steps is not None and steps > max_steps:
                     raise RuntimeError(f"the workload did not finish in {max_steps} engine steps")
             elif (t := self.due()) is not None:
+                # Idle until the next arrival: remapped layers come back meanwhile (the server's
+                # idle loop does the same), their copies overlapping the wait.
+                self.engine.revert_idle()
                 self.engine.clock.wait_until(t)
 
     def add_due(self, now: float) -> None:

@@ -40,6 +40,7 @@ class Arbiter:
         self.store = store
         self.shares_memory = shares_memory
         self.remap = remap
+        self.admit_without_remap = False
         self.planned: set[str] = set()  # models whose plan for the current step is made
         self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
 
@@ -83,7 +84,11 @@ class Arbiter:
             if name != requester:
                 freed += len(self.schedulers[name].pool.shrink(need - freed))
         if freed < need and self.remap is not None:
-            freed += self.remap.take(requester, need - freed)
+            # A request being admitted takes parameter pages only from models not running, so that
+            # admission never adds copies to a pass; a running one may take what its model can hide.
+            admitting = req.status is not RequestStatus.RUNNING
+            if not (admitting and self.admit_without_remap):
+                freed += self.remap.take(requester, need - freed, admitting=admitting)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)
         return freed > 0

@@ -20,6 +20,7 @@ from oneiros.core import ConfigError, Step, StepResult
 if TYPE_CHECKING:
     from oneiros.config import EngineConfig
     from oneiros.engine.clock import Clock
+    from oneiros.engine.policies import MemoryPolicy
     from oneiros.engine.tenant import Tenant
 
 
@@ -62,8 +63,10 @@ class Backend(ABC):
         """True when weights are read from their sources (False: accounting only)."""
 
     @abstractmethod
-    def executor(self, tenants: dict[str, Tenant], weights: dict[str, Any]) -> Executor:
-        """The executor over these tenants and their ModelWeights."""
+    def executor(
+        self, tenants: dict[str, Tenant], weights: dict[str, Any], policy: MemoryPolicy
+    ) -> Executor:
+        """The executor over these tenants and their ModelWeights, for this memory policy."""
 
 
 BACKENDS = {

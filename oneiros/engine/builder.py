@@ -74,12 +74,12 @@ def build(config: EngineConfig) -> EngineParts:
         remap = RemapController(
             tenants, arena, config.sharing, config.max_remap_fraction, config.revert_reserve,
             config.revert_hold_steps, backend.h2d_bytes_per_s(), config.donor_order,
-            config.revert, config.prefetch_distance,
+            config.revert, config.prefetch_distance, config.stream_exposure_target,
         )
         arbiter.remap = remap
-    tenancy = TenancyPolicy(config.sharing, config.max_wait_s)
+    tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)
     planner = Planner(tenants, store, tenancy, arbiter, remap)
-    executor = backend.executor(tenants, weights)
+    executor = backend.executor(tenants, weights, policy)
     return EngineParts(
         policy, backend, dtype, arena, tenants, weights, storage, store, planner, executor
     )
@@ -134,6 +134,7 @@ def tenant(
     sched = Scheduler(
         name, pool, config.max_num_seqs, config.max_num_batched_tokens, max_len,
         preemption=policy.preemption, host_pool=host_pool, arbiter=arbiter,
+        swap_in_ahead=policy.async_swap_in,
     )
     tok = Tokenizer(source.tokenizer_dir) if source.tokenizer_dir else None
     eos = set(c.eos_token_ids)

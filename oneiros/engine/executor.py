@@ -33,6 +33,7 @@ from oneiros.memory.streamer import LayerStreamer
 from oneiros.memory.weights import ModelWeights
 
 if TYPE_CHECKING:
+    from oneiros.engine.policies import MemoryPolicy
     from oneiros.engine.tenant import Tenant
 
 
@@ -59,6 +60,7 @@ class ModelRunner:
         self.prefetch_distance = prefetch_distance
         self.streamer = LayerStreamer(weights.host, weights.region, weights.bind, storage.device)
         self.stream_layers: tuple[int, ...] = ()  # the non-resident layers of the current pass
+        self._landing: list[torch.cuda.Event] = []  # swap-ins issued a step ahead (CUDA)
         self._timing_at_start = (0.0, 0.0)
         self.sampler = sampler
         self.device = storage.device
@@ -101,14 +103,29 @@ class ModelRunner:
             blocks = self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)]
             self.host_kv[host] = blocks.to("cpu")
 
-    def swap_in(self, plan: StepPlan) -> None:
-        """Copy swapped-in blocks back from host memory into their new device blocks."""
+    def swap_in(self, plan: StepPlan, ahead: bool = False) -> None:
+        """Copy swapped-in blocks back from host memory into their new device blocks. `ahead`
+        (policy pie): the requests run from the next step, so on CUDA the copy goes to the copy
+        stream, overlapped with this step, and the next pass waits for it."""
         bpp = self.pool.blocks_per_page
-        if plan.swap_in:
-            host = torch.tensor([h for h, _ in plan.swap_in])
-            dev = torch.tensor([d for _, d in plan.swap_in])
-            blocks = self.host_kv[host].to(self.device, non_blocking=True)
-            self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)] = blocks
+        if not plan.swap_in:
+            return
+        host = torch.tensor([h for h, _ in plan.swap_in])
+        dev = torch.tensor([d for _, d in plan.swap_in])
+        copy_stream = self.streamer.copy_stream
+        if ahead and copy_stream is not None:
+            freed = torch.cuda.Event()
+            freed.record(torch.cuda.current_stream(self.device))  # the blocks' last readers
+            copy_stream.wait_event(freed)
+            with torch.cuda.stream(copy_stream):
+                blocks = self.host_kv[host].to(self.device, non_blocking=True)
+                self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)] = blocks
+                landed = torch.cuda.Event()
+                landed.record()
+            self._landing.append(landed)
+            return
+        blocks = self.host_kv[host].to(self.device, non_blocking=True)
+        self.kv[(dev // bpp).to(self.device), (dev % bpp).to(self.device)] = blocks
 
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[Request]]:
         """The forward pass (after the executor ran the step's copies); returns logits [N, V] of the
@@ -116,6 +133,9 @@ class ModelRunner:
         st = self.streamer.stats
         self._timing_at_start = (st.copy_s, st.exposed_s)
         self.stream_layers = plan.stream
+        for landed in self._landing:  # swap-ins issued a step ahead must have landed
+            torch.cuda.current_stream(self.device).wait_event(landed)
+        self._landing.clear()
         with torch.inference_mode():
             if not plan.seqs:
                 return None, []
@@ -272,11 +292,11 @@ class _HostPack:
 class TorchExecutor(Executor):
     """The real executor: one ModelRunner per model, all reading weights and KV from one arena."""
 
-    def __init__(self, runners: dict[str, ModelRunner]) -> None:
+    def __init__(self, runners: dict[str, ModelRunner], swap_in_ahead: bool = False) -> None:
         self.runners = runners
+        self.swap_in_ahead = swap_in_ahead
 
     def execute(self, step: Step) -> list[StepResult]:
-        t0 = time.perf_counter()
         plans = step.plans
         # Memory first, in an order that respects every action's view of the pages: swap-outs
         # read blocks freed while planning (before anything writes them), layer actions go in
@@ -288,9 +308,10 @@ class TorchExecutor(Executor):
                 if not isinstance(op, ResizeKV):
                     self.runners[op.model].apply(op)
             for plan in plans:
-                self.runners[plan.model].swap_in(plan)
+                self.runners[plan.model].swap_in(plan, self.swap_in_ahead)
         if not plans:
             return []
+        t0 = time.perf_counter()  # each result's elapsed: its pass and sampling, copies excluded
         runners = [self.runners[p.model] for p in plans]
         # Spatial sharing on CUDA: each model's kernels go to its own stream, all of them ordered
         # after what the main stream did before and joined back into it before sampling.
@@ -363,7 +384,9 @@ class TorchBackend(Backend):
     def loads_weights(self) -> bool:
         return True
 
-    def executor(self, tenants: dict[str, Tenant], weights: dict[str, Any]) -> Executor:
+    def executor(
+        self, tenants: dict[str, Tenant], weights: dict[str, Any], policy: MemoryPolicy
+    ) -> Executor:
         cfg = self.config
         storage = next(iter(weights.values())).storage
         return TorchExecutor({
@@ -378,4 +401,4 @@ class TorchBackend(Backend):
                 -(-t.max_model_len // cfg.block_size),
             )
             for n, t in tenants.items()
-        })
+        }, swap_in_ahead=policy.async_swap_in)

@@ -47,6 +47,7 @@ class Planner:
         for name in self.tenancy.order(self.store, now):
             t = self.tenants[name]
             self.tenancy.ran(self.store, name, now)
+            self._set_running(name)
             if self.remap is not None:
                 self.remap.prepare(t)
             plan = t.scheduler.schedule()
@@ -60,48 +61,76 @@ class Planner:
             elif plan.preempted:
                 step.idle.append(plan)
         self._merge_foreign(step)
+        if self.remap is not None and not self.tenancy.spatial and step.plans:
+            self._prefetch(step.plans[-1].model)
         for plan in step.plans:
             plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
         self._collect_resizes(step)
         return step
+
+    def _set_running(self, name: str) -> None:
+        """`name` is offered this step. Temporal: it alone runs (holds the turn); spatial: every
+        model with work runs. A model that starts running with layers missing is reactivating:
+        the controller decides whether it restores or streams them."""
+        t = self.tenants[name]
+        if not self.tenancy.spatial:
+            for other in self.tenants.values():
+                other.state.running = False
+        if not t.state.running and t.residency.missing_layers:
+            t.state.reactivating = True
+        t.state.running = True
+
+    def _prefetch(self, running: str) -> None:
+        """Temporal: when the turn ends within the time it takes to copy the next model's missing
+        layers (one step at least), they start coming back now, overlapped with this turn."""
+        assert self.remap is not None
+        nxt = self.tenancy.next_up(self.store)
+        if nxt is None or nxt == running or not self.tenants[nxt].residency.missing_layers:
+            return
+        if self.tenancy.steps_left() <= self.remap.prefetch_lead_steps(
+            self.tenants[nxt], running
+        ):
+            self.remap.prefetch(self.tenants[nxt])
 
     def observe(self, step: Step, results: list[StepResult]) -> Step | None:
         """After `step` ran: measured compute times feed the controller's alpha; dynamic reversion
         may restore layers (returned as a step of memory actions, None when there is none)."""
         if self.remap is None:
             return None
+        step_s = 0.0
         for plan, result in zip(step.plans, results):
             if plan.seqs:
                 self.remap.observe_step(
-                    plan.model, result.elapsed - result.exposed_s, plan.num_prefill_tokens == 0
+                    plan.model, result.elapsed - result.exposed_s, plan.num_prefill_tokens == 0,
+                    result.exposed_s,
                 )
+                step_s = max(step_s, result.elapsed - result.exposed_s)
         self.refresh()
         after = Step(step.now)
         self.remap.begin(after)
-        self.remap.after_step(self.tenancy.order(self.store))
+        self.remap.after_step(self.tenancy.order(self.store, step.now), step_s)
         self._collect_resizes(after)
         return after if after.memory or after.notes else None
 
     def revert_idle(self, now: float) -> Step | None:
         """No request anywhere: restore every remapped layer memory allows, the model most
         likely to run next first (no hysteresis: there is no demand to wait out)."""
-        if self.remap is None:
+        if self.remap is None or not self.remap.revert:
             return None
+        self.refresh()
         step = Step(now)
         self.remap.begin(step)
-        self.remap.restore_all(self.tenancy.order(self.store))
+        self.remap.restore_all(self.tenancy.order(self.store, now))
         self._collect_resizes(step)
         return step
 
     def refresh(self) -> None:
-        """The metadata store's view of each model: whether it has work, and whether it just came
-        back to work with layers missing (the controller then decides how it runs)."""
+        """The metadata store's view of each model: whether it has work. A model without work
+        does not run."""
         for t in self.tenants.values():
-            st = t.state
-            active = t.scheduler.has_work
-            if active and not st.active and t.residency.missing_layers:
-                st.reactivating = True
-            st.active = active
+            t.state.active = t.scheduler.has_work
+            if not t.state.active:
+                t.state.running = False
 
     def _merge_foreign(self, step: Step) -> None:
         """Fold preemptions made for another model into the victim model's plan of this step (its

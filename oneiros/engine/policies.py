@@ -2,9 +2,14 @@
 the engine asks the entry, never "which policy is this?".
 
     recompute  preempt the youngest request, prefill it again later (vLLM's default)
-    swap       copy the preempted request's KV blocks to host memory and back (vLLM v0 swap)
+    swap       copy the preempted request's KV blocks to host memory and back, blocking the step
+               (vLLM v0 swap)
+    pie        swap too, but a swapped-out request comes back a step ahead: its swap-in runs on
+               the copy stream overlapped with the step before the one it runs in (Pie-like)
     static     fixed, equal KV shares per model, nothing moves between models
     oneiros    remap parameter memory into KV cache first, then fall back to recompute or swap
+(The MIG-like baseline, memory and compute split between models, is not a policy of one engine but
+one engine per model on a slice of the device: `bench.partition`, simulator only.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ class MemoryPolicy:
     shares_memory: bool  # idle KV pages (and parameter pages) move between models
     remaps: bool  # parameter pages become KV pages (a RemapController)
     partitions_kv: bool  # every free page is split between the models at start
+    async_swap_in: bool = False  # swap-ins issued a step ahead, overlapped with that step
 
 
 def _recompute(cfg: EngineConfig) -> MemoryPolicy:
@@ -35,6 +41,10 @@ def _swap(cfg: EngineConfig) -> MemoryPolicy:
     return MemoryPolicy("swap", "swap", True, False, False)
 
 
+def _pie(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("pie", "swap", True, False, False, async_swap_in=True)
+
+
 def _static(cfg: EngineConfig) -> MemoryPolicy:
     return MemoryPolicy("static", "recompute", False, False, True)
 
@@ -43,7 +53,9 @@ def _oneiros(cfg: EngineConfig) -> MemoryPolicy:
     return MemoryPolicy("oneiros", cfg.remap_fallback, True, True, False)
 
 
-POLICIES = {"recompute": _recompute, "swap": _swap, "static": _static, "oneiros": _oneiros}
+POLICIES = {
+    "recompute": _recompute, "swap": _swap, "pie": _pie, "static": _static, "oneiros": _oneiros,
+}
 
 
 def memory_policy(cfg: EngineConfig) -> MemoryPolicy:

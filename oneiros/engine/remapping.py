@@ -1,16 +1,24 @@
 """RemapController: applies the pure decisions of `memory/remap.py` to the tenants' accounting.
 
-It is consulted at three points of a step, all during planning:
+It is consulted during planning only:
   - `take(requester, pages)`: the arbiter found no idle KV page anywhere; free `pages` arena pages by
-    remapping layer slabs (before any preemption);
-  - `prepare(tenant)`: a model is about to run with non-resident layers; if streaming them cannot hide
-    under its compute (alpha > alpha_max), restore layers first while free memory allows;
-  - `after_step(order)`: dynamic reversion: when KV memory has stayed free for a while, restore
-    layers, the model most likely to run next first.
+    remapping layer slabs, models not running first (before any preemption). A request being
+    admitted may take only from models not running: admission never adds copies to a pass;
+  - `prepare(tenant)`: a model is about to run; if streaming its missing layers would not hide
+    under its compute (more than alpha_max missing), restore layers first while memory allows,
+    taking them from models not running; move a misplaced layer when the exposure it saves pays
+    for its copy;
+  - `prefetch(tenant)`: the model whose turn comes next gets layers back into free memory ahead
+    of its turn (the copies overlap the current model's passes);
+  - `after_step(order)`: dynamic reversion: once KV memory has stayed free for a while, restore as
+    many layers as the free memory and a copy budget (what the last pass could hide) allow, the
+    model most likely to run next first; `restore_all(order)` when no request is left.
 It changes residency in the accounting and records each change as a memory action of the step
 (`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
-T_T comes from the start-up copy probe (`memory/bandwidth.py`); T_compute from a running average of
-each model's step time.
+
+T_T comes from the start-up copy probe (`memory/bandwidth.py`) or the hardware profile; T_compute
+from running averages of each model's decode steps and, apart, of steps with prefill. Measured
+exposure (copy time a pass waited for) above the target lowers alpha until it falls again.
 """
 
 from __future__ import annotations
@@ -25,13 +33,18 @@ from oneiros.memory.remap import (
     alpha_cap,
     max_alpha,
     next_donor,
-    removal_order,
+    next_to_evict,
+    next_to_restore,
+    rebalance,
     restore_priority,
     should_revert,
 )
 
 if TYPE_CHECKING:
     from oneiros.engine.tenant import Tenant
+
+REBALANCE_HORIZON = 64  # passes a layout is expected to last, when weighing a move against its copy
+EMA = 0.2  # weight of a new measurement in the step-time and exposure averages
 
 
 class RemapController:
@@ -46,7 +59,8 @@ class RemapController:
         h2d_bytes_per_s: float,
         donor_order: str = "mru",
         revert: bool = True,
-        prefetch_distance: int = 0,
+        prefetch_distance: int = 2,
+        max_exposed: float = 0.02,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -56,11 +70,14 @@ class RemapController:
         self.hysteresis = Hysteresis(revert_hold_steps)
         self.h2d_bytes_per_s = h2d_bytes_per_s
         self.donor_order = donor_order
-        self.prefetch_distance = prefetch_distance  # copies per pass beyond alpha
+        self.prefetch_distance = prefetch_distance  # borrowed slabs per pass (alpha + d copies)
         self.revert = revert
-        self._order = {n: removal_order(t.num_layers) for n, t in tenants.items()}
+        self.max_exposed = max_exposed  # share of a pass its copies may leave exposed
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
+        self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
+        self._penalty: dict[str, int] = {}  # layers alpha is lowered by after measured exposure
+        self._calm: dict[str, int] = {}  # decode steps in a row with little exposure
         self.step = Step(0.0)  # where this step's memory actions go (`begin`)
 
     def begin(self, step: Step) -> None:
@@ -69,31 +86,66 @@ class RemapController:
 
     # ---- measurements ---------------------------------------------------------------------------
     def layer_copy_s(self, t: Tenant) -> float:
-        return t.residency.layer_bytes / self.h2d_bytes_per_s
+        """One layer copy, with the link shared by every running model that streams."""
+        sharers = sum(
+            1 for x in self.tenants.values() if x.state.running and x.residency.missing_layers
+        )
+        return t.residency.layer_bytes * max(1, sharers) / self.h2d_bytes_per_s
 
-    def observe_step(self, name: str, compute_s: float, decode_only: bool = True) -> None:
-        """Fold a step's compute time (its elapsed time less exposed copy time) into the running
-        estimate of its shape: decode-only steps, or steps with prefill (much longer)."""
+    def observe_step(
+        self, name: str, compute_s: float, decode_only: bool = True, exposed_s: float = 0.0
+    ) -> None:
+        """Fold a pass's compute time (its elapsed time less exposed copy time) into the running
+        estimate of its shape (decode-only, or with prefill: much longer, kept apart), and a decode
+        pass's exposed share into the exposure feedback: when passes that stream no more than the
+        replay allows still wait for copies (the estimate is off: other copies on the link, a
+        slower link than probed), alpha goes down a layer; when they stop waiting, back up."""
         key = (name, decode_only)
         old = self._step_s.get(key)
-        self._step_s[key] = compute_s if old is None else 0.8 * old + 0.2 * compute_s
+        self._step_s[key] = compute_s if old is None else (1 - EMA) * old + EMA * compute_s
+        t = self.tenants[name]
+        missing = len(t.residency.missing_layers)
+        if not decode_only or compute_s <= 0 or not missing:
+            return
+        share = exposed_s / (compute_s + exposed_s)
+        ema = self._exposed[name] = (1 - EMA) * self._exposed.get(name, share) + EMA * share
+        self._calm[name] = self._calm.get(name, 0) + 1
+        if self._calm[name] < 2 * self.hysteresis.hold_steps:
+            return  # the last change has not been measured yet
+        penalty = self._penalty.get(name, 0)
+        if ema > 2 * self.max_exposed and missing <= self.alpha_max(t) and penalty < missing:
+            self._penalty[name] = penalty + 1
+            self._calm[name] = 0
+        elif ema < self.max_exposed / 2 and penalty:
+            self._penalty[name] = penalty - 1
+            self._calm[name] = 0
 
     def alpha_max(self, t: Tenant) -> int:
-        """Layers this model may stream per pass with the copies hidden (0 until measured). The
-        decode estimate rules when there is one: a step with prefill hides more, but the steps that
-        follow it are decodes, and the layers stay missing for them too."""
-        step = self._step_s.get((t.name, True), self._step_s.get((t.name, False)))
+        """Layers this model may stream per pass with at most `max_exposed` of the pass exposed
+        (the replayed pass plan), less the measured-exposure penalty; 0 until a decode step was
+        measured. A step with prefill hides more, but the decodes after it rule: the layers stay
+        missing for them too."""
+        step = self._step_s.get((t.name, True))
         if step is None:
             return 0
-        return max_alpha(self.layer_copy_s(t), step, t.num_layers, self.prefetch_distance)
+        alpha = max_alpha(
+            t.num_layers, self.prefetch_distance, step, self.layer_copy_s(t), self.max_exposed
+        )
+        return max(0, alpha - self._penalty.get(t.name, 0))
 
-    def _donor(self, t: Tenant) -> DonorInfo:
+    def _donor(self, t: Tenant, admitting: bool = False) -> DonorInfo:
+        """What the donor choice needs of t. Its cap: the per-model fraction for a model without
+        work; for a model with work, no more than its passes hide (alpha_max), whether it runs now
+        or waits for its turn (taking more would make its next turn wait for copies); nothing from
+        a running model for an admission."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction)
-        if t.state.active:
+        if t.state.running and admitting:
+            cap = 0
+        elif t.state.active:
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
-            t.name, t.state.active, t.state.last_run, n, len(t.residency.missing_layers), cap
+            t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap
         )
 
     def remappable_pages(self) -> int:
@@ -105,37 +157,48 @@ class RemapController:
         return total
 
     # ---- remap ----------------------------------------------------------------------------------
-    def take(self, requester: str, pages: int, exclude: str | None = None) -> int:
-        """Free at least `pages` arena pages by remapping layers (of any model but `exclude`);
-        returns the pages freed."""
+    def take(
+        self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False
+    ) -> int:
+        """Free at least `pages` arena pages by remapping layers (of any model but `exclude`;
+        only of models not running when `admitting`); returns the pages freed."""
         freed = 0
         while freed < pages:
-            donors = [self._donor(t) for t in self.tenants.values() if t.name != exclude]
+            donors = [self._donor(t, admitting) for t in self.tenants.values() if t.name != exclude]
             name = next_donor(donors, self.sharing, self.donor_order)
+            self._note_decisions(donors, name)
             if name is None:
                 break
             t = self.tenants[name]
-            freed += self._evict(t, self._next_to_remove(t))
+            layer = next_to_evict(t.num_layers, t.residency.missing_layers)
+            if layer is None:
+                break
+            freed += self._evict(t, layer)
         return freed
+
+    def _note_decisions(self, donors: list[DonorInfo], chosen: str | None) -> None:
+        """Count what the ablations turn on: a choice MRU and LRU make differently, and a take the
+        per-model cap changed (the choice without the cap differs)."""
+        other = "lru" if self.donor_order == "mru" else "mru"
+        if chosen is not None and next_donor(donors, self.sharing, other) != chosen:
+            self.step.notes[chosen, "donor_order_decisive"] += 1
+        uncapped = [
+            DonorInfo(d.name, d.active, d.last_run, d.num_layers, d.num_missing,
+                      d.alpha_cap if d.active else max(0, d.num_layers - 1))
+            for d in donors
+        ]
+        free_choice = next_donor(uncapped, self.sharing, self.donor_order)
+        if free_choice is not None and free_choice != chosen:
+            self.step.notes[free_choice, "cap_hits"] += 1
 
     def _evict(self, t: Tenant, layer: int) -> int:
         pages = t.residency.evict(layer)
         self.step.memory.append(EvictLayer(t.name, layer, tuple(pages)))
         return len(pages)
 
-    def _next_to_remove(self, t: Tenant) -> int:
-        """The first resident layer in the removal order (the missing set is usually a prefix of
-        it; a layer taken out of turn to make a contiguous run is skipped)."""
-        slabs = t.residency.slab_pages
-        return next(i for i in self._order[t.name] if slabs[i] is not None)
-
-    def _next_to_restore(self, t: Tenant) -> int:
-        slabs = t.residency.slab_pages
-        return next(i for i in reversed(self._order[t.name]) if slabs[i] is None)
-
     def _make_run(self, t: Tenant, pages: int) -> bool:
         """Free a contiguous run of `pages` for t by remapping one layer of another model whose
-        slab, with the free pages around it, spans such a run (inactive models first, MRU)."""
+        slab, with the free pages around it, spans such a run (models not running first, MRU)."""
         arena = self.arena
         donors = (self._donor(x) for x in self.tenants.values() if x.name != t.name)
         order = sorted(
@@ -157,13 +220,15 @@ class RemapController:
         return False
 
     # ---- restore --------------------------------------------------------------------------------
-    def _restore_one(self, t: Tenant, displace: bool = False) -> bool:
-        """Restore the most recently remapped layer of t, freeing idle KV pages if needed, then
-        compacting slabs, then (`displace`: t is about to run) remapping another model's layer
-        whose slab makes room."""
-        if not t.residency.missing_layers:
+    def _restore_one(self, t: Tenant, displace: bool = False, layer: int | None = None) -> bool:
+        """Restore a layer of t (by default the one that best evens out the rest), freeing idle
+        KV pages if needed, then compacting slabs, then (`displace`: t is about to run) remapping
+        another model's layer whose slab makes room."""
+        missing = t.residency.missing_layers
+        if layer is None:
+            layer = next_to_restore(t.num_layers, missing)
+        if layer is None:
             return False
-        layer = self._next_to_restore(t)
         ppl = t.residency.pages_per_layer
         pages = t.residency.restore(layer)
         if pages is None:
@@ -182,17 +247,28 @@ class RemapController:
 
     def prepare(self, t: Tenant) -> None:
         """Before a model with non-resident layers runs: restore layers while streaming would not
-        hide under its compute and there is memory to do it; record which way it went."""
+        hide under its compute and there is memory to do it; record which way it went; then move
+        one misplaced layer if that pays for its copy."""
         missing = len(t.residency.missing_layers)
         if not missing:
             return
-        limit = self.alpha_max(t)
+        restored = False
+        if self.revert:
+            restored = self._restore_to(t, self.alpha_max(t))
+        if t.state.reactivating:
+            t.state.reactivating = False
+            kind = "reactivations_restored" if restored else "reactivations_streamed"
+            self.step.notes[t.name, kind] += 1
+        self._rebalance(t)
+
+    def _restore_to(self, t: Tenant, limit: int) -> bool:
+        """Restore until at most `limit` layers are missing; True if any was restored."""
         restored = False
         ppl = t.residency.pages_per_layer
         wait = self._backoff.get(t.name, 0)
         if wait:  # a restore failed lately: stream for a while rather than retry every step
             self._backoff[t.name] = wait - 1
-            limit = len(t.residency.missing_layers)
+            return False
         while len(t.residency.missing_layers) > limit:
             # Memory for one more layer: free pages, else the layers of models not running now
             # (the parameter deficit moves to them: one copy now instead of one every pass).
@@ -204,10 +280,47 @@ class RemapController:
                 self._backoff[t.name] = self.hysteresis.hold_steps
                 break
             restored = True
-        if t.state.reactivating:
-            t.state.reactivating = False
-            kind = "reactivations_restored" if restored else "reactivations_streamed"
-            self.step.notes[t.name, kind] += 1
+        return restored
+
+    def _rebalance(self, t: Tenant) -> None:
+        step = self._step_s.get((t.name, True))
+        missing = t.residency.missing_layers
+        if step is None or not missing:
+            return
+        move = rebalance(
+            t.num_layers, missing, self.prefetch_distance, step, self.layer_copy_s(t),
+            REBALANCE_HORIZON,
+        )
+        if move is None:
+            return
+        out, into = move
+        self._evict(t, into)  # its pages make room for the layer coming back
+        if not self._restore_one(t, layer=out):
+            return
+        self.step.notes[t.name, "rebalances"] += 1
+
+    def prefetch(self, t: Tenant) -> int:
+        """`t` runs next: restore its missing layers into free memory (no model gives layers for
+        it yet), keeping the reversion reserve free for the KV cache of the model running now.
+        Returns the layers restored."""
+        if not self.revert:
+            return 0
+        restored = 0
+        ppl = t.residency.pages_per_layer
+        while t.residency.missing_layers and should_revert(
+            self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve
+        ):
+            if not self._restore_one(t):
+                break
+            restored += 1
+        self.step.notes[t.name, "prefetched_layers"] += restored
+        return restored
+
+    def prefetch_lead_steps(self, t: Tenant, running: str) -> int:
+        """Steps of the running model it takes to copy t's missing layers (at least one)."""
+        step = self._step_s.get((running, True)) or self._step_s.get((running, False))
+        copies = len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s
+        return 1 + (int(copies / step) if step else 0)
 
     def restore_all(self, next_to_run: list[str]) -> int:
         """Restore layers, the model most likely to run next first, until none is missing or
@@ -222,7 +335,9 @@ class RemapController:
                 restored += 1
         return restored
 
-    def after_step(self, next_to_run: list[str]) -> None:
+    def after_step(self, next_to_run: list[str], step_s: float) -> None:
+        """Dynamic reversion: after free KV memory held for the hysteresis, restore as many layers
+        as keep the reserve free, at most as many as one pass of `step_s` hides on the link."""
         if not self.revert:
             return
         donors = [self._donor(t) for t in self.tenants.values()]
@@ -231,13 +346,23 @@ class RemapController:
             self.hysteresis.streak = 0
             return
         t = self.tenants[order[0]]
-        in_use = sum(x.pool.num_busy_pages for x in self.tenants.values())
-        ok = should_revert(
-            self._free_pages(), t.residency.pages_per_layer, in_use, self.revert_reserve
-        )
-        if self.hysteresis.update(ok):
-            self._restore_one(t)
-            self.hysteresis.streak = 0  # one layer per hold period, and a failure waits as long
+        ppl = t.residency.pages_per_layer
+        ok = should_revert(self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve)
+        if not self.hysteresis.update(ok):
+            return
+        copy_s = t.residency.layer_bytes / self.h2d_bytes_per_s
+        budget = max(1, int(step_s / copy_s)) if copy_s > 0 else t.num_layers
+        for name in order:
+            t = self.tenants[name]
+            while budget and t.residency.missing_layers and should_revert(
+                self._free_pages(), t.residency.pages_per_layer, self._kv_in_use(),
+                self.revert_reserve,
+            ):
+                if not self._restore_one(t):
+                    budget = 0
+                    break
+                budget -= 1
+        self.hysteresis.streak = 0  # a new hold period before the next batch of restores
 
     def _compact(self, pages: int) -> bool:
         """Enough pages are free but no run of `pages`: move resident layer slabs (re-copied from
@@ -255,3 +380,6 @@ class RemapController:
     def _free_pages(self) -> int:
         """Free arena pages plus KV pages without a live block (shrinkable at once)."""
         return self.arena.num_free + sum(t.pool.num_idle_pages for t in self.tenants.values())
+
+    def _kv_in_use(self) -> int:
+        return sum(x.pool.num_busy_pages for x in self.tenants.values())

@@ -10,7 +10,9 @@ or, when that is the request itself and the arbiter says it may wait, leaves it 
 its blocks kept. Preemption:
   - recompute: its blocks are freed; it is prefilled again later with the tokens it already produced;
   - swap: its blocks are copied to host memory (plan.swap_out) and copied back when it resumes
-    (plan.swap_in); recompute is the fallback when the host swap space is full.
+    (plan.swap_in); recompute is the fallback when the host swap space is full. With
+    `swap_in_ahead` (policy pie) a resumed request holds its blocks from the step its swap-in is
+    issued in and runs from the next one, so that the copy overlaps a step's compute.
 Everything the scheduler decides is in the plan it returns; it keeps no counters.
 """
 
@@ -47,6 +49,7 @@ class Scheduler:
         preemption: str = "recompute",
         host_pool: HostBlockPool | None = None,
         arbiter: Arbiter | None = None,
+        swap_in_ahead: bool = False,
     ) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, not {preemption!r}")
@@ -56,6 +59,8 @@ class Scheduler:
         self.preemption = preemption
         self.host_pool = host_pool
         self.arbiter = arbiter  # None: this model's own pages and the free ones, nothing else
+        # A resumed request's swap-in is issued a step before it runs (its copy overlaps that step).
+        self.swap_in_ahead = swap_in_ahead
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -137,13 +142,17 @@ class Scheduler:
             if not self._reserve(req, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
+            ahead = False
             if req.host_block_ids:  # resume a swapped-out request: copy its KV back first
                 assert self.host_pool is not None
                 plan.swap_in.extend(zip(req.host_block_ids, req.block_ids))
                 self.host_pool.free(req.host_block_ids)
                 req.host_block_ids = []
+                ahead = self.swap_in_ahead
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if ahead:
+                continue  # it runs from the next step on, once its blocks have landed
             plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
             budget -= n
 

@@ -1,13 +1,15 @@
 """Which models run in a step, and the per-model state the remapping controller reads.
 
-Temporal sharing runs one model per step: the first model, in round-robin order, whose scheduler has
-something to run, except that a model which has not been offered a step for `max_wait_s` goes first.
+Temporal sharing runs one model per step, in turns: the model whose turn it is runs for `turn_steps`
+steps (or until it has nothing to run), then the turn passes to the next model with work in
+round-robin order, except that a model which has not been offered a step for `max_wait_s` goes
+first. Models out of their turn are not running: they are the first to give parameter memory (the
+one that ran most recently is needed last), and the next one gets its layers back before its turn.
 Spatial sharing runs every model with work in the same step.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -33,6 +35,10 @@ class TenantCounters:
     stream_exposed_s: float = 0.0  # part of it the compute waited for (all of it on CPU)
     reactivations_streamed: int = 0  # came back to work and streamed its missing layers
     reactivations_restored: int = 0  # came back to work and had layers restored first
+    prefetched_layers: int = 0  # restored ahead of its turn, overlapped with another model's
+    rebalances: int = 0  # a misplaced missing layer moved into the even layout (it paid its copy)
+    donor_order_decisive: int = 0  # layers given where MRU and LRU would have chosen differently
+    cap_hits: int = 0  # takes where the per-model cap kept a model from giving another layer
 
 
 @dataclass(slots=True)
@@ -43,6 +49,7 @@ class TenantState:
     last_run: float = 0.0  # engine-clock time of the last step it ran in (0: never)
     last_offer: float = 0.0  # last time the tenancy policy offered it a step
     active: bool = False  # has running or waiting requests
+    running: bool = False  # runs in this step (temporal: holds the turn; spatial: has work)
     reactivating: bool = False  # became active with layers missing; cleared once decided
     counters: TenantCounters = field(default_factory=TenantCounters)
 
@@ -60,30 +67,57 @@ class MetadataStore:
 
 
 class TenancyPolicy:
-    def __init__(self, sharing: str, max_wait_s: float = 1.0) -> None:
+    def __init__(self, sharing: str, max_wait_s: float = 1.0, turn_steps: int = 1) -> None:
         if sharing not in ("temporal", "spatial"):
             raise ValueError(f"sharing must be temporal or spatial, not {sharing!r}")
+        if turn_steps < 1:
+            raise ValueError(f"turn_steps must be at least 1, got {turn_steps}")
         self.sharing = sharing
         self.max_wait_s = max_wait_s
+        self.turn_steps = turn_steps
+        self.turn: str | None = None  # temporal: the model whose turn it is
+        self.turn_used = 0  # steps offered to it in this turn
         self._next = 0  # round-robin position
 
     @property
     def spatial(self) -> bool:
         return self.sharing == "spatial"
 
-    def order(self, store: MetadataStore, now: float | None = None) -> list[str]:
+    def order(self, store: MetadataStore, now: float) -> list[str]:
         """Active models in the order they should be offered this step. Spatial sharing runs all of
-        them; temporal sharing runs the first one that has something to run (see `ran`)."""
+        them; temporal sharing runs the first one that has something to run (see `ran`): the turn
+        holder while its turn lasts and no other model starves, else the next in rotation."""
         names = list(store.states)
-        now = time.perf_counter() if now is None else now
         rotated = names[self._next :] + names[: self._next]
         active = [n for n in rotated if store.states[n].active]
         starved = [n for n in active if now - store.states[n].last_offer > self.max_wait_s]
         starved.sort(key=lambda n: store.states[n].last_offer)
-        return starved + [n for n in active if n not in starved]
+        order = starved + [n for n in active if n not in starved]
+        holder = self.turn
+        if (
+            not self.spatial and holder in active and self.turn_used < self.turn_steps
+            and not any(n != holder for n in starved)
+        ):
+            order = [holder] + [n for n in order if n != holder]
+        return order
 
     def ran(self, store: MetadataStore, name: str, now: float) -> None:
-        """`name` was offered a step at `now`; the round-robin moves past it."""
+        """`name` was offered a step at `now`: its turn goes on (or begins); the round-robin moves
+        past it."""
         store.states[name].last_offer = now
+        if name == self.turn:
+            self.turn_used += 1
+        else:
+            self.turn, self.turn_used = name, 1
         names = list(store.states)
         self._next = (names.index(name) + 1) % len(names)
+
+    def steps_left(self) -> int:
+        """Steps left in the current turn (temporal)."""
+        return max(0, self.turn_steps - self.turn_used)
+
+    def next_up(self, store: MetadataStore) -> str | None:
+        """The model whose turn comes after the current one: the next with work in rotation."""
+        names = list(store.states)
+        rotated = names[self._next :] + names[: self._next]
+        return next((n for n in rotated if n != self.turn and store.states[n].active), None)

@@ -1,19 +1,26 @@
 """The remapping controller's decisions, each a small pure function (no tensors, no engine state).
 
 When a model's KV cache runs out, pages are taken from parameters (layer slabs) instead of preempting:
-  - which models:  inactive models first, most recently used first (a rotating scheduler needs the
-    model that just ran last), then active ones (spatial sharing spreads over all of them). A
+  - which models:  models not running now first, most recently run first (a rotating scheduler needs
+    the model that just ran last), then running ones (spatial sharing spreads over all of them). A
     per-model cap keeps every model partly resident.
-  - how many layers of a model that still runs: the largest alpha with alpha * T_T <= T_compute,
-    so that streaming its missing layers hides under its own compute.
-  - which layers: spread at uniform intervals, in an order whose every prefix is itself spread out
-    (so remapping one more layer, or restoring one, never moves the others).
+  - how many layers of a model that still runs: the largest alpha whose pass, replayed with the
+    transfer planner over the measured step time and the copy time (`passplan.exposed_fraction`),
+    exposes at most a small fraction of the step. Stricter than the paper's aggregate rule
+    alpha * T_T <= T_compute, which ignores when each copy can start.
+  - which layers: spread exactly evenly for the current alpha (`even_layers`); one more layer goes
+    where it moves the layout toward the even one for alpha + 1, one comes back where it moves it
+    toward alpha - 1, and a misplaced layer is moved only when the exposure it saves pays for its copy.
   - when to give memory back: when enough KV memory has stayed free for a while (hysteresis).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
+
+from oneiros.memory.passplan import exposed_fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,47 +35,90 @@ class DonorInfo:
     alpha_cap: int  # most layers this model may have non-resident right now
 
 
-def removal_order(num_layers: int) -> list[int]:
-    """Layers in the order they are remapped; restoring goes in reverse.
-
-    Layer 0 is never remapped: a pass borrows the slab of an early resident layer to stream the
-    missing ones. Every prefix of the order is spread out: each next layer is the midpoint of the
-    widest gap between layers already chosen (bounded by layer 0 and a virtual layer n), ties going
-    to the gap farthest from the previous choice so both halves of the stack fill alike."""
-    order: list[int] = []
-    chosen = [0, num_layers]  # sorted bounds
-    while len(order) < num_layers - 1:
-        best = None
-        for a, b in zip(chosen, chosen[1:]):
-            if b - a < 2:
-                continue
-            mid = (a + b) // 2
-            far = abs(mid - order[-1]) if order else 0
-            key = (b - a, far)
-            if best is None or key > best[0]:
-                best = (key, mid)
-        assert best is not None
-        order.append(best[1])
-        chosen = sorted(chosen + [best[1]])
-    return order
+def even_layers(num_layers: int, alpha: int) -> list[int]:
+    """The alpha non-resident layers spread exactly evenly: round(k * n / (alpha + 1)) for
+    k = 1..alpha. Layer 0 always stays (a pass borrows an early resident slab to stream into);
+    the spacing n / (alpha + 1) >= 1 keeps the rounded layers distinct."""
+    alpha = max(0, min(alpha, num_layers - 1))
+    return [math.floor(k * num_layers / (alpha + 1) + 0.5) for k in range(1, alpha + 1)]
 
 
-def uniform_layers(num_layers: int, alpha: int) -> list[int]:
-    """The alpha layers that are non-resident when a model has alpha layers remapped."""
-    return sorted(removal_order(num_layers)[:alpha])
+def _spread(layer: int, others: list[int], num_layers: int) -> int:
+    """How far `layer` is from its nearest neighbour among `others` and the bounds (layer 0 and a
+    virtual layer n): larger is better spread."""
+    return min([layer, num_layers - layer] + [abs(layer - o) for o in others if o != layer])
+
+
+def next_to_evict(num_layers: int, missing: list[int]) -> int | None:
+    """The resident layer to remap next: one of the even layout for alpha + 1 that is not missing
+    yet, the best spread from what is missing (lowest on ties); None when only layer 0 is left."""
+    resident = [i for i in range(1, num_layers) if i not in missing]
+    if not resident:
+        return None
+    target = [i for i in even_layers(num_layers, len(missing) + 1) if i not in missing]
+    pool = target or resident
+    return max(pool, key=lambda i: (_spread(i, missing, num_layers), -i))
+
+
+def next_to_restore(num_layers: int, missing: list[int]) -> int | None:
+    """The missing layer to bring back next: one outside the even layout for alpha - 1, the most
+    crowded (closest to a neighbour; highest on ties)."""
+    if not missing:
+        return None
+    target = set(even_layers(num_layers, len(missing) - 1))
+    pool = [i for i in missing if i not in target] or missing
+    return min(pool, key=lambda i: (_spread(i, missing, num_layers), -i))
+
+
+def rebalance(
+    num_layers: int, missing: list[int], distance: int, step_s: float, copy_s: float,
+    horizon_passes: int,
+) -> tuple[int, int] | None:
+    """(layer to restore, layer to remap) that moves a misplaced layer into the even layout for
+    the same alpha, when the exposure it saves over `horizon_passes` passes exceeds the one copy
+    the move costs; None otherwise."""
+    alpha = len(missing)
+    target = even_layers(num_layers, alpha)
+    if alpha == 0 or sorted(missing) == target or step_s <= 0 or copy_s <= 0:
+        return None
+    out = next_to_restore(num_layers, missing)
+    rest = [i for i in missing if i != out]
+    into = next_to_evict(num_layers, rest)
+    if out is None or into is None or into == out:
+        return None
+    before = exposed_fraction(num_layers, tuple(sorted(missing)), distance, step_s, copy_s)
+    after = exposed_fraction(num_layers, tuple(sorted(rest + [into])), distance, step_s, copy_s)
+    if (before - after) * step_s * horizon_passes > copy_s:
+        return out, into
+    return None
 
 
 def max_alpha(
-    layer_copy_s: float, step_compute_s: float, num_layers: int, extra_copies: int = 0
+    num_layers: int, distance: int, step_s: float, copy_s: float, max_exposed: float
 ) -> int:
-    """Largest alpha with (alpha + extra_copies) * T_T <= T_compute, at most num_layers - 1 (layer
-    0 stays). The paper's rule is extra_copies = 0; a pass of the transfer planner also copies the
-    borrowed slabs' own layers back (prefetch distance: 1 or 2 more copies on the one copy
-    stream), and the engine counts them so that the stream keeps up with the compute."""
-    if layer_copy_s <= 0:
-        return num_layers - 1
-    fit = int(step_compute_s / layer_copy_s) - extra_copies
-    return max(0, min(num_layers - 1, fit))
+    """The largest alpha whose evenly spread layout, replayed over a pass of `step_s` with `copy_s`
+    per layer copy, leaves at most `max_exposed` of the pass waiting for copies (0 until a step
+    time is known; n - 1 when copies are free)."""
+    if copy_s <= 0:
+        return max(0, num_layers - 1)
+    if step_s <= 0 or num_layers < 2:
+        return 0
+    # Exposure depends on step_s / copy_s only: quantised down (the safe side) to 1% steps, so
+    # that the search is cached.
+    ratio = math.floor(math.log(step_s / copy_s) * 100)
+    return _max_alpha(num_layers, distance, ratio, max_exposed)
+
+
+@lru_cache(maxsize=4096)
+def _max_alpha(num_layers: int, distance: int, ratio: int, max_exposed: float) -> int:
+    step_s = math.exp(ratio / 100)
+    best = 0
+    for alpha in range(1, num_layers):
+        missing = tuple(even_layers(num_layers, alpha))
+        if exposed_fraction(num_layers, missing, distance, step_s, 1.0) > max_exposed:
+            break
+        best = alpha
+    return best
 
 
 def alpha_cap(num_layers: int, max_remap_fraction: float) -> int:

@@ -15,6 +15,7 @@ from oneiros.sim.executor import SimExecutor, SimTenant
 from oneiros.sim.hardware import load_profile
 
 if TYPE_CHECKING:
+    from oneiros.engine.policies import MemoryPolicy
     from oneiros.engine.tenant import Tenant
 
 
@@ -40,11 +41,15 @@ class SimBackend(Backend):
     def loads_weights(self) -> bool:
         return False
 
-    def executor(self, tenants: dict[str, Tenant], weights: dict[str, Any]) -> Executor:
+    def executor(
+        self, tenants: dict[str, Tenant], weights: dict[str, Any], policy: MemoryPolicy
+    ) -> Executor:
         sims = {
             n: SimTenant(
                 ModelCost.of(t.model), t.residency.layer_bytes, t.pool.block_bytes, t.vocab_size
             )
             for n, t in tenants.items()
         }
-        return SimExecutor(self.hardware, self.clock, sims, self.config.prefetch_distance)
+        return SimExecutor(
+            self.hardware, self.clock, sims, self.config.prefetch_distance, policy.async_swap_in
+        )

@@ -7,18 +7,11 @@ benchmark forces each output to its length with ignore_eos); their timestamps ar
 
 from __future__ import annotations
 
-from oneiros.core import LAYER_COPIES, Step, StepResult
+from oneiros.core import LAYER_COPIES, Step, StepPlan, StepResult
 from oneiros.engine.backends import Executor
 from oneiros.engine.clock import VirtualClock
-from oneiros.sim.cost import (
-    ModelCost,
-    StepWork,
-    compute_time,
-    flops_bytes,
-    overhead_time,
-    stream_pass,
-    swap_time,
-)
+from oneiros.memory.passplan import HostLink, PassRun, plan_pass, replay
+from oneiros.sim.cost import ModelCost, StepWork, compute_time, flops_bytes, overhead_time
 from oneiros.sim.hardware import HardwareProfile
 
 
@@ -35,67 +28,110 @@ class SimTenant:
 
 
 class SimExecutor(Executor):
+    """Prices each step on the hardware profile and advances the virtual clock.
+
+    One host link carries every copy (`HostLink`: two FIFO directions, the mixed bandwidth while
+    both are busy), across steps: layer restores and compaction moves go on it asynchronously (the
+    engine issues them on the copy stream) and the layer's next use waits for its copy; streamed
+    layers are replayed from the pass plan (`replay`); KV swaps are blocking (vLLM), except that a
+    policy with `async_swap_in` issues swap-ins a step ahead and only the step that uses those
+    requests waits for them. Plans of one step share the device: their work adds up in one roofline.
+    On a profile without async copies every copy is blocking."""
+
     def __init__(
         self,
         hw: HardwareProfile,
         clock: VirtualClock,
         tenants: dict[str, SimTenant],
         prefetch_distance: int = 2,
+        async_swap_in: bool = False,
     ) -> None:
         self.hw = hw
         self.clock = clock
         self.tenants = tenants
         self.prefetch_distance = prefetch_distance
-        self._pending_s = 0.0  # layer copies of memory-only steps, charged to the next pass
+        self.async_swap_in = async_swap_in
+        self.link = HostLink(hw.h2d_bw, hw.d2h_bw, hw.mixed_bw, clock.now())
+        self._layer_ready: dict[tuple[str, int], float] = {}  # restores still in flight
+        self._swap_ready = 0.0  # when the swap-ins issued a step ahead have landed
 
     def execute(self, step: Step) -> list[StepResult]:
-        hw = self.hw
-        total_flops = total_bytes = 0.0
-        overhead = 0.0
-        # Restores and compaction moves are charged as synchronous layer copies.
-        sync_s = self._pending_s + sum(
-            self.tenants[op.model].layer_bytes / hw.h2d_bw
-            for op in step.memory if isinstance(op, LAYER_COPIES)
-        )
-        self._pending_s = 0.0
-        if not step.plans:
-            self._pending_s = sync_s
-            return []
-        results: list[StepResult] = []
+        hw, t0 = self.hw, self.clock.now()
+        blocking = t0  # compute starts once the step's blocking copies are done
+        for op in step.memory:
+            if isinstance(op, LAYER_COPIES):
+                end = self.link.copy("h2d", self.tenants[op.model].layer_bytes, t0)
+                self._layer_ready[op.model, op.layer] = end
+                if not hw.async_copies:
+                    blocking = max(blocking, end)
+        landing = self._swap_ready
         for plan in step.plans:
             t = self.tenants[plan.model]
-            sync_s += swap_time(
-                hw, len(plan.swap_out) * t.block_bytes, len(plan.swap_in) * t.block_bytes
-            )
-            if not plan.seqs:
-                results.append(StepResult([], [], [], elapsed=0.0))
-                continue
+            if plan.swap_out:
+                blocking = max(blocking, self.link.copy("d2h", len(plan.swap_out) * t.block_bytes, t0))
+            if plan.swap_in:
+                end = self.link.copy("h2d", len(plan.swap_in) * t.block_bytes, t0)
+                if self.async_swap_in and hw.async_copies:
+                    self._swap_ready = max(self._swap_ready, end)  # used next step
+                else:
+                    blocking = max(blocking, end)
+        runs = [p for p in step.plans if p.seqs]
+        if not runs:
+            self.clock.advance(blocking - t0)
+            return [StepResult([], [], [], elapsed=0.0) for _ in step.plans]
+        blocking = max(blocking, landing)
+        total_flops = total_bytes = overhead = 0.0
+        works = {}
+        for plan in runs:
+            t = self.tenants[plan.model]
             work = StepWork.of(plan)
             flops, nbytes = flops_bytes(t.cost, work, hw.dtype_bytes)
             total_flops += flops
             total_bytes += nbytes
-            own = compute_time(hw, flops, nbytes)
-            over = overhead_time(hw, t.cost.num_layers, work.tokens)
-            overhead = max(overhead, over)
-            stream = stream_pass(
-                hw, t.cost.num_layers, plan.stream, self.prefetch_distance, t.layer_bytes,
-                own / t.cost.num_layers,
-            )
-            ids, toks = [], []
-            for s in plan.seqs:
-                if s.samples:
-                    r = s.request
-                    ids.append(r.request_id)
-                    toks.append(100 + (r.num_tokens * 7919) % max(1, t.vocab_size - 100))
-            results.append(
-                StepResult(
-                    ids, toks, [0.0] * len(toks), None, own + over + stream.exposed_s,
-                    h2d_bytes=stream.copies * t.layer_bytes, copy_s=stream.copy_s,
-                    exposed_s=stream.exposed_s,
-                )
-            )
-        # Plans of one step share the device: their work adds up in one roofline.
-        exposed = max((r.exposed_s for r in results), default=0.0)
-        step = sync_s + overhead + compute_time(hw, total_flops, total_bytes) + exposed
-        self.clock.advance(step)
-        return results
+            overhead = max(overhead, overhead_time(hw, t.cost.num_layers, work.tokens))
+            works[id(plan)] = work
+        compute = compute_time(hw, total_flops, total_bytes)
+        passes = [self._pass(plan, compute, blocking) for plan in runs]
+        if hw.async_copies:
+            replay(passes, self.link, blocking)
+        else:  # every copy waits for the one before and the compute waits for all of them
+            for r in passes:
+                copies = r.plan.num_copies if r.plan is not None else 0
+                r.copies = copies
+                r.exposed_s = copies * r.layer_bytes / hw.h2d_bw
+                r.end = blocking + compute + r.exposed_s
+        end = max(r.end for r in passes) + overhead
+        self.clock.advance(end - t0)
+        by_plan = {id(p): r for p, r in zip(runs, passes, strict=True)}
+        return [self._result(p, by_plan.get(id(p)), overhead - blocking) for p in step.plans]
+
+    def _pass(self, plan: StepPlan, compute: float, start: float) -> PassRun:
+        t = self.tenants[plan.model]
+        n = t.cost.num_layers
+        wait = {}
+        for layer in range(n):
+            ready = self._layer_ready.get((plan.model, layer))
+            if ready is not None:
+                if ready > start:
+                    wait[layer] = ready
+                else:
+                    del self._layer_ready[plan.model, layer]
+        stream = plan_pass(n, plan.stream, self.prefetch_distance) if plan.stream else None
+        return PassRun(n, compute / n, t.layer_bytes, stream, wait)
+
+    def _result(self, plan: StepPlan, run: PassRun | None, offset: float) -> StepResult:
+        """`elapsed`: the plan's pass (from the end of the blocking copies) plus the overheads."""
+        if run is None:
+            return StepResult([], [], [], elapsed=0.0)
+        t = self.tenants[plan.model]
+        ids, toks = [], []
+        for s in plan.seqs:
+            if s.samples:
+                r = s.request
+                ids.append(r.request_id)
+                toks.append(100 + (r.num_tokens * 7919) % max(1, t.vocab_size - 100))
+        return StepResult(
+            ids, toks, [0.0] * len(toks), None, run.end + offset,
+            h2d_bytes=run.copies * t.layer_bytes,
+            copy_s=run.copies * t.layer_bytes / self.hw.h2d_bw, exposed_s=run.exposed_s,
+        )

@@ -22,7 +22,7 @@ HBM bandwidth, large prefills 50-70% of peak FLOP/s); calibrate them from a GPU 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from oneiros.core import ConfigError
@@ -53,6 +53,15 @@ class HardwareProfile:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def slice(self, share: float, name: str) -> HardwareProfile:
+        """A `share` of this device, as a MIG slice gets: memory, FLOP/s and memory bandwidth in
+        proportion; the host link and the overheads stay."""
+        return replace(
+            self, name=name, memory_bytes=int(self.memory_bytes * share),
+            peak_flops=self.peak_flops * share, mem_bw=self.mem_bw * share,
+            source=f"{share:.0%} slice of {self.name}",
+        )
+
 
 PROFILES: dict[str, HardwareProfile] = {
     "gh200": HardwareProfile(
@@ -79,8 +88,11 @@ PROFILES: dict[str, HardwareProfile] = {
 }
 
 
-def load_profile(name_or_path: str) -> HardwareProfile:
-    """A shipped profile by name, or a JSON file written by `oneiros calibrate`."""
+def load_profile(name_or_path: str | HardwareProfile) -> HardwareProfile:
+    """A shipped profile by name, or a JSON file written by `oneiros calibrate` (a profile object
+    is returned as it is)."""
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
     if name_or_path.lower() in PROFILES:
         return PROFILES[name_or_path.lower()]
     path = Path(name_or_path)

@@ -46,7 +46,7 @@ def prompts(vocab: int) -> list[list[int]]:
 def generate(e: LLMEngine, alpha: int = 0, on_step=None) -> list[list[int]]:
     t = e.tenants["m"]
     if alpha:
-        e.evict_layers("m", remap.uniform_layers(t.num_layers, alpha))
+        e.evict_layers("m", remap.even_layers(t.num_layers, alpha))
     ids = [
         e.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), "m")
         .request_id

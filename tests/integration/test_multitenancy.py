@@ -424,9 +424,9 @@ def test_trace_records_every_preemption(tmp_path):
     trace_path = tmp_path / "steps.jsonl"
     models = {"a": TINY["a"], "c": TINY["c"]}
     weights = weight_pages_of(models.values(), TINY_PAGE)
-    engine = make_engine(
+    engine = make_engine(  # turns of one step: both prompts are in before a needs its block
         models, page_bytes=TINY_PAGE, memory_budget=(weights + 2) * TINY_PAGE,
-        max_wait_s=1e9, trace_steps=str(trace_path),
+        max_wait_s=1e9, trace_steps=str(trace_path), turn_steps=1,
     )
     rng = random.Random(3)
     jobs = [Job(m, tuple(rng.randrange(3, 512) for _ in range(60)), 6, 0) for m in models]

@@ -1,7 +1,7 @@
 """Parameter remapping end to end: the engine with layers streamed through borrowed slabs.
 
   - token identity: with most of a model's layers non-resident (forced with evict_layer over
-    remap.uniform_layers(n, alpha)) and the KV cache living on their former slab pages, greedy
+    remap.even_layers(n, alpha)) and the KV cache living on their former slab pages, greedy
     outputs equal the outputs with every layer resident, for alpha = 1 .. n-2 and prefetch distance
     1 and 2 (a 12-layer random llama, opt-tiny, and SmolLM2 at two alphas);
   - a bursty three-tenant workload on a budget where recompute and swap preempt: policy oneiros
@@ -90,10 +90,21 @@ def generate(engine, model, prompts, max_tokens):
     return [done[i].token_ids for i in ids]
 
 
-def force_alpha(engine: LLMEngine, name: str, alpha: int) -> list[int]:
+def controller_layout(n: int, alpha: int, kind: str = "even") -> list[int]:
+    """The layers the controller leaves missing at alpha: the even layout (what it rebalances to),
+    or the nested one it reaches by remapping one layer at a time."""
+    if kind == "even":
+        return remap.even_layers(n, alpha)
+    missing: list[int] = []
+    for _ in range(alpha):
+        missing.append(remap.next_to_evict(n, missing))
+    return sorted(missing)
+
+
+def force_alpha(engine: LLMEngine, name: str, alpha: int, kind: str = "even") -> list[int]:
     """Remap alpha layers of `name` (the controller's choice of layers); returns the freed pages."""
     t = engine.tenants[name]
-    layers = remap.uniform_layers(t.num_layers, alpha)
+    layers = controller_layout(t.num_layers, alpha, kind)
     freed = [p for i in layers for p in t.residency.slab_pages[i]]
     assert engine.evict_layers(name, layers) == len(freed)
     assert t.residency.missing_layers == layers
@@ -116,15 +127,15 @@ def reference(source: str) -> list[list[int]]:
     return _REFERENCE[source]
 
 
-def check_identity(source: str, alpha: int, distance: int) -> None:
+def check_identity(source: str, alpha: int, distance: int, kind: str = "even") -> None:
     e = make_engine({"m": source}, extra_pages=_EXTRA, prefetch_distance=distance)
     t = e.tenants["m"]
     n = t.model.cfg.num_layers
-    freed = set(force_alpha(e, "m", alpha))
+    freed = set(force_alpha(e, "m", alpha, kind))
     vocab = t.model.cfg.vocab_size
     outs = generate(e, "m", prompts_for(vocab, _LENGTHS, 0), _MAX_TOKENS)
     assert outs == reference(source), f"alpha={alpha} distance={distance}: outputs differ"
-    missing = remap.uniform_layers(n, alpha)
+    missing = controller_layout(n, alpha, kind)
     assert t.residency.missing_layers == missing, "policy recompute never restores layers"
     # The KV cache grew onto the pages the remapped slabs gave up.
     assert t.pool.num_pages > _EXTRA and set(t.pool._pages) & freed
@@ -136,10 +147,12 @@ def check_identity(source: str, alpha: int, distance: int) -> None:
     e.check_integrity()
 
 
+@pytest.mark.parametrize("kind", ["even", "nested"])
 @pytest.mark.parametrize("distance", [1, 2])
 @pytest.mark.parametrize("alpha", range(1, 11))
-def test_llama12_token_identity(llama12, alpha, distance):
-    check_identity(llama12, alpha, distance)
+def test_llama12_token_identity(llama12, alpha, distance, kind):
+    """Every alpha from 1 to n - 2 of a 12-layer model, both prefetch distances, both layouts."""
+    check_identity(llama12, alpha, distance, kind)
 
 
 @pytest.mark.parametrize("distance", [1, 2])
@@ -170,7 +183,7 @@ def test_smollm2_token_identity_with_most_layers_streamed():
         h2d = e.store.states["s"].counters.h2d_bytes
         assert generate(e, "s", prompts, 6) == base, f"alpha={alpha} distance={distance}"
         assert e.store.states["s"].counters.h2d_bytes > h2d
-        assert t.residency.missing_layers == remap.uniform_layers(n, alpha)
+        assert t.residency.missing_layers == remap.even_layers(n, alpha)
         t.pool.shrink()
         assert e.restore_layers("s", list(reversed(t.residency.missing_layers)))
     e.check_integrity()

@@ -210,7 +210,8 @@ def test_prepare_restores_what_streaming_cannot_hide_and_notes_the_reactivation(
     controller.begin(step)
     controller.prepare(a)
     restored = [op.layer for op in step.memory if isinstance(op, RestoreLayer)]
-    assert restored == [3, 1, 2]  # the reverse of the removal order [2, 1, 3]
+    assert restored[0] == 2  # the most crowded first: 1 and 3 are the even layout for alpha 2
+    assert sorted(restored) == [1, 2, 3]
     assert a.residency.missing_layers == []
     assert step.notes["a", "reactivations_restored"] == 1 and not a.state.reactivating
     check(tenants)
@@ -263,7 +264,7 @@ def test_compaction_moves_slabs_so_free_pages_join():
     check(tenants)
 
 
-def test_reversion_waits_for_the_hysteresis_then_restores_one_layer():
+def test_reversion_waits_for_the_hysteresis_then_restores():
     arena = PageArena(1 + 4 * 2 + 4, PAGE)
     tenants = make_tenants(arena, {"a": 4})
     store, _, controller, planner = make_planning(tenants, revert_hold_steps=3)
@@ -273,7 +274,7 @@ def test_reversion_waits_for_the_hysteresis_then_restores_one_layer():
     for k in range(4):
         after = Step(float(k))
         controller.begin(after)
-        controller.after_step(["a"])
+        controller.after_step(["a"], step_s=1e-3)
         restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
     assert restored == [[], [], [2], []]
 

@@ -12,14 +12,8 @@ from oneiros.config import EngineConfig
 from oneiros.core import ConfigError, SamplingParams
 from oneiros.engine.engine import LLMEngine
 from oneiros.sim.calibrate import fit, read_steps
-from oneiros.sim.cost import (
-    ModelCost,
-    StepWork,
-    compute_time,
-    flops_bytes,
-    stream_pass,
-    swap_time,
-)
+from oneiros.memory.passplan import HostLink, PassRun, exposed_fraction, plan_pass, replay
+from oneiros.sim.cost import ModelCost, StepWork, compute_time, flops_bytes
 from oneiros.sim.hardware import PROFILES, load_profile
 
 GH200 = PROFILES["gh200"]
@@ -45,11 +39,17 @@ def test_compute_time_roofline_and_overlap():
     assert compute_time(replace(hw, overlap=1.0), hw.peak_flops, hw.mem_bw * 2) == pytest.approx(3.0)
 
 
-def test_swap_both_ways_uses_the_mixed_bandwidth():
-    one = swap_time(GH200, 10**9, 0)
-    both = swap_time(GH200, 10**9, 10**9)
-    assert one == pytest.approx(1e9 / GH200.d2h_bw)
-    assert both == pytest.approx(1e9 / GH200.mixed_bw) and both > one
+def test_the_link_serves_each_direction_in_order_and_mixes_when_both_are_busy():
+    link = HostLink(GH200.h2d_bw, GH200.d2h_bw, GH200.mixed_bw)
+    one = link.copy("h2d", 1e9, 0.0)
+    assert one == pytest.approx(1e9 / GH200.h2d_bw)
+    second = link.copy("h2d", 1e9, 0.0)  # queued behind the first
+    assert second == pytest.approx(2e9 / GH200.h2d_bw)
+    back = link.copy("d2h", 1e9, 0.0)  # the other direction is busy: the mixed bandwidth
+    assert back == pytest.approx(1e9 / GH200.mixed_bw)
+    later = link.copy("d2h", 1e9, 10.0)  # idle link again: one-way bandwidth, from its start
+    assert later == pytest.approx(10.0 + 1e9 / GH200.d2h_bw)
+    assert link.busy_s["h2d"] == pytest.approx(2e9 / GH200.h2d_bw)
 
 
 def test_stepwork_counts_causal_pairs():
@@ -63,15 +63,38 @@ def test_stepwork_counts_causal_pairs():
 
 
 # ---- streaming ----------------------------------------------------------------------------------
-def test_stream_pass_hides_copies_under_enough_compute():
+def _stream(hw, n, missing, distance, layer_bytes, layer_s, wait=None) -> PassRun:
+    run = PassRun(n, layer_s, layer_bytes, plan_pass(n, missing, distance), wait or {})
+    replay([run], HostLink(hw.h2d_bw, hw.d2h_bw, hw.mixed_bw), 0.0)
+    return run
+
+
+def test_streamed_copies_hide_under_enough_compute():
     layer_bytes = 400_000_000
     copy = layer_bytes / GH200.h2d_bw
-    hidden = stream_pass(GH200, 32, (8, 16, 24), 2, layer_bytes, layer_s=copy * 4)
+    hidden = _stream(GH200, 32, (8, 16, 24), 2, layer_bytes, layer_s=copy * 4)
     assert hidden.copies == 5 and hidden.exposed_s == pytest.approx(0.0)
-    exposed = stream_pass(GH200, 32, (8, 16, 24), 2, layer_bytes, layer_s=copy / 10)
-    assert exposed.exposed_s > 0
-    sync = stream_pass(replace(GH200, async_copies=False), 32, (8, 16, 24), 2, layer_bytes, copy * 4)
-    assert sync.exposed_s == pytest.approx(sync.copy_s)
+    assert hidden.end == pytest.approx(32 * copy * 4)
+    exposed = _stream(GH200, 32, (8, 16, 24), 2, layer_bytes, layer_s=copy / 10)
+    assert exposed.exposed_s > 0 and exposed.end > 32 * copy / 10
+
+
+def test_a_layer_waits_for_its_restore_in_flight():
+    run = _stream(GH200, 8, (), 2, 10**8, 1e-3, wait={5: 0.02})
+    assert run.exposed_s == pytest.approx(0.02 - 5e-3) and run.end == pytest.approx(0.02 + 3e-3)
+
+
+def test_two_passes_share_the_link():
+    """Two models stream at once: their copies queue on one link, so together they expose more
+    than either alone."""
+    layer_bytes, n, missing = 10**9, 16, (4, 8, 12)
+    layer_s = 0.4 * layer_bytes / GH200.h2d_bw  # alone, the 5 copies just hide
+    alone = _stream(GH200, n, missing, 2, layer_bytes, layer_s)
+    assert alone.exposed_s == 0.0
+    runs = [PassRun(n, layer_s, layer_bytes, plan_pass(n, missing, 2)) for _ in range(2)]
+    replay(runs, HostLink(GH200.h2d_bw), 0.0)
+    assert all(r.exposed_s > 0 and r.end > alone.end for r in runs)
+    assert all(r.copies == alone.copies for r in runs)
 
 
 @pytest.mark.parametrize("distance", [1, 2])
@@ -81,11 +104,13 @@ def test_more_bandwidth_never_exposes_more(distance):
         n = rng.randint(4, 40)
         missing = tuple(sorted(rng.sample(range(1, n), rng.randint(1, n - 2))))
         layer_s = rng.uniform(1e-5, 1e-3)
-        slow = stream_pass(replace(GH200, h2d_bw=20e9), n, missing, distance, 10**8, layer_s)
-        fast = stream_pass(replace(GH200, h2d_bw=400e9), n, missing, distance, 10**8, layer_s)
+        slow = _stream(replace(GH200, h2d_bw=20e9), n, missing, distance, 10**8, layer_s)
+        fast = _stream(replace(GH200, h2d_bw=400e9), n, missing, distance, 10**8, layer_s)
         assert fast.exposed_s <= slow.exposed_s + 1e-12
         assert slow.copies == fast.copies
         assert len(missing) + 1 <= fast.copies <= len(missing) + distance
+        frac = exposed_fraction(n, missing, distance, n * layer_s, 10**8 / 20e9)
+        assert frac == pytest.approx((slow.end - n * layer_s) / (n * layer_s))
 
 
 # ---- profiles -----------------------------------------------------------------------------------

@@ -136,18 +136,44 @@ def test_starvation_bound_is_measured_from_the_last_offer():
     assert policy.order(store, 3.5) == ["b", "a"]  # a waited 0.5 s: rotation decides
 
 
-def test_order_uses_the_clock_when_now_is_not_given(monkeypatch):
-    import oneiros.engine.tenancy as tenancy
+# ---- temporal: turns -----------------------------------------------------------------------------
+def test_a_turn_lasts_turn_steps_then_passes_in_rotation():
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=3)
+    ran = [offer(policy, store, t * 0.001) for t in range(10)]
+    assert ran == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a"]
+    assert policy.turn == "a" and policy.steps_left() == 2 and policy.next_up(store) == "b"
 
+
+def test_the_turn_passes_at_once_when_its_holder_has_nothing_to_run():
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=5)
+    assert offer(policy, store, 0.0) == "a"
+    store.states["a"].active = False  # its last request finished
+    assert policy.order(store, 0.001) == ["b", "c"]
+    assert offer(policy, store, 0.001) == "b" and policy.turn_used == 1
+    assert policy.next_up(store) == "c"
+
+
+def test_a_starving_model_cuts_a_long_turn():
     store = make_store(names=("a", "b"))
-    policy = TenancyPolicy("temporal", max_wait_s=1.0)
-    store.states["a"].last_offer = 1000.0
-    store.states["b"].last_offer = 1000.0
-    policy._next = 1
-    monkeypatch.setattr(tenancy.time, "perf_counter", lambda: 1000.5)
-    assert policy.order(store) == ["b", "a"]
-    monkeypatch.setattr(tenancy.time, "perf_counter", lambda: 1002.0)
-    assert policy.order(store) == ["b", "a"]  # both starved, equal wait: stable (rotation order)
+    policy = TenancyPolicy("temporal", max_wait_s=0.5, turn_steps=100)
+    store.states["b"].last_offer = 0.0
+    assert offer(policy, store, 0.1) == "a"
+    assert offer(policy, store, 0.2) == "a"  # b waited 0.2 s: a's turn goes on
+    assert offer(policy, store, 0.7) == "b"  # b waited 0.7 s > max_wait_s: it goes first
+
+
+def test_turns_do_not_apply_to_spatial_sharing():
+    store = make_store()
+    policy = TenancyPolicy("spatial", max_wait_s=1e9, turn_steps=4)
+    policy.ran(store, "a", 0.0)
+    assert sorted(policy.order(store, 0.001)) == ["a", "b", "c"]
+
+
+def test_turn_steps_must_be_positive():
+    with pytest.raises(ValueError, match="turn_steps"):
+        TenancyPolicy("temporal", turn_steps=0)
 
 
 # ---- spatial ------------------------------------------------------------------------------------
