@@ -19,12 +19,16 @@ from oneiros.core import OneirosError
 from oneiros.engine.policies import POLICIES
 
 
+SIM_ONLY = ("mig",)  # baselines that are not one engine: the simulator runs them (bench.partition)
+
+
 def policies_arg(value: str) -> list[str]:
     names = [p.strip() for p in value.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
+    known = (*POLICIES, *SIM_ONLY)
+    bad = [p for p in names if p not in known]
     if not names or bad:
         raise argparse.ArgumentTypeError(
-            f"policies must be a comma list of {', '.join(POLICIES)}; got {value!r}"
+            f"policies must be a comma list of {', '.join(known)}; got {value!r}"
         )
     return names
 
@@ -36,6 +40,9 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="PNG (default: the JSON path with .png)")
     p.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO on TTFT, seconds")
     p.add_argument("--slo-tbt", type=float, default=None, help="goodput SLO on P99 TBT, seconds")
+    p.add_argument("--overlong", choices=("clip", "reject"), default="clip",
+                   help="a request longer than its model's context: shorten it to fit, or refuse "
+                        "it (either way the report says how many)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -68,6 +75,10 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
         result = run_http(args.url, workload, api_key=args.api_key, progress=progress)
         return _report(args, {args.url: result}, {**config, "url": args.url})
     assert base is not None
+    if any(p in SIM_ONLY for p in args.policies):
+        raise OneirosError(
+            f"{', '.join(SIM_ONLY)} runs in the simulator only: use `oneiros simulate`"
+        )
     served = set(base.models)
     missing = sorted({w.model for w in workload} - served)
     if missing:
@@ -76,7 +87,8 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
             "--model NAME=SOURCE for each, or a mix of served names (mix=a+b in the workload)"
         )
     results = run_policies(
-        lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress
+        lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress,
+        overlong=args.overlong,
     )
     return _report(args, results, {**config, "engine": base.__dict__})
 
@@ -109,11 +121,18 @@ def run_simulate(args: argparse.Namespace, base: EngineConfig) -> int:
             spec += f",n={args.max_requests}"
         args.workload = spec
     workload = _workload(args)
+    from oneiros.bench.partition import run_partitioned
+
     base = replace(base, executor="sim", hardware=args.hardware)
-    results = run_policies(
-        lambda p: _engine(replace(base, policy=p)), args.policies, workload,
-        progress=not args.no_progress,
-    )
+    results = {}
+    for p in args.policies:
+        kw = {"progress": not args.no_progress, "overlong": args.overlong}
+        if p == "mig":
+            results[p] = run_partitioned(base, workload, policy=base.remap_fallback, **kw)
+        else:
+            results.update(run_policies(
+                lambda p: _engine(replace(base, policy=p)), [p], workload, **kw
+            ))
     config = {
         "workload": args.workload, "policies": args.policies, "hardware": args.hardware,
         "engine": base.__dict__,

@@ -264,7 +264,9 @@ def print_table(
     with ratios against the first policy. Accepts the runs or an existing `compare` result. rich is
     used when installed (and `use_rich` is not False); otherwise a plain table."""
     comparison = results_or_comparison
+    notes: list[str] = []
     if "summaries" not in comparison:
+        notes = input_notes(results_or_comparison)  # type: ignore[arg-type]
         comparison = compare(results_or_comparison, slo_ttft_s, slo_tbt_s)  # type: ignore[arg-type]
     headers, rows = table_rows(comparison)
     out = file if file is not None else sys.stdout
@@ -287,6 +289,23 @@ def print_table(
                 table.add_row(*row)
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
             Console(file=out, width=sum(w + 3 for w in widths) + 1).print(table)
+            for note in notes:
+                print(note, file=out)
             return
     print(title, file=out)
     print(format_plain_table(headers, rows), file=out)
+    for note in notes:
+        print(note, file=out)
+
+
+def input_notes(results: Mapping[str, RunResult]) -> list[str]:
+    """What happened to the requests themselves, per run: how many were shortened to fit their
+    model's context window and how many were refused, by kind, with the first reason of each."""
+    notes = []
+    for name, r in results.items():
+        if r.clipped:
+            notes.append(f"{name}: {r.clipped} requests shortened to fit their model's context")
+        for kind, n in sorted(r.rejected.items()):
+            why = r.rejected_examples.get(kind, "")
+            notes.append(f"{name}: {n} requests rejected ({kind}): {why}")
+    return notes

@@ -20,13 +20,13 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord, lookup, ratio, summarize
-from oneiros.bench.workloads import WorkItem
+from oneiros.bench.workloads import WorkItem, fit_context
 from oneiros.core import OneirosError, SamplingParams
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class RunResult:
     page_bytes: int | None = None
     policy: str | None = None
     target: str = "engine"  # 'engine' or the server's URL
+    clipped: int = 0  # requests shortened to fit their model's context window (overlong="clip")
 
     def engine_totals(self) -> dict[str, float]:
         """Counters summed over models (preemptions, remapped_layers, h2d_bytes, ...)."""
@@ -82,6 +83,8 @@ class RunResult:
         counter totals under 'engine'."""
         out = summarize(self.records, duration_s, slo_ttft_s, slo_tbt_s)
         out["rejected"] = sum(self.rejected.values())
+        out["rejected_by_kind"] = dict(self.rejected)
+        out["clipped"] = self.clipped
         out["engine"] = self.engine_totals() if self.counters else None
         return out
 
@@ -95,6 +98,7 @@ class RunResult:
             "page_bytes": self.page_bytes,
             "rejected": dict(self.rejected),
             "rejected_examples": dict(self.rejected_examples),
+            "clipped": self.clipped,
             "counters": self.counters,
             "page_history": [[t, dict(u)] for t, u in self.page_history],
             "records": [r.to_dict() for r in self.records],
@@ -115,6 +119,7 @@ class RunResult:
             page_bytes=d.get("page_bytes"),
             policy=d.get("policy"),
             target=d.get("target", "engine"),
+            clipped=d.get("clipped", 0),
         )
 
 
@@ -198,6 +203,7 @@ def run_engine(
     progress: bool = True,
     policy: str | None = None,
     max_steps: int | None = None,
+    overlong: str = "clip",
 ) -> RunResult:
     """Replay `workload` on an in-process engine and measure every request.
 
@@ -205,7 +211,12 @@ def run_engine(
     has come, with that time as its arrival. Prompts come from `make_prompt(index, item)`, by
     default `random_prompt` with ids in [100, smallest vocabulary). Requests the engine refuses at
     add time are counted in `rejected`, not raised. `max_steps` bounds the number of engine steps
-    (a RuntimeError beyond it) to catch an engine that stops making progress."""
+    (a RuntimeError beyond it) to catch an engine that stops making progress. A request whose
+    prompt and output do not fit its model's context window is shortened to fit
+    (`overlong="clip"`, counted in `clipped`: the paper served the Azure traces on 2,048-position
+    models this way) or refused (`"reject"`, counted in `rejected` as 'context')."""
+    if overlong not in ("clip", "reject"):
+        raise ValueError(f"overlong must be clip or reject, not {overlong!r}")
     check_models(workload, engine.model_names)
     if make_prompt is None:
         high = min(t.model.cfg.vocab_size for t in engine.tenants.values())
@@ -213,7 +224,7 @@ def run_engine(
     before = _counters(engine)
     bar = _progress(len(workload), progress, policy or "run")
     wall0 = time.perf_counter()
-    replay = _Replay(engine, workload, make_prompt, bar)
+    replay = _Replay(engine, workload, make_prompt, bar, overlong)
     try:
         replay.run(max_steps)
     finally:
@@ -230,6 +241,7 @@ def run_engine(
         num_pages=engine.arena.num_pages,
         page_bytes=engine.arena.page_bytes,
         policy=policy if policy is not None else getattr(engine.config, "policy", None),
+        clipped=replay.clipped,
     )
 
 
@@ -238,9 +250,16 @@ class _Replay:
     of finished ones and rejections. Time t0 is the engine clock when the replay starts."""
 
     def __init__(
-        self, engine: LLMEngine, workload: Sequence[WorkItem], make_prompt: PromptFactory, bar: Any
+        self,
+        engine: LLMEngine,
+        workload: Sequence[WorkItem],
+        make_prompt: PromptFactory,
+        bar: Any,
+        overlong: str = "clip",
     ) -> None:
         self.engine = engine
+        self.overlong = overlong
+        self.clipped = 0
         self.make_prompt = make_prompt
         self.bar = bar
         order = sorted(range(len(workload)), key=lambda k: workload[k].arrival_s)
@@ -277,6 +296,20 @@ class _Replay:
         while (t := self.due()) is not None and t <= now:
             k, item = self.pending[self.next]
             self.next += 1
+            window = self.engine.tenants[item.model].max_model_len
+            if item.prompt_len + item.output_len > window:
+                if self.overlong == "reject":
+                    self.rejections.add(
+                        "context", f"{item.prompt_len} + {item.output_len} tokens do not fit the "
+                        f"{window}-token context of model {item.model!r}",
+                    )
+                    self.bar.update()
+                    continue
+                item = replace(item, **dict(zip(
+                    ("prompt_len", "output_len"),
+                    fit_context(item.prompt_len, item.output_len, window), strict=True,
+                )))
+                self.clipped += 1
             try:
                 req = self.engine.add_request(
                     self.make_prompt(k, item), forced_params(item), item.model, arrival_time=t

@@ -202,7 +202,8 @@ class RemapController:
         arena = self.arena
         donors = (self._donor(x) for x in self.tenants.values() if x.name != t.name)
         order = sorted(
-            (d for d in donors if d.num_missing < d.alpha_cap), key=lambda d: (d.active, -d.last_run)
+            (d for d in donors if d.num_missing < d.alpha_cap),
+            key=lambda d: (d.active, -d.last_run),
         )
         for d in order:
             x = self.tenants[d.name]
