@@ -35,12 +35,13 @@ class Arbiter:
         store: MetadataStore,
         shares_memory: bool = True,
         remap: RemapController | None = None,
+        remap_on_admit: bool = False,
     ) -> None:
         self.schedulers = schedulers
         self.store = store
         self.shares_memory = shares_memory
         self.remap = remap
-        self.admit_without_remap = False
+        self.remap_on_admit = remap_on_admit
         self.planned: set[str] = set()  # models whose plan for the current step is made
         self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
 
@@ -84,10 +85,11 @@ class Arbiter:
             if name != requester:
                 freed += len(self.schedulers[name].pool.shrink(need - freed))
         if freed < need and self.remap is not None:
-            # A request being admitted takes parameter pages only from models not running, so that
-            # admission never adds copies to a pass; a running one may take what its model can hide.
+            # A request being admitted takes parameter pages only from models not running (and
+            # only with remap_on_admit), so that admission never adds copies to a pass; a running
+            # one may take what its model can hide.
             admitting = req.status is not RequestStatus.RUNNING
-            if not (admitting and self.admit_without_remap):
+            if self.remap_on_admit or not admitting:
                 freed += self.remap.take(requester, need - freed, admitting=admitting)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)
