@@ -25,11 +25,14 @@ class ServerThread:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
+        from oneiros.server.app import H11JSONErrors
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            http=H11JSONErrors,
         )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
