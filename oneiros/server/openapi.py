@@ -5,6 +5,7 @@ API key is declared, and the liveness routes are marked open."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from fastapi import FastAPI
@@ -19,6 +20,7 @@ _MODEL_FIELD_SCHEMAS = (
     "TokenizeChatRequest",
     "DetokenizeRequest",
 )
+_TOKEN_FIELDS = ("prompt", "tokens", "allowed_token_ids", "stop_token_ids")
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 
 
@@ -32,13 +34,21 @@ def install_openapi(app: FastAPI, state: Any) -> None:
 
 
 def build_schema(app: FastAPI, state: Any) -> dict[str, Any]:
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        description="An OpenAI-compatible server (with vLLM's extensions) for several models in "
-        "one memory arena. Errors: {\"error\": {message, type, param, code}}.",
-        routes=app.routes,
-    )
+    with warnings.catch_warnings():  # one handler for several methods: ids are fixed below
+        warnings.simplefilter("ignore")
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description="An OpenAI-compatible server (with vLLM's extensions) for several models "
+            "in one memory arena. Errors: {\"error\": {message, type, param, code}}.",
+            routes=app.routes,
+        )
+    seen: set[str] = set()
+    for item in schema.get("paths", {}).values():
+        for method, op in item.items():
+            if op.get("operationId") in seen:
+                op["operationId"] = f"{op['operationId']}_{method}"
+            seen.add(op.get("operationId", ""))
     settings = state.settings
     comps = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
@@ -55,6 +65,11 @@ def build_schema(app: FastAPI, state: Any) -> dict[str, Any]:
             s.setdefault("required", []).append("model")
         else:
             s["properties"]["model"] = {"anyOf": [enum, {"type": "null"}]}
+        # Token ids every served model accepts.
+        vocab = min(state.client.vocab_size(m) for m in set(state.names.values()))
+        for field in _TOKEN_FIELDS:
+            if field in s["properties"]:
+                _cap_ints(s["properties"][field], vocab - 1)
     if settings.api_key is not None:
         schema["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer"},
@@ -81,3 +96,15 @@ def build_schema(app: FastAPI, state: Any) -> dict[str, Any]:
 
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+
+
+def _cap_ints(node: Any, maximum: int) -> None:
+    """Give every integer schema under `node` (token ids) its maximum."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for v in node.values():
+            _cap_ints(v, maximum)
+    elif isinstance(node, list):
+        for v in node:
+            _cap_ints(v, maximum)

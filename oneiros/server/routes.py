@@ -121,7 +121,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "shutting down, or the engine is dead"),
     )
 }
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# OpenAPI 3.1 without itemSchema: the schema of a text/event-stream describes one event.
+SSE = {"text/event-stream": {"schema": {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"},
+                   "event": {"type": "string"}},
+    "required": ["data"],
+}}}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -164,10 +170,9 @@ def build_router(state: ServerState) -> APIRouter:
             )
         return JSONResponse(data)
 
-    for method in ("GET", "POST"):
-        r.add_api_route("/ping", health, methods=[method], response_model=HealthResponse,
-                        responses=_errors(503), summary="Liveness, as vLLM's /ping",
-                        operation_id=f"ping_{method.lower()}")
+    r.add_api_route("/ping", health, methods=["GET", "POST"], response_model=HealthResponse,
+                    responses=_errors(503), summary="Liveness, as vLLM's /ping",
+                    operation_id="ping")
 
     @r.get("/version", response_model=VersionResponse, responses=_errors(401))
     async def version() -> dict[str, str]:
