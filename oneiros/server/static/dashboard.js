@@ -77,7 +77,7 @@ function renderChart(d) {
   const w = width - left - right, h = height - top - bottom;
   const total = d.num_pages || 1;
   const t1 = history[history.length - 1].t;
-  const t0 = Math.min(history[0].t, t1 - 10);
+  const t0 = Math.min(history[0].t, t1 - 1);
   const x = (t) => left + ((t - t0) / Math.max(1e-9, t1 - t0)) * w;
   const y = (p) => top + h - (p / total) * h;
   const names = Object.keys(d.models);
