@@ -52,7 +52,7 @@ def run_schemathesis(url: str, max_time: float, seed: int, workers: int,
                      api_key: str | None, report: Path) -> tuple[int, str]:
     st = Path(sys.executable).parent / "st"
     cmd = [str(st), "run", url + "/openapi.json", "--checks", CHECKS, "--max-time",
-           str(max_time), "--seed", str(seed), "--workers", str(workers), "--report", "ndjson",
+           str(int(max_time)), "--seed", str(seed), "--workers", str(workers), "--report", "ndjson",
            "--report-ndjson-path", str(report), "--no-color"]
     if api_key:
         cmd += ["--header", f"Authorization: Bearer {api_key}"]
