@@ -115,6 +115,15 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "oneiros_engine_step_errors", "Engine steps that raised", value=self.step_errors
         )
+        from oneiros.engine import faults
+
+        plan = faults.active()
+        if plan is not None:
+            fired = CounterMetricFamily("oneiros_injected_faults", "Faults injected (drills)",
+                                        labels=["kind"])
+            for kind in plan.faults:
+                fired.add_metric([kind], plan.fired[kind])
+            yield fired
         if s is None:
             return
         models = s["models"]
