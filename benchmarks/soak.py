@@ -376,31 +376,38 @@ async def hol_probe(
     url: str, headers: dict[str, str], models: list[str], prompt_bytes: int = 10_000_000
 ) -> dict[str, Any]:
     """One model streams 200 tokens; after its 20th chunk a prompt of `prompt_bytes` characters
-    goes to another model. The stream's gaps between chunks: P50 against the largest."""
+    goes to another model (refused on its length alone), after its 100th a prompt just under the
+    character limit (tokenised off the engine thread, then refused for its token count). The
+    stream's gaps between chunks: P50 against the largest."""
     streamed, big_model = models[-1], models[0]
     body = {"model": streamed, "prompt": "Count slowly:", "max_tokens": 200, "ignore_eos": True,
             "temperature": 0, "stream": True, "logprobs": 0}
     times: list[float] = []
     big: dict[str, Any] = {}
+    tokenised: dict[str, Any] = {}
 
-    async def send_big(h: httpx.AsyncClient) -> None:
+    async def send(h: httpx.AsyncClient, size: int, into: dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        r = await h.post("/v1/completions", json={"model": big_model, "prompt": "x" * prompt_bytes,
+        r = await h.post("/v1/completions", json={"model": big_model,
+                                                  "prompt": "hello " * (size // 6),
                                                   "max_tokens": 1})
-        big.update(status=r.status_code, seconds=round(time.perf_counter() - t0, 3),
-                   error=(r.json().get("error") or {}).get("message", "")[:160])
+        into.update(status=r.status_code, seconds=round(time.perf_counter() - t0, 3),
+                    error=(r.json().get("error") or {}).get("message", "")[:160])
 
+    listing = (await httpx.AsyncClient(base_url=url, headers=headers).get("/v1/models")).json()
+    window = {m["id"]: m["max_model_len"] for m in listing["data"]}[big_model]
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as h:
-        task = None
+        tasks = []
         async with h.stream("POST", "/v1/completions", json=body) as resp:
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 times.append(time.perf_counter())
                 if len(times) == 20:
-                    task = asyncio.ensure_future(send_big(h))
-        if task is not None:
-            await task
+                    tasks.append(asyncio.ensure_future(send(h, prompt_bytes, big)))
+                if len(times) == 100:  # ~6 characters a token: a few times the window
+                    tasks.append(asyncio.ensure_future(send(h, window * 24, tokenised)))
+        await asyncio.gather(*tasks)
     gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
     p50 = _percentile(gaps, 0.5) or 0.0
     worst = max(gaps) if gaps else 0.0
@@ -409,6 +416,7 @@ async def hol_probe(
         "big_prompt_model": big_model,
         "big_prompt_bytes": prompt_bytes,
         "big_prompt_response": big,
+        "tokenised_prompt_response": tokenised,
         "stream_chunks": len(times),
         "gap_p50_s": round(p50, 4),
         "gap_max_s": round(worst, 4),
