@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from types import FrameType
@@ -209,11 +210,12 @@ def serve(
             level=getattr(logging, log_level.upper(), logging.INFO),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    plan = fault_injection.configure(faults)
-    if plan is not None:
-        logger.warning("fault injection is on: %s (seed %d)", plan.spec, plan.seed)
+    fault_injection.parse(faults if faults is not None else os.environ.get("ONEIROS_FAULTS", ""))
     logger.info("loading models %s", ", ".join(f"{k}={v}" for k, v in config.models.items()))
     engine = AsyncLLMEngine(LLMEngine(config))
+    plan = fault_injection.configure(faults)  # after loading: faults are for serving
+    if plan is not None:
+        logger.warning("fault injection is on: %s (seed %d)", plan.spec, plan.seed)
     settings = settings or ServerSettings(api_key=api_key, max_queue=max_queue)
     app = build_app(engine, settings=settings)
     uv_config = uvicorn.Config(
