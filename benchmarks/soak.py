@@ -208,7 +208,8 @@ def _invalid_request(rng: random.Random, models: list[str], max_len: int) -> tup
         ("/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 10**9}, 400),
         ("/v1/completions", {"model": m, "prompt": list(range(1, max_len + 50))}, 400),
         ("/v1/completions", {"model": m, "prompt": ""}, 400),
-        ("/v1/completions", {"model": m, "prompt": "hi", "n": 2}, 400),
+        ("/v1/completions", {"model": m, "prompt": "hi", "n": 0}, 400),
+        ("/v1/completions", {"model": m, "prompt": "hi", "guided_json": {}}, 400),
         ("/v1/chat/completions", {"model": m, "messages": []}, 400),
         ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": 5}]}, 400),
         (

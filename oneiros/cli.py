@@ -85,14 +85,16 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
 
 
-def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineConfig:
+def _config(
+    args: argparse.Namespace, default_models: dict[str, str], runs_models: bool = True
+) -> EngineConfig:
     if args.threads is not None:
         import torch
 
         if args.threads < 1:
             raise OneirosError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    elif args.device == "cpu":
+    elif args.device == "cpu" and runs_models:
         warn_busy_cpu()
     models = dict(args.model) if args.model else dict(default_models)
     if args.model and len(models) != len(args.model):
@@ -248,7 +250,7 @@ def _simulate(args: argparse.Namespace) -> int:
     args.model = list(sim_models(args.model, args.models).items())
     if args.mix is None and args.models:
         args.mix = args.models
-    return run_simulate(args, _config(args, {}))
+    return run_simulate(args, _config(args, {}, runs_models=False))
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -150,3 +150,19 @@ def test_llm_generate_batches_several_models(tmp_path) -> None:
     assert all(len(o.token_ids) == 3 for o in outs)
     with pytest.raises(ValueError, match="3 prompts but 2 models"):
         llm.generate(["a", "b", "c"], model=["a", "b"])
+
+
+def test_served_model_names_map_to_models() -> None:
+    import argparse
+
+    from oneiros.cli import _served_names
+    from oneiros.core import OneirosError
+
+    def names(*given: str) -> argparse.Namespace:
+        return argparse.Namespace(served_model_name=list(given) or None)
+
+    assert _served_names(names(), ["a"]) == {}
+    assert _served_names(names("m", "m-latest"), ["a"]) == {"m": "a", "m-latest": "a"}
+    assert _served_names(names("x", "y"), ["a", "b"]) == {"x": "a", "y": "b"}
+    with pytest.raises(OneirosError, match="give 2 names"):
+        _served_names(names("x"), ["a", "b"])
