@@ -196,7 +196,6 @@ class AsyncLLMEngine(EngineClient):
             for n, t in engine.tenants.items()
         }
         self._hf_lock = threading.Lock()
-        self.tokenizers: dict[str, Any] = {n: self.tokenizer(n) for n in self._model_names}
         self._idle_poll_s = idle_poll_s
         self.max_plan_failures = max_plan_failures
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
