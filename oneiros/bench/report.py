@@ -287,8 +287,8 @@ def table_rows(
 
 
 # Columns left out first when the table is wider than the terminal.
-_DROP_ORDER = ("TTFT p90 ms", "TBT p90 ms", "goodput tok/s", "TTFT p50 ms", "TBT p50 ms",
-               "rejected", "remaps", "preempt")
+_DROP_ORDER = ("TTFT p90 ms", "TBT p90 ms", "max gap p99 ms", "goodput tok/s", "TTFT p50 ms",
+               "TBT p50 ms", "TPOT p99 ms", "rejected", "remaps", "preempt")
 
 
 def fit_width(
@@ -304,6 +304,8 @@ def fit_width(
     for name in _DROP_ORDER:
         if not rows or needed() <= width:
             break
+        if name not in headers:
+            continue
         i = headers.index(name)
         headers = headers[:i] + headers[i + 1:]
         rows = [r[:i] + r[i + 1:] for r in rows]

@@ -18,11 +18,13 @@ Nothing is read at import: `configure()` installs a plan (the server calls it at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from oneiros.core import ConfigError
@@ -151,9 +153,24 @@ def active() -> FaultPlan | None:
     return _active
 
 
+_suspended = threading.local()
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No fault fires on this thread inside the block (the repair after a fault, say)."""
+    before = getattr(_suspended, "on", False)
+    _suspended.on = True
+    try:
+        yield
+    finally:
+        _suspended.on = before
+
+
 def maybe(site: str) -> None:
     """Fire the faults of `site` ('copy', 'restore' or 'step') at their rates; a no-op without a
-    plan. Raises InjectedFault (or InjectedCrash), or sleeps for `slow`."""
+    plan (or inside `suspended()`). Raises InjectedFault (or InjectedCrash), or sleeps for
+    `slow`."""
     plan = _active
-    if plan is not None:
+    if plan is not None and not getattr(_suspended, "on", False):
         plan.hit(site)

@@ -35,10 +35,17 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from oneiros.core import InvalidRequestError, RequestOutput, SamplingParams, StepPlan, StepResult
+from oneiros.core import (
+    InvalidRequestError,
+    RequestOutput,
+    RestoreLayer,
+    SamplingParams,
+    Step,
+    StepResult,
+)
 from oneiros.engine import faults
+from oneiros.engine.backends import Executor
 from oneiros.engine.engine import LLMEngine
-from oneiros.engine.executor import Executor
 from oneiros.server.engine_client import (
     EngineClient,
     EngineDeadError,
@@ -144,34 +151,39 @@ class _Add:
 
 
 class StepFailure(Exception):
-    """The model pass of a step raised: `plans` is what it was running."""
+    """Executing a step raised (its memory actions or its model passes): `step` is what it was
+    running, so its requests and models are known."""
 
-    def __init__(self, plans: list[StepPlan], cause: BaseException) -> None:
+    def __init__(self, step: Step, cause: BaseException) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
-        self.plans = plans
+        self.step = step
         self.cause = cause
+
+    @property
+    def models(self) -> set[str]:
+        """Models whose bytes the step may have left half-moved."""
+        return {p.model for p in self.step.plans} | {op.model for op in self.step.memory}
 
 
 class GuardedExecutor(Executor):
-    """Wraps the engine's executor on the engine thread: a failure of the model pass comes out as a
-    StepFailure that carries the step's plans (which requests it touched), and the injected `step`,
-    `slow` and `crash` faults fire here, after the step was planned and its blocks allocated."""
+    """Wraps the engine's executor on the engine thread: a failure while executing a step comes
+    out as a StepFailure that carries the step (which requests and models it touched), and the
+    injected `step`, `slow` and `crash` faults fire here, after the step was planned and its
+    blocks allocated."""
 
     def __init__(self, inner: Executor) -> None:
         self.inner = inner
 
-    def execute(self, plans: list[StepPlan]) -> list[StepResult]:
+    def execute(self, step: Step) -> list[StepResult]:
         try:
-            faults.maybe("step")
-            return self.inner.execute(plans)
+            if step.plans:
+                faults.maybe("step")
+            return self.inner.execute(step)
         except Exception as e:
-            raise StepFailure(plans, e) from e
+            raise StepFailure(step, e) from e
 
     def release(self, request_id: str) -> None:
         self.inner.release(request_id)
-
-    def residency_changed(self, model: str) -> None:
-        self.inner.residency_changed(model)
 
     def __getattr__(self, name: str) -> Any:  # runners, graphs: the wrapped executor's own
         return getattr(self.inner, name)
@@ -186,9 +198,7 @@ class AsyncLLMEngine(EngineClient):
             engine.executor = GuardedExecutor(engine.executor)
         self._model_names: list[str] = list(engine.model_names)
         self._max_len: dict[str, int] = {n: t.max_model_len for n, t in engine.tenants.items()}
-        self._vocab: dict[str, int] = {
-            n: t.model.cfg.vocab_size for n, t in engine.tenants.items()
-        }
+        self._vocab: dict[str, int] = {n: t.vocab_size for n, t in engine.tenants.items()}
         # The loaded Hugging Face tokenizers; callers get copies of their own (`tokenizer`), so
         # none is shared with the engine thread.
         self._hf: dict[str, Any] = {
@@ -562,10 +572,16 @@ class AsyncLLMEngine(EngineClient):
         self._idle_released = True
         e = self.engine
         try:
-            if e.config.policy != "static":
+            if not e.policy.partitions_kv:
                 for t in e.tenants.values():
                     t.pool.shrink()
             e.revert_idle()
+        except StepFailure as f:  # a restore failed: put the bytes back as the accounting says
+            self.num_step_errors += 1
+            self.last_step_error = f"idle restore: {f}"
+            logger.warning("restoring idle layers failed (%s); serving goes on", f)
+            for model in f.models:
+                self._repair(model)
         except Exception as err:
             self.num_step_errors += 1
             self.last_step_error = f"idle restore: {type(err).__name__}: {err}"
@@ -577,9 +593,10 @@ class AsyncLLMEngine(EngineClient):
         behind, and let every other request go on."""
         self.num_step_errors += 1
         self.last_step_error = str(f)
-        touched = {s.request.request_id for p in f.plans for s in p.seqs}
+        plans = f.step.plans
+        touched = {s.request.request_id for p in plans for s in p.seqs}
         # A request the step swapped out has no KV copy on the host yet: it cannot resume.
-        touched |= {r.request_id for p in f.plans for r in p.preempted if r.host_block_ids}
+        touched |= {r.request_id for p in plans for r in p.preempted if r.host_block_ids}
         logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
         error = f"the engine failed while running this request: {f}"
         for rid in touched:
@@ -590,20 +607,25 @@ class AsyncLLMEngine(EngineClient):
                 logger.exception("abort of %s failed", rid)
             if stream is not None:
                 stream._push(EngineStepError(error))
-        for model in {p.model for p in f.plans}:
+        for model in f.models:
             self._repair(model)
         self._check()
 
     def _repair(self, model: str) -> None:
-        """After a failed pass: copy streaming state and CUDA graphs are dropped, and when the
-        model was streaming layers through borrowed slabs (which may now hold another layer's
-        weights) every resident layer is copied again from its exact host copy."""
-        t = self.engine.tenants[model]
-        self.engine.executor.residency_changed(model)
-        if t.weights.missing_layers:
-            for layer, pages in enumerate(t.weights.slab_pages):
+        """After a failed step: the bytes may not match the accounting (a layer action cut short,
+        a streamed pass that left borrowed slabs holding other layers' weights). Every layer the
+        residency says is resident is copied again from its exact host copy into its pages (which
+        also drops copy-stream state and captured graphs); the others lose their views."""
+        runner = getattr(self.engine.executor, "runners", {}).get(model)
+        if runner is None:  # an executor without bytes (the simulator): nothing to repair
+            return
+        residency = self.engine.tenants[model].residency
+        with faults.suspended():
+            for layer, pages in enumerate(residency.slab_pages):
                 if pages is not None:
-                    t.weights.move_layer(layer, pages)
+                    runner.apply(RestoreLayer(model, layer, tuple(pages)))
+                else:
+                    runner.weights.unbind(layer)
 
     def _plan_failed(self, e: Exception) -> None:
         """The step failed before any model ran: no request changed, so the next step retries.
