@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord, lookup, ratio, summarize
+from oneiros.bench.metrics import (
+    HEADLINE_METRICS,
+    RequestRecord,
+    lookup,
+    ratio,
+    summarize,
+    vllm_fields,
+)
 from oneiros.bench.workloads import WorkItem, fit_context
 from oneiros.core import OneirosError, SamplingParams
 
@@ -85,6 +92,8 @@ class RunResult:
         out["rejected"] = sum(self.rejected.values())
         out["rejected_by_kind"] = dict(self.rejected)
         out["clipped"] = self.clipped
+        out["vllm"] = vllm_fields(self.records, out["duration_s"])
+        out["vllm"]["failed"] += out["rejected"]
         out["engine"] = self.engine_totals() if self.counters else None
         return out
 
@@ -593,3 +602,44 @@ def compare(
         "summaries": summaries,
         "ratios": ratios,
     }
+
+
+def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and headline metric, its values over repeated comparisons and their mean, min,
+    max and standard deviation (None where a repeat has no value)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in comparisons[0]["summaries"]:
+        out[name] = {}
+        for label, path, _ in HEADLINE_METRICS:
+            values = [lookup(c["summaries"][name], path) for c in comparisons]
+            have = [float(v) for v in values if v is not None]
+            mean = sum(have) / len(have) if have else None
+            std = (sum((v - mean) ** 2 for v in have) / len(have)) ** 0.5 if have else None
+            out[name][label] = {
+                "values": values, "mean": mean, "min": min(have, default=None),
+                "max": max(have, default=None), "std": std,
+            }
+    return out
+
+
+def pressure_warnings(comparison: Mapping[str, Any]) -> list[str]:
+    """What makes a comparison meaningless: every request failed, or (several policies, in
+    process) none of them ever came under memory pressure, so their differences are noise."""
+    summaries = comparison["summaries"]
+    warnings = []
+    if summaries and all(s.get("completed", 0) == 0 for s in summaries.values()):
+        warnings.append(
+            "every request failed (see 'rejected' in the JSON report): there is nothing to "
+            "compare"
+        )
+    engines = [s.get("engine") for s in summaries.values()]
+    if len(summaries) > 1 and engines and all(e is not None for e in engines) and all(
+        not e.get("preemptions") and not e.get("remapped_layers") and not e.get("swap_out_bytes")
+        for e in engines
+    ):
+        warnings.append(
+            "no policy came under memory pressure (0 preemptions, 0 remaps, 0 swaps): the "
+            "policies behaved the same and the ratios are run-to-run noise; lower "
+            "--memory-budget or raise the load"
+        )
+    return warnings
