@@ -77,7 +77,7 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
     p.add_argument("--max-remap-fraction", type=float, default=0.9,
                    help="most of a model's layers that may be remapped away")
-    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap"],
+    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap", "pie"],
                    help="policy oneiros: what to do when remapping cannot cover a shortage")
     p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2],
                    help="borrowed slabs per streamed pass")
