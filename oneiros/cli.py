@@ -65,11 +65,13 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--policy",
         default=default_policy,
-        choices=["recompute", "swap", "static", "oneiros"],
+        choices=["recompute", "swap", "pie", "static", "oneiros"],
         help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
     )
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
                    help="one model per step, or every model with work in each step")
+    p.add_argument("--turn-steps", type=int, default=8,
+                   help="temporal sharing: steps a model runs before the next model's turn")
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -111,6 +113,7 @@ def _config(
         max_model_len=args.max_model_len,
         policy=args.policy,
         sharing=args.sharing,
+        turn_steps=args.turn_steps,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,
