@@ -25,6 +25,7 @@ from oneiros.bench.report import print_table, write_report
 from oneiros.bench.runner import RunResult, compare, run_engine, run_http, run_policies
 from oneiros.bench.workloads import WorkItem, workload_from_spec
 from oneiros.config import EngineConfig
+from oneiros.core import SamplingParams
 from oneiros.engine.clock import VirtualClock
 from oneiros.engine.engine import LLMEngine
 from oneiros.memory.weights import weight_pages
@@ -158,6 +159,32 @@ def test_refused_requests_are_counted_not_raised(weight_pages_total):
     again = run_engine(engine, workload[:1], progress=False)
     assert again.engine_totals()["decode_tokens"] == 3
     assert again.page_history[0][0] == 0.0
+
+
+def test_per_request_params_and_kept_tokens(weight_pages_total):
+    """`make_params` sets each request's sampling parameters and `keep_tokens` keeps what each
+    finished request generated, by workload index, with the top alternatives it asked for."""
+    engine = make_engine(weight_pages_total, kv_pages=16)
+    workload = [WorkItem(0.0, "a", 8, 4), WorkItem(0.0, "b", 600, 5), WorkItem(0.0, "b", 9, 3)]
+    asked = []
+
+    def params(k: int, item: WorkItem) -> SamplingParams:
+        asked.append((k, item.prompt_len))
+        return SamplingParams(max_tokens=item.output_len, temperature=0.0, ignore_eos=True,
+                              logprobs=2 if k != 2 else None)
+
+    result = run_engine(engine, workload, progress=False, overlong="reject", make_params=params,
+                        keep_tokens=True)
+    assert sorted(asked) == [(0, 8), (2, 9)]  # the overlong request was refused before
+    assert set(result.outputs) == {0, 2}
+    for k, out in result.outputs.items():
+        assert len(out.token_ids) == len(out.logprobs) == workload[k].output_len
+    for tid, lp, top in zip(*(getattr(result.outputs[0], f)
+                              for f in ("token_ids", "logprobs", "top_logprobs")), strict=True):
+        assert len(top) == 2 and max(top, key=top.get) == tid and top[tid] == pytest.approx(lp)
+    assert not any(result.outputs[2].top_logprobs)  # no alternatives asked for
+    # Without keep_tokens nothing is kept.
+    assert run_engine(engine, workload[:1], progress=False).outputs == {}
 
 
 def test_idle_waits_go_through_the_engine_clock(weight_pages_total):
