@@ -15,8 +15,10 @@ The memory budget is the weights plus --kv-pages pages of KV cache (or --memory-
 purpose: under swap and pie a burst preempts requests; under oneiros the slabs of tenants out of
 their turn (and, within what compute hides, of running ones) become KV pages first, and come back
 when the load falls. A comparison in which no policy preempted or remapped proves nothing: the
-benchmark says so loudly. After the workload, idle reversion and then up to --cooldown one-token
-requests let the remapped layers come back (not part of the latency numbers).
+benchmark then prints a warning (`runner.pressure_warnings`) and exits with status 3, as `oneiros
+bench` does. After the workload, idle reversion and then up to --cooldown one-token requests let
+the remapped layers come back (not part of the latency numbers). --repeats N runs every policy N
+times and shows the spread of the ratios.
 
 Outputs: every request is compared, by its index in the workload, with the first policy's run.
 Where the tokens differ, the report gives the first diverging position and the top-2 margin there
@@ -30,10 +32,11 @@ shape may flip; a larger one is suspicious (a bug until explained).
         --max-prompt 40 --max-output 24                                   # seconds: smoke
     .venv/bin/python benchmarks/remap.py --device cuda --duration 60 --rate 2
 
-Output: a table (ratios against the first policy), the output comparison and a JSON file (--out)
-with, per policy, the run's summary (`RunResult.summary`), engine counters, the cool-down, every
-request's record and tokens, the output comparison and a compact page-owner timeline (pages per
-model and kind: slab pages of an idle tenant turning into KV pages and back).
+Output: a table (ratios against the first policy, from `runner.compare`), the output comparison
+and a JSON file (--out) with, per policy, the run's summary (`RunResult.summary`), engine counters,
+the cool-down, every request's record and tokens, the output comparison and a compact page-owner
+timeline (pages per model and kind: slab pages of an idle tenant turning into KV pages and back);
+later repeats under "repeats", the ratios of each repeat and their spread.
 """
 
 from __future__ import annotations
@@ -66,7 +69,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from oneiros.bench.runner import RequestTokens, RunResult, run_engine  # noqa: E402
+from oneiros.bench.commands import EXIT_NO_PRESSURE  # noqa: E402
+from oneiros.bench.runner import (  # noqa: E402
+    RequestTokens,
+    RunResult,
+    compare,
+    pressure_warnings,
+    run_engine,
+)
 from oneiros.bench.workloads import WorkItem, workload_summary  # noqa: E402
 from oneiros.config import EngineConfig, parse_bytes  # noqa: E402
 from oneiros.core import SamplingParams  # noqa: E402
@@ -330,16 +340,6 @@ def pressure(res: dict[str, Any]) -> dict[str, int]:
             "remapped_layers": int(engine.get("remapped_layers", 0))}
 
 
-def pressure_warning(results: Sequence[dict[str, Any]]) -> str | None:
-    """A warning when no policy came under memory pressure (the comparison then shows nothing
-    about preemption or remapping), else None."""
-    if any(sum(pressure(r).values()) for r in results):
-        return None
-    return ("WARNING: no policy came under memory pressure (0 preemptions, 0 remapped layers): "
-            "this comparison proves nothing about remapping. Lower --kv-pages (or "
-            "--memory-budget), or raise --rate or the lengths.")
-
-
 # ---- report -------------------------------------------------------------------------------------
 def _get(*path: str, scale: float = 1.0) -> Callable[[dict[str, Any]], Any]:
     def get(r: dict[str, Any]) -> Any:
@@ -362,25 +362,25 @@ def _identical(r: dict[str, Any]) -> str | None:
     return None if c is None else f"{c['identical']}/{c['requests']}"
 
 
-ROWS: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
-    ("TTFT p50 (s)", _get("summary", "ttft_s", "p50")),
-    ("TTFT p99 (s)", _get("summary", "ttft_s", "p99")),
-    ("TBT p50 (s)", _get("summary", "tbt_s", "p50")),
-    ("TBT p99 (s)", _get("summary", "tbt_s", "p99")),
-    ("TPOT p50 (s)", _get("summary", "tpot_s", "p50")),
-    ("TPOT p99 (s)", _get("summary", "tpot_s", "p99")),
-    ("worst gap p99 (s)", _get("summary", "max_gap_s", "p99")),
-    ("throughput (tok/s)", _get("summary", "throughput_tok_s")),
-    ("preemptions", _get("summary", "engine", "preemptions")),
-    ("swap MiB", _swap_mib),
-    ("remapped layers", _get("summary", "engine", "remapped_layers")),
-    ("restored layers", _get("summary", "engine", "restored_layers")),
-    ("  in cool-down", _get("cooldown", "restored_layers")),
-    ("h2d MiB", _get("summary", "engine", "h2d_bytes", scale=2**-20)),
-    ("copy exposed (s)", _get("summary", "engine", "stream_exposed_s")),
-    ("identical outputs", _identical),
+# (row label, value of a policy's result, the headline metric whose ratio the row shows)
+ROWS: list[tuple[str, Callable[[dict[str, Any]], Any], str | None]] = [
+    ("TTFT p50 (s)", _get("summary", "ttft_s", "p50"), "ttft_p50"),
+    ("TTFT p99 (s)", _get("summary", "ttft_s", "p99"), "ttft_p99"),
+    ("TBT p50 (s)", _get("summary", "tbt_s", "p50"), "tbt_p50"),
+    ("TBT p99 (s)", _get("summary", "tbt_s", "p99"), "tbt_p99"),
+    ("TPOT p50 (s)", _get("summary", "tpot_s", "p50"), "tpot_p50"),
+    ("TPOT p99 (s)", _get("summary", "tpot_s", "p99"), "tpot_p99"),
+    ("worst gap p99 (s)", _get("summary", "max_gap_s", "p99"), "max_gap_p99"),
+    ("throughput (tok/s)", _get("summary", "throughput_tok_s"), "throughput_tok_s"),
+    ("preemptions", _get("summary", "engine", "preemptions"), None),
+    ("swap MiB", _swap_mib, None),
+    ("remapped layers", _get("summary", "engine", "remapped_layers"), None),
+    ("restored layers", _get("summary", "engine", "restored_layers"), None),
+    ("  in cool-down", _get("cooldown", "restored_layers"), None),
+    ("h2d MiB", _get("summary", "engine", "h2d_bytes", scale=2**-20), None),
+    ("copy exposed (s)", _get("summary", "engine", "stream_exposed_s"), None),
+    ("identical outputs", _identical, None),
 ]
-RATIO_ROWS = {label for label, _ in ROWS[:8]}  # latencies and throughput
 
 
 def fmt(x: Any) -> str:
@@ -393,31 +393,51 @@ def fmt(x: Any) -> str:
     return f"{x:.4g}"
 
 
-def ratios(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Each later policy's latencies and throughput over the first policy's."""
-    out = {}
-    for r in results[1:]:
-        out[r["policy"]] = {}
-        for label, get in ROWS:
-            if label in RATIO_ROWS:
-                v, base = get(r), get(results[0])
-                out[r["policy"]][label] = v / base if v is not None and base else None
+def table(results: Sequence[dict[str, Any]], comparison: dict[str, Any]) -> str:
+    """One column per policy, then each later policy's ratio to the first (`runner.compare`)."""
+    names = [r["policy"] for r in results]
+    heads = [f"{n}/{names[0]}" for n in names[1:]]
+    width = max([12, *(len(n) + 2 for n in names)])
+    rwidth = max([12, *(len(h) + 2 for h in heads)])
+    head = f"{'':20}" + "".join(f"{n:>{width}}" for n in names) + "".join(
+        f"{h:>{rwidth}}" for h in heads)
+    lines = [head, "-" * len(head)]
+    for label, get, metric in ROWS:
+        line = f"{label:20}" + "".join(f"{fmt(get(r)):>{width}}" for r in results)
+        for n in names[1:]:
+            x = comparison["ratios"][n].get(metric) if metric else None
+            line += f"{(f'{x:.3g}x' if x is not None else ''):>{rwidth}}"
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def ratio_spread(comparisons: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per later policy and latency or throughput row: its ratio to the first policy in each
+    repeat, and their min and max."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in list(comparisons[0]["summaries"])[1:]:
+        out[name] = {}
+        for _, _, metric in ROWS:
+            if metric:
+                values = [c["ratios"][name].get(metric) for c in comparisons]
+                have = [v for v in values if v is not None]
+                out[name][metric] = {"values": values, "min": min(have, default=None),
+                                     "max": max(have, default=None)}
     return out
 
 
-def table(results: Sequence[dict[str, Any]]) -> str:
-    names = [r["policy"] for r in results]
-    rel = ratios(results)
-    head = f"{'':20}" + "".join(f"{n:>12}" for n in names) + "".join(
-        f"{n + '/' + names[0]:>16}" for n in names[1:]
-    )
-    lines = [head, "-" * len(head)]
-    for label, get in ROWS:
-        line = f"{label:20}" + "".join(f"{fmt(get(r)):>12}" for r in results)
-        for n in names[1:]:
-            x = rel[n].get(label)
-            line += f"{(f'{x:.3g}x' if x is not None else ''):>16}"
-        lines.append(line.rstrip())
+def spread_text(spread: dict[str, dict[str, dict[str, Any]]], first: str, repeats: int) -> str:
+    names = list(spread)
+    heads = [f"{n}/{first}" for n in names]
+    width = max([18, *(len(h) + 2 for h in heads)])
+    lines = [f"{f'ratios over {repeats} repeats':20}" + "".join(f"{h:>{width}}" for h in heads)]
+    for label, _, metric in ROWS:
+        if metric:
+            cells = []
+            for n in names:
+                v = spread[n][metric]
+                cells.append("-" if v["min"] is None else f"{v['min']:.3g}-{v['max']:.3g}x")
+            lines.append(f"{label:20}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -470,6 +490,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-output", type=int, default=16)
     p.add_argument("--max-output", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every policy this many times (ratios' spread shown; outputs of every "
+                   "run compared with the first policy's first run)")
     p.add_argument("--near-tie", type=float, default=None,
                    help="margins below this are near-ties (default 1e-3 in float32, 0.1 in 16-bit)")
     p.add_argument("--cooldown", type=int, default=60,
@@ -482,6 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.memory_budget is not None:
         args.memory_budget = parse_bytes(args.memory_budget)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -509,31 +534,23 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}",
           flush=True)
 
-    results: list[dict[str, Any]] = []
-    reference: dict[int, RequestTokens] | None = None
-    for policy in policies:
-        t = time.perf_counter()
-        res, run = run_policy(args, models, policy, work)
-        if reference is None:
-            reference = run.outputs
-            res["outputs_vs_first"] = None
-        else:
-            res["outputs_vs_first"] = compare_outputs(reference, run.outputs, near_tie)
-        results.append(res)
-        s = res["summary"]
-        print(f"{policy}: {s['requests']} requests ({s['rejected']} rejected), "
-              f"{res['wall_s']:.1f}s (+{res['build_and_warmup_s']:.1f}s build, "
-              f"{res['cooldown']['seconds']:.1f}s cool-down, "
-              f"{time.perf_counter() - t:.0f}s in all)", flush=True)
-
+    repeats, comparisons = run_all(args, models, policies, work, near_tie)
+    results, first = repeats[0], policies[0]
     print()
-    print(table(results))
+    print(table(results, comparisons[0]))
+    if len(repeats) > 1:
+        spread = ratio_spread(comparisons)
+        print()
+        print(spread_text(spread, first, len(repeats)))
     print()
-    for r in results[1:]:
-        print(outputs_text(r["policy"], results[0]["policy"], r["outputs_vs_first"]))
-    warning = pressure_warning(results)
-    if warning:
-        print(f"\n{warning}")
+    for k, rep in enumerate(repeats):
+        for r in rep:
+            if r["outputs_vs_first"] is not None:
+                tag = f" (repeat {k + 1})" if len(repeats) > 1 else ""
+                print(outputs_text(r["policy"] + tag, first, r["outputs_vs_first"]))
+    warnings = list(dict.fromkeys(w for c in comparisons for w in pressure_warnings(c)))
+    for w in warnings:
+        print(f"\nWARNING: {w}")
     for r in results:
         if not sum(pressure(r).values()):
             print(f"note: {r['policy']} neither preempted nor remapped")
@@ -542,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\npages over time under {r['policy']} (slab and KV pages per tenant):")
             print(timeline_text(r))
 
+    compared = [r["outputs_vs_first"] for rep in repeats for r in rep if r["outputs_vs_first"]]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -553,19 +571,51 @@ def main(argv: list[str] | None = None) -> int:
         "workload": workload_summary(work),
         "host": {"platform": platform.platform(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())},
-        "memory_pressure": {r["policy"]: pressure(r) for r in results},
-        "pressure_warning": warning,
-        "outputs_identical": all(
-            r["outputs_vs_first"]["identical"] == r["outputs_vs_first"]["requests"]
-            for r in results[1:]
-        ),
-        "suspicious_differences": sum(r["outputs_vs_first"]["suspicious"] for r in results[1:]),
-        "ratios_vs_first": ratios(results),
+        "memory_pressure": [{r["policy"]: pressure(r) for r in rep} for rep in repeats],
+        "warnings": warnings,
+        "outputs_identical": all(c["identical"] == c["requests"] for c in compared),
+        "suspicious_differences": sum(c["suspicious"] for c in compared),
+        "ratios_vs_first": [c["ratios"] for c in comparisons],
+        "ratio_spread": ratio_spread(comparisons),
         "results": {r["policy"]: r for r in results},
+        "repeats": [{r["policy"]: r for r in rep} for rep in repeats[1:]],
     }
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nwrote {out}")
-    return 0
+    return EXIT_NO_PRESSURE if warnings else 0
+
+
+def run_all(
+    args: argparse.Namespace,
+    models: dict[str, str],
+    policies: Sequence[str],
+    work: list[WorkItem],
+    near_tie: float,
+) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Every policy, --repeats times: per repeat the policies' results (outputs compared with the
+    first policy's first run) and `runner.compare` of their runs."""
+    repeats, comparisons = [], []
+    reference: dict[int, RequestTokens] | None = None
+    for k in range(args.repeats):
+        results, runs = [], {}
+        for policy in policies:
+            t = time.perf_counter()
+            res, run = run_policy(args, models, policy, work)
+            if reference is None:
+                reference, res["outputs_vs_first"] = run.outputs, None
+            else:
+                res["outputs_vs_first"] = compare_outputs(reference, run.outputs, near_tie)
+            results.append(res)
+            runs[policy] = run
+            s = res["summary"]
+            tag = f" (repeat {k + 1})" if args.repeats > 1 else ""
+            print(f"{policy}{tag}: {s['requests']} requests ({s['rejected']} rejected), "
+                  f"{res['wall_s']:.1f}s (+{res['build_and_warmup_s']:.1f}s build, "
+                  f"{res['cooldown']['seconds']:.1f}s cool-down, "
+                  f"{time.perf_counter() - t:.0f}s in all)", flush=True)
+        repeats.append(results)
+        comparisons.append(compare(runs))
+    return repeats, comparisons
 
 
 if __name__ == "__main__":

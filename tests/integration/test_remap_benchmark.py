@@ -1,8 +1,8 @@
 """benchmarks/remap.py: a tiny run on two random-weight models (seconds) must write its JSON with
 every policy's latencies, counters and cool-down, find memory pressure (preemptions under swap and
-pie, remapped layers under oneiros) and identical outputs; a roomy budget must raise the
-no-pressure warning. The output comparison itself (divergence position, margins, verdicts) is
-checked on hand-made token lists."""
+pie, remapped layers under oneiros) and identical outputs, in each of two repeats; a roomy budget
+must raise the no-pressure warning (exit status 3). The output comparison itself (divergence
+position, margins, verdicts) is checked on hand-made token lists."""
 
 from __future__ import annotations
 
@@ -33,14 +33,14 @@ def remap():
     return module
 
 
-def run(remap, tmp_path: Path, *extra: str) -> dict:
+def run(remap, tmp_path: Path, *extra: str, status: int = 0) -> dict:
     out = tmp_path / "remap.json"
-    assert remap.main([*TINY, *extra, "--out", str(out)]) == 0
+    assert remap.main([*TINY, *extra, "--out", str(out)]) == status
     return json.loads(out.read_text())
 
 
 def test_tiny_run_under_pressure(remap, tmp_path, capsys):
-    doc = run(remap, tmp_path, "--kv-pages", "4")
+    doc = run(remap, tmp_path, "--kv-pages", "4", "--repeats", "2")
     printed = capsys.readouterr().out
     assert list(doc["results"]) == ["swap", "pie", "oneiros"]
     n = doc["num_requests"]
@@ -55,25 +55,33 @@ def test_tiny_run_under_pressure(remap, tmp_path, capsys):
         assert len(r["records"]) == n
         assert r["cooldown"]["layers_missing_at_end"] == {"a": [], "b": []}
         assert r["page_timeline"]["t"] and r["slab_summary"].keys() == {"a", "b"}
-    pressure = doc["memory_pressure"]
-    assert pressure["swap"]["preemptions"] > 0 and pressure["pie"]["preemptions"] > 0
-    assert pressure["oneiros"]["remapped_layers"] > 0
-    assert doc["pressure_warning"] is None and "WARNING" not in printed
-    for policy in ("pie", "oneiros"):
-        c = doc["results"][policy]["outputs_vs_first"]
-        assert c["identical"] == c["compared"] == c["requests"] == n, c["differences"]
-        assert f"{policy} vs swap: {n} of {n} requests identical" in printed
+    for pressure in doc["memory_pressure"]:
+        assert pressure["swap"]["preemptions"] > 0 and pressure["pie"]["preemptions"] > 0
+        assert pressure["oneiros"]["remapped_layers"] > 0
+    assert doc["warnings"] == [] and "WARNING" not in printed
+    # Every run after the first is compared with swap's first run, request by request.
+    assert doc["results"]["swap"]["outputs_vs_first"] is None
+    (again,) = doc["repeats"]
+    for policy, c in [*((p, doc["results"][p]["outputs_vs_first"]) for p in ("pie", "oneiros")),
+                      *((p, r["outputs_vs_first"]) for p, r in again.items())]:
+        assert c["identical"] == c["compared"] == c["requests"] == n, (policy, c["differences"])
+        assert c["logprob_max_abs_diff"] < 1e-3
+    assert f"oneiros (repeat 1) vs swap: {n} of {n} requests identical" in printed
+    assert f"swap (repeat 2) vs swap: {n} of {n} requests identical" in printed
     assert doc["outputs_identical"] and doc["suspicious_differences"] == 0
-    assert set(doc["ratios_vs_first"]) == {"pie", "oneiros"}
-    assert "TPOT p99 (s)" in doc["ratios_vs_first"]["oneiros"]
+    assert [set(r) for r in doc["ratios_vs_first"]] == [{"swap", "pie", "oneiros"}] * 2
+    spread = doc["ratio_spread"]["oneiros"]["tpot_p99"]
+    assert len(spread["values"]) == 2 and spread["min"] <= spread["max"]
+    assert "ratios over 2 repeats" in printed
 
 
 def test_roomy_budget_warns(remap, tmp_path, capsys):
-    doc = run(remap, tmp_path, "--kv-pages", "200", "--policies", "swap,oneiros")
-    assert doc["memory_pressure"] == {p: {"preemptions": 0, "remapped_layers": 0}
-                                      for p in ("swap", "oneiros")}
-    assert doc["pressure_warning"].startswith("WARNING: no policy came under memory pressure")
-    assert doc["pressure_warning"] in capsys.readouterr().out
+    doc = run(remap, tmp_path, "--kv-pages", "200", "--policies", "swap,oneiros", status=3)
+    assert doc["memory_pressure"] == [{p: {"preemptions": 0, "remapped_layers": 0}
+                                       for p in ("swap", "oneiros")}]
+    (warning,) = doc["warnings"]
+    assert warning.startswith("no policy came under memory pressure")
+    assert f"WARNING: {warning}" in capsys.readouterr().out
 
 
 def test_output_comparison(remap):
