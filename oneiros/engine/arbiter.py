@@ -85,11 +85,13 @@ class Arbiter:
             if name != requester:
                 freed += len(self.schedulers[name].pool.shrink(need - freed))
         if freed < need and self.remap is not None:
-            # A request being admitted takes parameter pages only from models not running (and
-            # only with remap_on_admit), so that admission never adds copies to a pass; a running
-            # one may take what its model can hide.
+            # A request being admitted takes parameter pages only with remap_on_admit, so that
+            # admission never adds copies to a pass; a running one may take what its model can
+            # hide. When nothing runs anywhere no page would ever be freed, so admission may take
+            # then too (else the engine would wait forever).
             admitting = req.status is not RequestStatus.RUNNING
-            if self.remap_on_admit or not admitting:
+            idle = not any(s.running for s in self.schedulers.values())
+            if self.remap_on_admit or not admitting or idle:
                 freed += self.remap.take(requester, need - freed, admitting=admitting)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)

@@ -60,7 +60,7 @@ def test_bench_repeats_and_vllm_fields(tmp_path, capsys):
 def test_all_requests_failed_exits_nonzero(tmp_path, capsys):
     rc = main([
         "bench", "--model", "a=random:llama-tiny", "--max-model-len", "2",
-        "--workload", "poisson:rate=50,n=4,lengths=alpaca,mix=a,seed=0",
+        "--workload", "poisson:rate=50,n=4,lengths=alpaca,mix=a,seed=0", "--overlong", "reject",
         "--policies", "recompute", "--out", str(tmp_path / "b.json"), "--no-progress",
     ])
     assert rc == 4

@@ -52,7 +52,7 @@ def streaming_engine(source: str, policy: str = "recompute") -> AsyncLLMEngine:
     """Models m (4 of 12 layers remapped away: every pass streams them) and n (all resident)."""
     e = LLMEngine(EngineConfig(models={"m": source, "n": "random:llama-tiny@3"}, block_size=4,
                                page_bytes=64 * 1024, memory_budget="48MiB", policy=policy))
-    e.evict_layers("m", remap.uniform_layers(12, 4))
+    e.evict_layers("m", remap.even_layers(12, 4))
     ae = AsyncLLMEngine(e, idle_poll_s=0.05)
     ae.start()
     return ae
