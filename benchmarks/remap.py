@@ -70,12 +70,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from oneiros.bench.commands import EXIT_NO_PRESSURE  # noqa: E402
+from oneiros.bench.metrics import lookup  # noqa: E402
 from oneiros.bench.runner import (  # noqa: E402
     RequestTokens,
     RunResult,
     compare,
     pressure_warnings,
     run_engine,
+    spread,
 )
 from oneiros.bench.workloads import WorkItem, workload_summary  # noqa: E402
 from oneiros.config import EngineConfig, parse_bytes  # noqa: E402
@@ -335,24 +337,24 @@ def outputs_text(policy: str, reference: str, c: dict[str, Any]) -> str:
 
 # ---- memory pressure ----------------------------------------------------------------------------
 def pressure(res: dict[str, Any]) -> dict[str, int]:
+    """What shows that a run came under memory pressure: preemptions, KV bytes swapped out and
+    layers remapped."""
     engine = res["summary"]["engine"] or {}
-    return {"preemptions": int(engine.get("preemptions", 0)),
-            "remapped_layers": int(engine.get("remapped_layers", 0))}
+    return {key: int(engine.get(key, 0))
+            for key in ("preemptions", "swap_out_bytes", "remapped_layers")}
 
 
 # ---- report -------------------------------------------------------------------------------------
 def _get(*path: str, scale: float = 1.0) -> Callable[[dict[str, Any]], Any]:
+    """A policy's value at `path` in its result (`metrics.lookup`), times `scale`."""
     def get(r: dict[str, Any]) -> Any:
-        value: Any = r
-        for key in path:
-            if not isinstance(value, dict) or value.get(key) is None:
-                return None
-            value = value[key]
-        return value * scale
+        value = lookup(r, path)
+        return None if value is None else value * scale
     return get
 
 
 def _swap_mib(r: dict[str, Any]) -> float | None:
+    """KV cache swapped out and back in, MiB."""
     e = r["summary"]["engine"]
     return (e.get("swap_out_bytes", 0) + e.get("swap_in_bytes", 0)) / 2**20 if e else None
 
@@ -411,32 +413,20 @@ def table(results: Sequence[dict[str, Any]], comparison: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ratio_spread(comparisons: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per later policy and latency or throughput row: its ratio to the first policy in each
-    repeat, and their min and max."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for name in list(comparisons[0]["summaries"])[1:]:
-        out[name] = {}
-        for _, _, metric in ROWS:
-            if metric:
-                values = [c["ratios"][name].get(metric) for c in comparisons]
-                have = [v for v in values if v is not None]
-                out[name][metric] = {"values": values, "min": min(have, default=None),
-                                     "max": max(have, default=None)}
-    return out
-
-
-def spread_text(spread: dict[str, dict[str, dict[str, Any]]], first: str, repeats: int) -> str:
-    names = list(spread)
+def spread_text(repeats: dict[str, dict[str, dict[str, Any]]], first: str) -> str:
+    """Each later policy's ratio to the first over the repeats (`runner.spread`): min-max."""
+    names = [n for n in repeats if n != first]
     heads = [f"{n}/{first}" for n in names]
+    runs = len(next(iter(repeats[first].values()))["ratios"])
     width = max([18, *(len(h) + 2 for h in heads)])
-    lines = [f"{f'ratios over {repeats} repeats':20}" + "".join(f"{h:>{width}}" for h in heads)]
+    lines = [f"{f'ratios over {runs} repeats':20}" + "".join(f"{h:>{width}}" for h in heads)]
     for label, _, metric in ROWS:
         if metric:
             cells = []
             for n in names:
-                v = spread[n][metric]
-                cells.append("-" if v["min"] is None else f"{v['min']:.3g}-{v['max']:.3g}x")
+                v = repeats[n][metric]
+                cells.append("-" if v["ratio_min"] is None
+                             else f"{v['ratio_min']:.3g}-{v['ratio_max']:.3g}x")
             lines.append(f"{label:20}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
@@ -453,6 +443,39 @@ def timeline_text(res: dict[str, Any], width: int = 16) -> str:
         if lab in tl["pages"]:
             out.append(f"  {lab:>14}" + "".join(f"{tl['pages'][lab][i]:>7}" for i in idx))
     return "\n".join(out)
+
+
+def run_all(
+    args: argparse.Namespace,
+    models: dict[str, str],
+    policies: Sequence[str],
+    work: list[WorkItem],
+    near_tie: float,
+) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Every policy, --repeats times: per repeat the policies' results (outputs compared with the
+    first policy's first run) and `runner.compare` of their runs."""
+    repeats, comparisons = [], []
+    reference: dict[int, RequestTokens] | None = None
+    for k in range(args.repeats):
+        results, runs = [], {}
+        for policy in policies:
+            t = time.perf_counter()
+            res, run = run_policy(args, models, policy, work)
+            if reference is None:
+                reference, res["outputs_vs_first"] = run.outputs, None
+            else:
+                res["outputs_vs_first"] = compare_outputs(reference, run.outputs, near_tie)
+            results.append(res)
+            runs[policy] = run
+            s = res["summary"]
+            tag = f" (repeat {k + 1})" if args.repeats > 1 else ""
+            print(f"{policy}{tag}: {s['requests']} requests ({s['rejected']} rejected), "
+                  f"{res['wall_s']:.1f}s (+{res['build_and_warmup_s']:.1f}s build, "
+                  f"{res['cooldown']['seconds']:.1f}s cool-down, "
+                  f"{time.perf_counter() - t:.0f}s in all)", flush=True)
+        repeats.append(results)
+        comparisons.append(compare(runs))
+    return repeats, comparisons
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -538,10 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     results, first = repeats[0], policies[0]
     print()
     print(table(results, comparisons[0]))
+    over_repeats = spread(comparisons)
     if len(repeats) > 1:
-        spread = ratio_spread(comparisons)
         print()
-        print(spread_text(spread, first, len(repeats)))
+        print(spread_text(over_repeats, first))
     print()
     for k, rep in enumerate(repeats):
         for r in rep:
@@ -576,46 +599,13 @@ def main(argv: list[str] | None = None) -> int:
         "outputs_identical": all(c["identical"] == c["requests"] for c in compared),
         "suspicious_differences": sum(c["suspicious"] for c in compared),
         "ratios_vs_first": [c["ratios"] for c in comparisons],
-        "ratio_spread": ratio_spread(comparisons),
+        "spread": over_repeats,
         "results": {r["policy"]: r for r in results},
         "repeats": [{r["policy"]: r for r in rep} for rep in repeats[1:]],
     }
     out.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\nwrote {out}")
     return EXIT_NO_PRESSURE if warnings else 0
-
-
-def run_all(
-    args: argparse.Namespace,
-    models: dict[str, str],
-    policies: Sequence[str],
-    work: list[WorkItem],
-    near_tie: float,
-) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
-    """Every policy, --repeats times: per repeat the policies' results (outputs compared with the
-    first policy's first run) and `runner.compare` of their runs."""
-    repeats, comparisons = [], []
-    reference: dict[int, RequestTokens] | None = None
-    for k in range(args.repeats):
-        results, runs = [], {}
-        for policy in policies:
-            t = time.perf_counter()
-            res, run = run_policy(args, models, policy, work)
-            if reference is None:
-                reference, res["outputs_vs_first"] = run.outputs, None
-            else:
-                res["outputs_vs_first"] = compare_outputs(reference, run.outputs, near_tie)
-            results.append(res)
-            runs[policy] = run
-            s = res["summary"]
-            tag = f" (repeat {k + 1})" if args.repeats > 1 else ""
-            print(f"{policy}{tag}: {s['requests']} requests ({s['rejected']} rejected), "
-                  f"{res['wall_s']:.1f}s (+{res['build_and_warmup_s']:.1f}s build, "
-                  f"{res['cooldown']['seconds']:.1f}s cool-down, "
-                  f"{time.perf_counter() - t:.0f}s in all)", flush=True)
-        repeats.append(results)
-        comparisons.append(compare(runs))
-    return repeats, comparisons
 
 
 if __name__ == "__main__":

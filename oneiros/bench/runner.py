@@ -659,7 +659,8 @@ def compare(
 
 def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per policy and headline metric, its values over repeated comparisons and their mean, min,
-    max and standard deviation (None where a repeat has no value)."""
+    max and standard deviation, and its ratio to the baseline in each repeat ('ratios') with their
+    min and max (None where a repeat has no value)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in comparisons[0]["summaries"]:
         out[name] = {}
@@ -668,9 +669,12 @@ def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
             have = [float(v) for v in values if v is not None]
             mean = sum(have) / len(have) if have else None
             std = (sum((v - mean) ** 2 for v in have) / len(have)) ** 0.5 if have else None
+            ratios = [c["ratios"][name].get(label) for c in comparisons]
+            known = [r for r in ratios if r is not None]
             out[name][label] = {
                 "values": values, "mean": mean, "min": min(have, default=None),
-                "max": max(have, default=None), "std": std,
+                "max": max(have, default=None), "std": std, "ratios": ratios,
+                "ratio_min": min(known, default=None), "ratio_max": max(known, default=None),
             }
     return out
 

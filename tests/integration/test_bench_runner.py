@@ -20,9 +20,16 @@ import httpx
 import pytest
 import torch
 
-from oneiros.bench.metrics import HEADLINE_METRICS
+from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord
 from oneiros.bench.report import print_table, write_report
-from oneiros.bench.runner import RunResult, compare, run_engine, run_http, run_policies
+from oneiros.bench.runner import (
+    RunResult,
+    compare,
+    run_engine,
+    run_http,
+    run_policies,
+    spread,
+)
 from oneiros.bench.workloads import WorkItem, workload_from_spec
 from oneiros.config import EngineConfig
 from oneiros.core import SamplingParams
@@ -197,6 +204,23 @@ def test_idle_waits_go_through_the_engine_clock(weight_pages_total):
     check_records(result, workload)
     assert result.clock_s == pytest.approx(100.0)
     assert result.wall_s < 20
+
+
+def test_spread_over_repeats_keeps_each_repeats_ratio():
+    """Per policy and metric: the values over repeats and, against the baseline of each repeat,
+    the ratios and their range (the baseline's own ratios are 1)."""
+
+    def run(tpot: float) -> RunResult:  # one request of three tokens, tpot apart
+        return RunResult([RequestRecord("a", 0.0, [1.0, 1.0 + tpot, 1.0 + 2 * tpot], 4, 3)])
+
+    repeats = [compare({"base": run(0.2), "new": run(0.1)}),
+               compare({"base": run(0.4), "new": run(0.1)})]
+    s = spread(repeats)["new"]["tpot_p99"]
+    assert s["values"] == pytest.approx([0.1, 0.1]) and s["mean"] == pytest.approx(0.1)
+    assert s["ratios"] == pytest.approx([0.5, 0.25])
+    assert (s["ratio_min"], s["ratio_max"]) == pytest.approx((0.25, 0.5))
+    assert spread(repeats)["base"]["tpot_p99"]["ratios"] == [1.0, 1.0]
+    assert spread(repeats)["new"]["preemptions"]["ratio_min"] is None  # no engine counters
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def test_tiny_run_under_pressure(remap, tmp_path, capsys):
         assert r["cooldown"]["layers_missing_at_end"] == {"a": [], "b": []}
         assert r["page_timeline"]["t"] and r["slab_summary"].keys() == {"a", "b"}
     for pressure in doc["memory_pressure"]:
-        assert pressure["swap"]["preemptions"] > 0 and pressure["pie"]["preemptions"] > 0
+        for policy in ("swap", "pie"):
+            assert pressure[policy]["preemptions"] > 0 and pressure[policy]["swap_out_bytes"] > 0
         assert pressure["oneiros"]["remapped_layers"] > 0
     assert doc["warnings"] == [] and "WARNING" not in printed
     # Every run after the first is compared with swap's first run, request by request.
@@ -70,15 +71,16 @@ def test_tiny_run_under_pressure(remap, tmp_path, capsys):
     assert f"swap (repeat 2) vs swap: {n} of {n} requests identical" in printed
     assert doc["outputs_identical"] and doc["suspicious_differences"] == 0
     assert [set(r) for r in doc["ratios_vs_first"]] == [{"swap", "pie", "oneiros"}] * 2
-    spread = doc["ratio_spread"]["oneiros"]["tpot_p99"]
-    assert len(spread["values"]) == 2 and spread["min"] <= spread["max"]
+    spread = doc["spread"]["oneiros"]["tpot_p99"]
+    assert len(spread["ratios"]) == 2 and spread["ratio_min"] <= spread["ratio_max"]
     assert "ratios over 2 repeats" in printed
 
 
 def test_roomy_budget_warns(remap, tmp_path, capsys):
     doc = run(remap, tmp_path, "--kv-pages", "200", "--policies", "swap,oneiros", status=3)
-    assert doc["memory_pressure"] == [{p: {"preemptions": 0, "remapped_layers": 0}
-                                       for p in ("swap", "oneiros")}]
+    assert doc["memory_pressure"] == [
+        {p: {"preemptions": 0, "swap_out_bytes": 0, "remapped_layers": 0}
+         for p in ("swap", "oneiros")}]
     (warning,) = doc["warnings"]
     assert warning.startswith("no policy came under memory pressure")
     assert f"WARNING: {warning}" in capsys.readouterr().out
