@@ -34,9 +34,11 @@ shape may flip; a larger one is suspicious (a bug until explained).
 
 Output: a table (ratios against the first policy, from `runner.compare`), the output comparison
 and a JSON file (--out) with, per policy, the run's summary (`RunResult.summary`), engine counters,
-the cool-down, every request's record and tokens, the output comparison and a compact page-owner
+the cool-down, its CPU time and the load average at its end (the machine's other work stretches
+wall time), every request's record and tokens, the output comparison and a compact page-owner
 timeline (pages per model and kind: slab pages of an idle tenant turning into KV pages and back);
-later repeats under "repeats", the ratios of each repeat and their spread.
+later repeats under "repeats", and under "spread" (`runner.spread`) every headline metric's
+values and ratios over the repeats.
 """
 
 from __future__ import annotations
@@ -231,10 +233,12 @@ def run_policy(
     warm_up(engine)
     build_s = time.perf_counter() - t_build
     try:
+        cpu = time.process_time()
         result = run_engine(
             engine, work, prompt_seed=args.seed, make_params=traced_params, keep_tokens=True,
             progress=args.progress, policy=policy,
         )
+        cpu = time.process_time() - cpu
         cool = cool_down(engine, args.cooldown)
         engine.check_integrity()
         names = list(engine.tenants)
@@ -244,6 +248,11 @@ def run_policy(
             "counters_per_model": result.counters,
             "cooldown": cool,
             "wall_s": result.wall_s,
+            # On a shared CPU other processes stretch wall time (and with it every latency) by
+            # different amounts in different runs; this process's CPU time and the load average
+            # at the end of the run say how much.
+            "cpu_s": cpu,
+            "loadavg": list(os.getloadavg()),
             "build_and_warmup_s": build_s,
             "slab_summary": slab_summary(result.page_history, names, engine.arena.usage_by_kind()),
             "page_timeline": timeline(result.page_history, names, args.timeline_points),
@@ -381,6 +390,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any], str | None]] = [
     ("  in cool-down", _get("cooldown", "restored_layers"), None),
     ("h2d MiB", _get("summary", "engine", "h2d_bytes", scale=2**-20), None),
     ("copy exposed (s)", _get("summary", "engine", "stream_exposed_s"), None),
+    ("process CPU (s)", _get("cpu_s"), None),
     ("identical outputs", _identical, None),
 ]
 
@@ -472,7 +482,8 @@ def run_all(
             print(f"{policy}{tag}: {s['requests']} requests ({s['rejected']} rejected), "
                   f"{res['wall_s']:.1f}s (+{res['build_and_warmup_s']:.1f}s build, "
                   f"{res['cooldown']['seconds']:.1f}s cool-down, "
-                  f"{time.perf_counter() - t:.0f}s in all)", flush=True)
+                  f"{time.perf_counter() - t:.0f}s in all; {res['cpu_s']:.0f} CPU s, load "
+                  f"{res['loadavg'][0]:.1f})", flush=True)
         repeats.append(results)
         comparisons.append(compare(runs))
     return repeats, comparisons

@@ -55,6 +55,7 @@ def test_tiny_run_under_pressure(remap, tmp_path, capsys):
         assert len(r["records"]) == n
         assert r["cooldown"]["layers_missing_at_end"] == {"a": [], "b": []}
         assert r["page_timeline"]["t"] and r["slab_summary"].keys() == {"a", "b"}
+        assert 0 < r["cpu_s"] and len(r["loadavg"]) == 3
     for pressure in doc["memory_pressure"]:
         for policy in ("swap", "pie"):
             assert pressure[policy]["preemptions"] > 0 and pressure[policy]["swap_out_bytes"] > 0
