@@ -588,6 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if not sum(pressure(r).values()):
             print(f"note: {r['policy']} neither preempted nor remapped")
+    busiest = max(r["loadavg"][0] for rep in repeats for r in rep)
+    if busiest > (os.cpu_count() or 1):
+        print(f"note: load average up to {busiest:.1f} on {os.cpu_count()} CPUs: other processes "
+              "stretched wall time (and every latency) by different amounts in different runs; "
+              "compare the runs' process CPU time")
     for r in results:
         if r["summary"]["engine"]["remapped_layers"]:
             print(f"\npages over time under {r['policy']} (slab and KV pages per tenant):")
@@ -604,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_requests": len(work),
         "workload": workload_summary(work),
         "host": {"platform": platform.platform(), "torch": torch.__version__,
-                 "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())},
+                 "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                 "loadavg": list(os.getloadavg())},
         "memory_pressure": [{r["policy"]: pressure(r) for r in rep} for rep in repeats],
         "warnings": warnings,
         "outputs_identical": all(c["identical"] == c["requests"] for c in compared),
