@@ -13,6 +13,7 @@ the same requests. What each row checks:
     judged on per-request TPOT (each request's mean gap, the measure of vLLM's serving benchmark,
     which the paper's implementation is built in); pooled TBT (vLLM's ITL) and each request's worst
     gap are shown beside it;
+  - preemptions: oneiros preempts no more than the baseline (remapping is there to avoid them);
   - range: whether the change is inside or beyond the paper's reported range.
 
 Slow links (H100-PCIe, A100): no row may have oneiros above 1.05x the best baseline on any of the
@@ -24,6 +25,7 @@ exceptions" as `- <check id>: <measured cause>` (the section is kept when the fi
 
     .venv/bin/python benchmarks/paper.py                 # writes docs/paper_reproduction.md
     .venv/bin/python benchmarks/paper.py --requests 150  # a quicker, smaller grid (not written)
+    .venv/bin/python benchmarks/paper.py --checks-only   # the last run's results checked again
 
 Changes are (ours - baseline) / baseline: negative is better for latencies, positive for throughput.
 """
@@ -91,8 +93,8 @@ def config(hardware: str, mix: str, **kw: Any) -> EngineConfig:
     return EngineConfig(**cfg)
 
 
-def gamma(mix: str, lengths: str, rate: float, n: int, seed: int = 0) -> str:
-    return f"gamma:rate={rate},cv=2,n={n},lengths={lengths},mix={mix},seed={seed},max_total=2048"
+def gamma(mix: str, lengths: str, rate: float, n: int, seed: int = 0, cv: float = 2) -> str:
+    return f"gamma:rate={rate},cv={cv},n={n},lengths={lengths},mix={mix},seed={seed},max_total=2048"
 
 
 def headline_rows(hw: str, n: int) -> list[Row]:
@@ -242,6 +244,11 @@ def checks(row: Row) -> list[tuple[str, bool, str]]:
                 what += " of the means (per seed " + ", ".join(
                     "-" if e is None else f"{e:+.1%}" for e in each) + ")"
             out.append((f"{row.id}/{base}/{metric}", good, what))
+    if row.mechanism is None:
+        for base in row.baselines:
+            mine, theirs = ours["preemptions"], row.results[base]["preemptions"]
+            out.append((f"{row.id}/{base}/preemptions", mine <= theirs,
+                        f"{mine:.0f} against {theirs:.0f}"))
     if row.mechanism is not None:
         run, counter, least = row.mechanism
         value = row.results[run][counter]
@@ -332,7 +339,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
                     lo, hi = paper
                     ptxt = f"{lo:+.1%}" if lo == hi else f"{hi:+.1%} to {lo:+.1%}"
                 lines.append(
-                    f"| {row.title} | {base} | {metric} | {fmt_value(metric, b[metric])} | "
+                    f"| {row.id.split('/')[0]}: {row.title} | {base} | {metric} | {fmt_value(metric, b[metric])} | "
                     f"{fmt_value(metric, ours[metric])} | {'-' if c is None else f'{c:+.1%}'} | "
                     f"{ptxt} | {mark} |"
                 )
@@ -340,7 +347,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
                                       "prefetched_layers", "donor_order_decisive", "cap_hits")}
         base_pre = ", ".join(f"{k} {row.results[k]['preemptions']}" for k in row.baselines)
         notes = f"clipped {ours['clipped']}, rejected {ours['rejected']}" if ours["clipped"] else ""
-        lines.append(f"| {row.title} | counts | oneiros: {extra}; preemptions of {base_pre} "
+        lines.append(f"| {row.id.split('/')[0]}: {row.title} | counts | oneiros: {extra}; preemptions of {base_pre} "
                      f"{notes} | | | | | |")
     lines += ["", "## Explained exceptions", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(explained.items())] or ["(none)"]
@@ -357,6 +364,8 @@ def main() -> int:
     p.add_argument("--only", default=None, help="a regular expression over row ids")
     p.add_argument("--out", default=str(DOC), help="the document (written for the full grid)")
     p.add_argument("--json", default=str(ROOT / "results" / "paper.json"))
+    p.add_argument("--checks-only", action="store_true",
+                   help="check and render the results of --json again instead of running")
     args = p.parse_args()
     rows: list[Row] = []
     for hw in args.hardware.split(","):
@@ -369,10 +378,17 @@ def main() -> int:
     t0 = time.perf_counter()
     failures: list[str] = []
     counts = {"passed": 0, "explained": 0, "failed": 0, "in_range": 0, "ranged": 0}
+    saved = json.loads(Path(args.json).read_text()) if args.checks_only else None
+    if saved is not None:
+        by_id = {r["id"]: r["results"] for r in saved["rows"]}
+        rows = [r for r in rows if r.id in by_id]
     for row in rows:
-        row.results["ours"] = run_specs(row.ours, row.ours, row.spec)
-        for base, cfg in row.baselines.items():
-            row.results[base] = run_specs(cfg, row.ours, row.spec)
+        if saved is not None:
+            row.results = by_id[row.id]
+        else:
+            row.results["ours"] = run_specs(row.ours, row.ours, row.spec)
+            for base, cfg in row.baselines.items():
+                row.results[base] = run_specs(cfg, row.ours, row.spec)
         for cid, ok, what in checks(row):
             key = "passed" if ok else ("explained" if cid in explained else "failed")
             counts[key] += 1
@@ -386,11 +402,12 @@ def main() -> int:
                     counts["ranged"] += 1
                     c = change(row.results["ours"][metric], row.results[base][metric])
                     counts["in_range"] += in_range(c, bounds, metric in LOWER_IS_BETTER)
-    wall = time.perf_counter() - t0
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(
-        [{"id": r.id, "title": r.title, "spec": r.spec, "results": r.results} for r in rows],
-        indent=1, default=str) + "\n")
+    wall = saved["wall_s"] if saved is not None else time.perf_counter() - t0
+    if saved is None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"wall_s": wall, "requests": args.requests, "rows": [
+            {"id": r.id, "title": r.title, "spec": r.spec, "results": r.results} for r in rows
+        ]}, indent=1, default=str) + "\n")
     if not args.only and args.requests == p.get_default("requests"):
         Path(args.out).write_text(render(rows, args.requests, wall, explained, failures, counts))
         print(f"wrote {args.out}")
