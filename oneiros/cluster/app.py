@@ -102,15 +102,16 @@ class EngineReplica:
 class Ingress:
     """The OpenAI server of the cluster (the single server's app over a ClusterClient)."""
 
-    def __init__(self, settings: ServerSettings, **replicas: Any) -> None:
+    def __init__(self, settings: ServerSettings, order: list[str], **replicas: Any) -> None:
         self.settings = settings
+        self.order = order  # the models in the cluster file's order (/v1/models lists them so)
         self.handles = replicas
 
     async def __serve_build_asgi_app__(self) -> Any:
         from oneiros.cluster.client import ClusterClient
         from oneiros.server.app import build_app
 
-        client = await ClusterClient.connect(self.handles)
+        client = await ClusterClient.connect(self.handles, self.order)
         return build_app(client, settings=self.settings)
 
 
@@ -132,7 +133,7 @@ def build_application(
             ray_actor_options=cluster.actor_options(),
         )
         engines[r.name] = dep.bind(config, cluster.threads)
-    return Ingress.bind(settings or ServerSettings(), **engines)
+    return Ingress.bind(settings or ServerSettings(), [m.name for m in cluster.models], **engines)
 
 
 def run_cluster(

@@ -141,8 +141,11 @@ class ClusterClient(EngineClient):
         self._poller: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, handles: dict[str, Any], poll_s: float = 1.0) -> ClusterClient:
-        """Ask every replica what it serves (waits for them to start)."""
+    async def connect(
+        cls, handles: dict[str, Any], order: list[str] | None = None, poll_s: float = 1.0
+    ) -> ClusterClient:
+        """Ask every replica what it serves (waits for them to start); models listed in `order`
+        first."""
         infos = await asyncio.gather(*(h.info.remote() for h in handles.values()))
         holders: dict[str, list[str]] = {}
         models: dict[str, ModelInfo] = {}
@@ -150,6 +153,8 @@ class ClusterClient(EngineClient):
             for model, (max_len, vocab, tok) in info.items():
                 holders.setdefault(model, []).append(name)
                 models.setdefault(model, ModelInfo(max_len, vocab, tok))
+        rank = {m: k for k, m in enumerate(order or [])}
+        models = dict(sorted(models.items(), key=lambda kv: rank.get(kv[0], len(rank))))
         client = cls(handles, holders, models, poll_s)
         client.states = dict.fromkeys(handles, "ok")
         return client

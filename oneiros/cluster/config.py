@@ -109,7 +109,10 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
 
 
 def _bytes(value: Any, what: str) -> int:
-    b = parse_bytes(value) if isinstance(value, str) else value
+    try:
+        b = parse_bytes(value) if isinstance(value, str) else value
+    except ConfigError:
+        b = None
     if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
         raise ConfigError(f"{what} must be a byte count such as 64MiB or 70GiB, got {value!r}")
     return b
