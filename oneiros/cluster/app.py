@@ -43,15 +43,19 @@ def detached(out: RequestOutput) -> RequestOutput:
 class EngineReplica:
     """One engine: its models in one arena, serving the ingress's handle calls."""
 
-    def __init__(self, config: Any, threads: int | None = None) -> None:
+    def __init__(self, config: Any, threads: int | None = None, faults: str | None = None) -> None:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
+        from oneiros.engine import faults as fault_injection
         from oneiros.engine.engine import LLMEngine
         from oneiros.server.async_engine import AsyncLLMEngine
 
         self.engine = AsyncLLMEngine(LLMEngine(config))
+        if faults:  # after loading: faults are for serving
+            plan = fault_injection.configure(faults)
+            logger.warning("fault injection is on: %s", plan.spec if plan else None)
         self.engine.start()
 
     def info(self) -> dict[str, tuple[int, int, Any]]:
@@ -111,7 +115,8 @@ class Ingress:
         from oneiros.cluster.client import ClusterClient
         from oneiros.server.app import build_app
 
-        client = await ClusterClient.connect(self.handles, self.order)
+        app_name = serve.get_replica_context().app_name
+        client = await ClusterClient.connect(self.handles, self.order, app_name=app_name)
         return build_app(client, settings=self.settings)
 
 
@@ -132,7 +137,7 @@ def build_application(
             max_queued_requests=cluster.max_queued_requests,
             ray_actor_options=cluster.actor_options(),
         )
-        engines[r.name] = dep.bind(config, cluster.threads)
+        engines[r.name] = dep.bind(config, cluster.threads, cluster.faults.get(r.name))
     return Ingress.bind(settings or ServerSettings(), [m.name for m in cluster.models], **engines)
 
 

@@ -129,20 +129,29 @@ class ClusterClient(EngineClient):
         holders: dict[str, list[str]],
         models: dict[str, ModelInfo],
         poll_s: float = 1.0,
+        deployments: dict[str, str] | None = None,
+        app_name: str = "oneiros",
     ) -> None:
         self.handles = handles
+        self.deployments = deployments or {r: f"engine-{r}" for r in handles}
+        self.app_name = app_name
         self.holders = holders  # model -> replicas holding it, in placement order
         self.models = models
         self.poll_s = poll_s
         self.in_flight = dict.fromkeys(handles, 0)
         self.states: dict[str, str] = dict.fromkeys(handles, "starting")
         self.errors: dict[str, str | None] = dict.fromkeys(handles)
+        self._turns: dict[str, int] = {}  # model -> requests routed (ties go round)
         self._accepting = False
         self._poller: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
-        cls, handles: dict[str, Any], order: list[str] | None = None, poll_s: float = 1.0
+        cls,
+        handles: dict[str, Any],
+        order: list[str] | None = None,
+        poll_s: float = 1.0,
+        app_name: str = "oneiros",
     ) -> ClusterClient:
         """Ask every replica what it serves (waits for them to start); models listed in `order`
         first."""
@@ -155,7 +164,7 @@ class ClusterClient(EngineClient):
                 models.setdefault(model, ModelInfo(max_len, vocab, tok))
         rank = {m: k for k, m in enumerate(order or [])}
         models = dict(sorted(models.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-        client = cls(handles, holders, models, poll_s)
+        client = cls(handles, holders, models, poll_s, app_name=app_name)
         client.states = dict.fromkeys(handles, "ok")
         return client
 
@@ -179,12 +188,15 @@ class ClusterClient(EngineClient):
     # ---- routing --------------------------------------------------------------------------------
     def route(self, model: str) -> str:
         """The replica for a request of `model`: the least loaded that is up (any, if none is: its
-        restart may be on the way, and the handle waits for it)."""
+        restart may be on the way, and the handle waits for it); ties in turn."""
         held = self.holders.get(model)
         if not held:
             raise UnknownModelError(f"the model {model!r} does not exist")
         up = [r for r in held if self.states[r] == "ok"] or held
-        return min(up, key=lambda r: (self.in_flight[r], held.index(r)))
+        turn = self._turns.get(model, 0)
+        self._turns[model] = turn + 1
+        n = len(held)
+        return min(up, key=lambda r: (self.in_flight[r], (held.index(r) - turn) % n))
 
     def release(self, replica: str) -> None:
         self.in_flight[replica] -= 1
@@ -260,14 +272,39 @@ class ClusterClient(EngineClient):
         }
 
     async def _poll_once(self) -> None:
-        async def one(name: str, h: Any) -> None:
-            try:
-                state = await asyncio.wait_for(h.health.remote(), max(2.0, 2 * self.poll_s))
-                self.states[name], self.errors[name] = state, None
-            except Exception as e:  # noqa: BLE001 - down, restarting, or unreachable
-                self.mark_failed(name, e)
+        """Each replica's state as Ray Serve's controller sees it (no call to the replica, so a
+        replica busy with its full share of requests still reads as up)."""
+        try:
+            states = await asyncio.to_thread(self.replica_states)
+        except Exception as e:  # noqa: BLE001 - the controller is unreachable: keep the last
+            logger.warning("cannot read replica states: %s", type(e).__name__)
+            return
+        for name, (state, detail) in states.items():
+            if name in self.states:
+                self.states[name] = state
+                self.errors[name] = detail
 
-        await asyncio.gather(*(one(n, h) for n, h in self.handles.items()))
+    def replica_states(self) -> dict[str, tuple[str, str | None]]:
+        """replica -> ('ok' | 'starting' | 'unavailable', Ray Serve's detail)."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        out: dict[str, tuple[str, str | None]] = {}
+        for name, dep_name in self.deployments.items():
+            dep = app.deployments.get(dep_name) if app is not None else None
+            if dep is None:
+                out[name] = ("unavailable", "not deployed")
+                continue
+            counts = {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+            detail = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()) if v)
+            if counts.get("RUNNING", 0):
+                out[name] = ("ok", None if detail == "running 1" else detail)
+            elif counts.get("STARTING", 0) or counts.get("RECOVERING", 0):
+                out[name] = ("starting", detail or None)
+            else:
+                out[name] = ("unavailable", f"{getattr(dep.status, 'value', dep.status)}: "
+                             f"{dep.message or detail}")
+        return out
 
     async def _poll(self) -> None:
         while True:

@@ -8,6 +8,8 @@
     max_ongoing_requests: 32     # per replica; more wait in Ray Serve's queue ...
     max_queued_requests: 64      # ... of at most this many; beyond it, 429
     engine: {policy: oneiros, page_bytes: 65536, block_size: 4, threads: 1}
+    faults: slow:0.01@0.2        # drills (oneiros.engine.faults) on every replica;
+                                 # a replica of the list may have its own `faults`
     models:
       a: random:llama-tiny
       b: {source: random:qwen2-tiny, rate: 20, copies: 2, pin: [replica-1], kv_cache: 2MiB}
@@ -53,6 +55,7 @@ class ClusterConfig:
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields
     threads: int | None = None  # torch CPU threads per replica
     replica_cpus: float = 1.0  # Ray CPUs per engine replica
+    faults: dict[str, str] = field(default_factory=dict)  # replica -> fault spec (drills)
 
     def engine_config(self, models: list[str], memory_bytes: int) -> EngineConfig:
         sources = {m.name: m.source for m in self.models}
@@ -80,7 +83,8 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     known = {"device", "replicas", "replica_memory", "kv_headroom", "rate_per_replica",
-             "max_ongoing_requests", "max_queued_requests", "engine", "models", "replica_cpus"}
+             "max_ongoing_requests", "max_queued_requests", "engine", "models", "replica_cpus",
+             "faults"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
@@ -91,6 +95,7 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
         raise ConfigError(f"{where}: engine has unknown settings {bad}")
     models = _models(data.get("models"), where)
     replicas = _replicas(data.get("replicas", 1), data.get("replica_memory"), where)
+    faults = _faults(data, replicas, where)
     headroom = float(data.get("kv_headroom", 0.5))
     if headroom < 0:
         raise ConfigError(f"{where}: kv_headroom must be >= 0, got {headroom}")
@@ -104,8 +109,26 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
     return ClusterConfig(
         models, replicas, str(data.get("device", "cpu")), headroom,
         float(rate) if rate is not None else None, ongoing, queued, engine, threads,
-        float(data.get("replica_cpus", 1.0)),
+        float(data.get("replica_cpus", 1.0)), faults,
     )
+
+
+def _faults(data: dict[str, Any], replicas: tuple[ReplicaCapacity, ...],
+            where: str) -> dict[str, str]:
+    from oneiros.engine import faults as fault_injection
+
+    out = {r.name: str(data["faults"]) for r in replicas} if data.get("faults") else {}
+    raw = data.get("replicas")
+    if isinstance(raw, list):
+        for r, entry in zip(replicas, raw, strict=True):
+            if isinstance(entry, dict) and entry.get("faults"):
+                out[r.name] = str(entry["faults"])
+    for name, spec in out.items():
+        try:
+            fault_injection.parse(spec)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: faults of {name}: {e}") from None
+    return out
 
 
 def _bytes(value: Any, what: str) -> int:
