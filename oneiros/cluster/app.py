@@ -28,6 +28,8 @@ from oneiros.server.routes import ServerSettings
 
 logger = logging.getLogger("oneiros.cluster")
 
+APP_NAME = "oneiros"
+
 
 def detached(out: RequestOutput) -> RequestOutput:
     """The output with plain lists (views of the request's lists would pickle them whole)."""
@@ -149,19 +151,33 @@ def run_cluster(
     port: int = 8000,
     address: str | None = None,
 ) -> int:
-    """Start (or join, with `address`) Ray, deploy, serve until interrupted."""
+    """Start a local Ray instance (or join the one at `address` / $RAY_ADDRESS), deploy, serve
+    until SIGINT/SIGTERM, then take the application down (and Ray Serve with it, when this
+    process started Ray)."""
+    import os
+    import signal
+
     import ray
 
+    joined = bool(address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=address, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_application(cluster, placement, settings), name="oneiros", route_prefix="/")
-    logger.info("serving on http://%s:%d (Ctrl-C stops)", host, port)
+    serve.run(build_application(cluster, placement, settings), name=APP_NAME, route_prefix="/")
+    logger.warning("serving on http://%s:%d (SIGINT or SIGTERM stops)", host, port)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         asyncio.run(_forever())
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        if joined:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
     return 0
 
 

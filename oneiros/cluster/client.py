@@ -314,7 +314,7 @@ class ClusterClient(EngineClient):
     async def _gather(self, method: str) -> dict[str, Any]:
         async def one(h: Any) -> Any:
             try:
-                return await asyncio.wait_for(getattr(h, method).remote(), 30)
+                return await asyncio.wait_for(getattr(h, method).remote(), 10)
             except Exception as e:  # noqa: BLE001 - reported per replica
                 return {"error": f"{type(e).__name__}"}
 

@@ -144,3 +144,17 @@ def test_bad_cluster_files_say_what_is_wrong(change: dict, message: str) -> None
     data = {k: v for k, v in data.items() if v is not None}
     with pytest.raises(ConfigError, match=message):
         parse_cluster(data)
+
+
+def test_the_example_file_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from oneiros.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "cluster.yaml"
+    assert main(["serve", "--cluster", str(example), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "replica-0: arena 4.0 MiB" in out and "pinned replica-1" in out
+    assert out.count("hot ") == 2  # 15 req/s over 10 per copy: two copies
+    assert main(["serve", "--dry-run"]) == 2
+    assert "--dry-run goes with --cluster" in capsys.readouterr().err
