@@ -251,7 +251,12 @@ def _serve_cluster(args: argparse.Namespace) -> int:
         raise OneirosError("with --cluster the models come from the cluster file, not --model")
     cluster = load_cluster(args.cluster)
     placement, demands = plan(cluster)
-    print(plan_text(cluster, placement, demands))
+    predictions = None
+    if cluster.hardware and any(d.rate > 0 for d in demands):
+        from oneiros.cluster.predict import predict
+
+        predictions = predict(cluster, placement, demands)
+    print(plan_text(cluster, placement, demands, predictions))
     if args.dry_run:
         return 0
     from oneiros.cluster.app import run_cluster

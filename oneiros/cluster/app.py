@@ -89,18 +89,27 @@ class EngineReplica:
         message, param) at any point. Cancelling the call aborts the request."""
         try:
             stream = await self.engine.add_request(prompt, params, model, request_id)
-        except (OneirosError, EngineError) as e:
-            param = e.param if isinstance(e, InvalidRequestError) else None
-            yield ("error", type(e).__name__, str(e), param)
+        except Exception as e:  # noqa: BLE001 - reported to the ingress by name
+            yield _error(e)
             return
         try:
             yield ("accepted", stream.submit_time)
             async for out in stream:
                 yield ("output", detached(out))
-        except EngineError as e:
-            yield ("error", type(e).__name__, str(e), None)
+        except Exception as e:  # noqa: BLE001 - reported to the ingress by name
+            yield _error(e)
         finally:
             stream.close()  # aborts it when unfinished (the ingress cancelled the call)
+
+
+def _error(e: Exception) -> tuple:
+    """('error', kind, message, param): the engine's own errors by name; anything else is an
+    engine failure (500) that says only its type."""
+    if isinstance(e, (OneirosError, EngineError)):
+        param = e.param if isinstance(e, InvalidRequestError) else None
+        return ("error", type(e).__name__, str(e), param)
+    logger.exception("request failed in the replica")
+    return ("error", "EngineError", f"the engine failed: {type(e).__name__}", None)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -10,6 +10,7 @@
     engine: {policy: oneiros, page_bytes: 65536, block_size: 4, threads: 1}
     faults: slow:0.01@0.2        # drills (oneiros.engine.faults) on every replica;
                                  # a replica of the list may have its own `faults`
+    hardware: h100-sxm           # the dry run predicts P99 TTFT/TBT per replica on this profile
     models:
       a: random:llama-tiny
       b: {source: random:qwen2-tiny, rate: 20, copies: 2, pin: [replica-1], kv_cache: 2MiB}
@@ -56,6 +57,9 @@ class ClusterConfig:
     threads: int | None = None  # torch CPU threads per replica
     replica_cpus: float = 1.0  # Ray CPUs per engine replica
     faults: dict[str, str] = field(default_factory=dict)  # replica -> fault spec (drills)
+    # A simulator profile (gh200, h100-sxm, cpu, a JSON path): the dry run predicts each replica's
+    # P99 TTFT/TBT at its expected rates on it.
+    hardware: str | None = None
 
     def engine_config(self, models: list[str], memory_bytes: int) -> EngineConfig:
         sources = {m.name: m.source for m in self.models}
@@ -84,7 +88,7 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
         raise ConfigError(f"{where}: expected a mapping at the top level")
     known = {"device", "replicas", "replica_memory", "kv_headroom", "rate_per_replica",
              "max_ongoing_requests", "max_queued_requests", "engine", "models", "replica_cpus",
-             "faults"}
+             "faults", "hardware"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
@@ -110,6 +114,7 @@ def parse_cluster(data: Any, where: str = "cluster") -> ClusterConfig:
         models, replicas, str(data.get("device", "cpu")), headroom,
         float(rate) if rate is not None else None, ongoing, queued, engine, threads,
         float(data.get("replica_cpus", 1.0)), faults,
+        str(data["hardware"]) if data.get("hardware") else None,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from oneiros.cluster.config import ClusterConfig
 from oneiros.cluster.placement import ModelDemand, Placement
+from oneiros.cluster.predict import Prediction
 
 MiB = 1 << 20
 
@@ -12,7 +13,16 @@ def _mib(b: float) -> str:
     return f"{b / MiB:,.1f} MiB"
 
 
-def plan_text(cluster: ClusterConfig, placement: Placement, demands: list[ModelDemand]) -> str:
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.1f} ms"
+
+
+def plan_text(
+    cluster: ClusterConfig,
+    placement: Placement,
+    demands: list[ModelDemand],
+    predictions: dict[str, Prediction] | None = None,
+) -> str:
     by_name = {d.name: d for d in demands}
     sources = {m.name: m.source for m in cluster.models}
     per = "1 GPU" if cluster.device.startswith("cuda") else f"{cluster.replica_cpus:g} CPU"
@@ -40,5 +50,12 @@ def plan_text(cluster: ClusterConfig, placement: Placement, demands: list[ModelD
                 f"{_mib(d.kv_bytes):>11}  copies {copies}"
                 + (f"  {d.rate / copies:g} req/s here" if d.rate else "")
                 + (f"  pinned {','.join(d.pins)}" if d.pins else "")
+            )
+        p = (predictions or {}).get(r.name)
+        if p is not None:
+            lines.append(
+                f"  predicted on {cluster.hardware} at {p.rate:g} req/s (simulator, {p.requests} "
+                f"requests, {p.completed} completed): P99 TTFT {_ms(p.p99_ttft_ms)}, P99 TBT "
+                f"{_ms(p.p99_tbt_ms)}"
             )
     return "\n".join(lines)

@@ -201,6 +201,8 @@ def test_metrics_memory_and_health_cover_every_replica(cluster: str) -> None:
     assert health["status"] == "ok"
     assert {r: v["state"] for r, v in health["replicas"].items()} == {"r0": "ok", "r1": "ok"}
     assert health["replicas"]["r1"]["models"] == ["tok", "a", "b"]
+    dashboard = httpx.get(cluster + "/v1/dashboard", timeout=60)
+    assert dashboard.status_code == 200 and dashboard.json()["num_pages"] == mem["num_pages"]
 
 
 async def _open_streams(url: str, n: int) -> list[int]:

@@ -158,3 +158,19 @@ def test_the_example_file_dry_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("hot ") == 2  # 15 req/s over 10 per copy: two copies
     assert main(["serve", "--dry-run"]) == 2
     assert "--dry-run goes with --cluster" in capsys.readouterr().err
+
+
+def test_dry_run_predicts_each_busy_replica_with_the_simulator() -> None:
+    from oneiros.cluster.predict import predict
+
+    cluster = parse_cluster({**FILE, "hardware": "h100-sxm", "rate_per_replica": 4,
+                             "models": {"a": {"source": "random:llama-tiny", "rate": 6},
+                                        "b": "random:qwen2-tiny"}})
+    placement, demands = plan(cluster)
+    assert placement.copies == {"a": 2, "b": 1}
+    got = predict(cluster, placement, demands, requests=12)
+    assert set(got) == {"replica-0", "replica-1"}  # `a` runs on both; `b` has no rate
+    for p in got.values():
+        assert p.rate == 3.0 and p.completed == 12 and p.p99_ttft_ms > 0 and p.p99_tbt_ms > 0
+    text = plan_text(cluster, placement, demands, got)
+    assert text.count("predicted on h100-sxm at 3 req/s") == 2
