@@ -247,8 +247,11 @@ def _serve_cluster(args: argparse.Namespace) -> int:
     from oneiros.cluster.report import plan_text
     from oneiros.server.app import ServerSettings
 
-    if args.model:
-        raise OneirosError("with --cluster the models come from the cluster file, not --model")
+    if args.model or args.served_model_name:
+        raise OneirosError("with --cluster the models and their names come from the cluster "
+                           "file, not --model / --served-model-name")
+    if args.faults:
+        raise OneirosError("with --cluster, fault drills are set in the cluster file (faults:)")
     cluster = load_cluster(args.cluster)
     placement, demands = plan(cluster)
     predictions = None
@@ -335,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inject faults for drills, e.g. step:0.01,copy:0.01,slow:0.05@0.2 "
                    "(default: $ONEIROS_FAULTS; see oneiros.engine.faults)")
     s.add_argument("--cluster", default=None, metavar="CLUSTER.yaml",
-                   help="serve the cluster file's models on Ray Serve replicas "
-                   "(see docs/cluster.md)")
+                   help="serve the cluster file's models on Ray Serve replicas; the engine "
+                   "settings come from the file too (see docs/cluster.md)")
     s.add_argument("--dry-run", action="store_true",
                    help="with --cluster: print the placement and memory plan, start nothing")
     s.add_argument("--address", default=None,
