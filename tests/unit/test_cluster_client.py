@@ -128,3 +128,32 @@ def test_replica_errors_become_the_servers_errors() -> None:
         assert c.in_flight == {"r0": 0, "r1": 0}
 
     asyncio.run(run())
+
+
+def test_the_single_servers_app_runs_over_the_cluster_client() -> None:
+    """The routes, auth and error bodies of `build_app`, unchanged, over fake replicas."""
+    from fastapi.testclient import TestClient
+
+    from oneiros.server.app import build_app
+
+    c, h = make()
+    c.poll_s = 3600.0  # no Ray here: the poller never runs
+    app = build_app(c, api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    with TestClient(app) as t:
+        assert t.get("/v1/models").status_code == 401
+        assert [m["id"] for m in t.get("/v1/models", headers=auth).json()["data"]] == ["m",
+                                                                                      "only1"]
+        health = t.get("/health", headers=auth).json()
+        assert health["replicas"]["r1"] == {"state": "ok", "models": ["m", "only1"],
+                                            "in_flight": 0, "error": None}
+        h["r1"].scripts.append([("accepted", 0.0), ("output", output(2, True))])
+        r = t.post("/v1/completions", headers=auth,
+                   json={"model": "only1", "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+        h["r1"].scripts.append([("accepted", 0.0), RuntimeError("actor died")])
+        r = t.post("/v1/completions", headers=auth,
+                   json={"model": "only1", "prompt": [1, 2], "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        health = t.get("/health", headers=auth)
+        assert health.status_code == 503 and "only1" in health.json()["error"]["message"]
