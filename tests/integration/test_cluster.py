@@ -206,7 +206,7 @@ def test_metrics_memory_and_health_cover_every_replica(cluster: str) -> None:
 
 
 async def _open_streams(url: str, n: int) -> list[int]:
-    body = {"model": "a", "prompt": [1, 2, 3], "max_tokens": 40, "ignore_eos": True,
+    body = {"model": "a", "prompt": [1, 2, 3], "max_tokens": 100, "ignore_eos": True,
             "stream": True}
     statuses: list[int] = []
     async with httpx.AsyncClient(timeout=120) as h:
