@@ -29,6 +29,7 @@ from oneiros.server.routes import ServerSettings
 logger = logging.getLogger("oneiros.cluster")
 
 APP_NAME = "oneiros"
+INGRESS_SPARE = 32  # ingress requests beyond the generation limit: health, metrics, errors
 
 
 def detached(out: RequestOutput) -> RequestOutput:
@@ -149,7 +150,12 @@ def build_application(
             ray_actor_options=cluster.actor_options(),
         )
         engines[r.name] = dep.bind(config, cluster.threads, cluster.faults.get(r.name))
-    return Ingress.bind(settings or ServerSettings(), [m.name for m in cluster.models], **engines)
+    settings = settings or ServerSettings()
+    # Ray Serve's default of 5 requests at once would queue the rest in its proxy: the ingress
+    # takes as many as its own limit (--max-queue, then 429) and room for /health and /metrics.
+    limit = settings.max_queue if settings.max_queue and settings.max_queue > 0 else 4096
+    ingress = Ingress.options(max_ongoing_requests=limit + INGRESS_SPARE)
+    return ingress.bind(settings, [m.name for m in cluster.models], **engines)
 
 
 def run_cluster(

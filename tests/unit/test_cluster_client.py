@@ -157,3 +157,17 @@ def test_the_single_servers_app_runs_over_the_cluster_client() -> None:
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
         health = t.get("/health", headers=auth)
         assert health.status_code == 503 and "only1" in health.json()["error"]["message"]
+
+
+def test_the_ingress_takes_as_many_requests_as_its_own_limit() -> None:
+    """Not Ray Serve's default of 5 at once (the rest would wait in its proxy, unseen)."""
+    from oneiros.cluster.app import INGRESS_SPARE, build_application
+    from oneiros.cluster.config import parse_cluster, plan
+    from oneiros.server.routes import ServerSettings
+
+    cluster = parse_cluster({"replicas": 2, "replica_memory": "4MiB",
+                             "engine": {"page_bytes": 65536, "block_size": 4},
+                             "models": {"a": "random:llama-tiny"}})
+    placement, _ = plan(cluster)
+    app = build_application(cluster, placement, ServerSettings(max_queue=100))
+    assert app._bound_deployment._deployment_config.max_ongoing_requests == 100 + INGRESS_SPARE
