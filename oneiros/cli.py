@@ -229,6 +229,10 @@ def _serve(args: argparse.Namespace) -> int:
     from oneiros.engine import faults
     from oneiros.server.app import ServerSettings, serve
 
+    if args.cluster:
+        return _serve_cluster(args)
+    if args.dry_run:
+        raise OneirosError("--dry-run goes with --cluster (it prints the cluster's placement)")
     faults.parse(args.faults or os.environ.get("ONEIROS_FAULTS", ""))  # a bad spec fails early
     config = _config(args, DEFAULT_SERVE_MODELS)
     settings = ServerSettings(
@@ -239,6 +243,37 @@ def _serve(args: argparse.Namespace) -> int:
         served_names=_served_names(args, list(config.models)),
     )
     return serve(config, host=args.host, port=args.port, settings=settings, faults=args.faults)
+
+
+def _serve_cluster(args: argparse.Namespace) -> int:
+    from oneiros.cluster.config import load_cluster, plan
+    from oneiros.cluster.report import plan_text
+    from oneiros.server.app import ServerSettings
+
+    if args.model or args.served_model_name:
+        raise OneirosError("with --cluster the models and their names come from the cluster "
+                           "file, not --model / --served-model-name")
+    if args.faults:
+        raise OneirosError("with --cluster, fault drills are set in the cluster file (faults:)")
+    cluster = load_cluster(args.cluster)
+    placement, demands = plan(cluster)
+    predictions = None
+    if cluster.hardware and any(d.rate > 0 for d in demands):
+        from oneiros.cluster.predict import predict
+
+        predictions = predict(cluster, placement, demands)
+    print(plan_text(cluster, placement, demands, predictions))
+    if args.dry_run:
+        return 0
+    from oneiros.cluster.app import run_cluster
+
+    settings = ServerSettings(
+        api_key=args.api_key or os.environ.get("ONEIROS_API_KEY") or None,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        public_metrics=args.public_metrics,
+    )
+    return run_cluster(cluster, placement, settings, args.host, args.port, args.address)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -305,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--faults", default=None, metavar="SPEC",
                    help="inject faults for drills, e.g. step:0.01,copy:0.01,slow:0.05@0.2 "
                    "(default: $ONEIROS_FAULTS; see oneiros.engine.faults)")
+    s.add_argument("--cluster", default=None, metavar="CLUSTER.yaml",
+                   help="serve the cluster file's models on Ray Serve replicas; the engine "
+                   "settings come from the file too (see docs/cluster.md)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="with --cluster: print the placement and memory plan, start nothing")
+    s.add_argument("--address", default=None,
+                   help="with --cluster: the Ray cluster to join (default: a local one, or "
+                   "$RAY_ADDRESS)")
     s.set_defaults(func=_serve)
 
     from oneiros.bench.commands import add_report_args

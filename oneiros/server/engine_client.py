@@ -34,6 +34,11 @@ class EngineDeadError(EngineError):
     """The engine's loop stopped for good (it crashed): nothing more will be served."""
 
 
+class EngineUnavailableError(EngineError):
+    """The engine that held the request cannot be reached (an engine replica died or is
+    restarting): the request failed, and a retry may succeed."""
+
+
 class OutputStream(Protocol):
     """One request's outputs: cumulative RequestOutputs, the last one `finished`. Iterating raises
     an EngineError if the engine ends the request. `close()` aborts it if unfinished
@@ -50,13 +55,15 @@ class OutputStream(Protocol):
 @dataclass(frozen=True)
 class EngineHealth:
     """state: 'ok' | 'starting' | 'draining' (admits nothing new) | 'dead' (the loop crashed:
-    `error` says how)."""
+    `error` says how) | 'unavailable' (a cluster with a model no replica serves now: `error` names
+    it). `replicas`: a cluster's replicas by name (state, models, in flight), else None."""
 
     state: str
     error: str | None = None
     steps: int = 0
     step_errors: int = 0
     last_step_error: str | None = None
+    replicas: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:

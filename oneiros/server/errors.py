@@ -3,7 +3,8 @@ returns, and the FastAPI exception handlers that produce them.
 
 400 bad input (the field in `param`), 401 bad API key, 404 unknown model or route, 405 wrong method
 (with `Allow`), 413 body too large, 429 too many requests in flight (with `Retry-After`), 500 an
-engine failure, 503 shutting down or the engine is dead.
+engine failure, 503 shutting down, the engine is dead, or (in a cluster) the replica that held
+the request is unavailable.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from oneiros.core import InvalidRequestError, UnknownModelError
-from oneiros.server.engine_client import EngineDeadError, EngineError, EngineShutdownError
+from oneiros.server.engine_client import (
+    EngineDeadError,
+    EngineError,
+    EngineShutdownError,
+    EngineUnavailableError,
+)
 
 logger = logging.getLogger("oneiros.server")
 
@@ -135,6 +141,13 @@ def install_handlers(app: FastAPI) -> None:
             request_id(request), 503, str(exc), "service_unavailable", None, "engine_dead"
         )
 
+    @app.exception_handler(EngineUnavailableError)
+    async def _unavailable(request: Request, exc: EngineUnavailableError) -> ErrorJSON:
+        return error_response(
+            request_id(request), 503, str(exc), "service_unavailable", None,
+            "engine_unavailable", {"Retry-After": "1"},
+        )
+
     @app.exception_handler(EngineError)
     async def _engine_error(request: Request, exc: EngineError) -> ErrorJSON:
         return error_response(
@@ -156,6 +169,8 @@ def stream_error(exc: BaseException) -> dict:
         return error_body(str(exc), "service_unavailable", None, "server_shutting_down")
     if isinstance(exc, EngineDeadError):
         return error_body(str(exc), "service_unavailable", None, "engine_dead")
+    if isinstance(exc, EngineUnavailableError):
+        return error_body(str(exc), "service_unavailable", None, "engine_unavailable")
     if isinstance(exc, EngineError):
         return error_body(str(exc), "internal_error", None, "engine_error")
     return error_body(f"internal error: {type(exc).__name__}", "internal_error")

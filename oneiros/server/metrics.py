@@ -71,6 +71,41 @@ def memory_snapshot(engine: Any) -> dict[str, Any]:
     }
 
 
+def merge_snapshots(replicas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A cluster's snapshot: every replica's own under `replicas` (an `error` for one that did not
+    answer), and the single-engine fields summed over the replicas that did (a model held by
+    several replicas: its numbers summed, its other fields from the first)."""
+    ok = [r for r in replicas.values() if "models" in r]
+    models: dict[str, dict[str, Any]] = {}
+    for r in ok:
+        for name, m in r["models"].items():
+            if name not in models:
+                models[name] = {**m, "counters": dict(m.get("counters", {}))}
+                continue
+            into = models[name]
+            for k, v in m.items():
+                if k in ("num_layers", "max_model_len", "block_size", "kv_blocks_per_page"):
+                    continue
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    into[k] = into.get(k, 0) + v
+            for k, v in m.get("counters", {}).items():
+                if isinstance(v, (int, float)):
+                    into["counters"][k] = into["counters"].get(k, 0) + v
+    owners: dict[str, int] = {}
+    for r in ok:
+        for owner, n in r["pages_by_owner"].items():
+            owners[owner] = owners.get(owner, 0) + n
+    total = {k: sum(r[k] for r in ok) for k in ("num_pages", "free_pages", "kv_blocks_used",
+                                                "kv_blocks_free", "kv_pages")}
+    return {
+        "page_bytes": max((r["page_bytes"] for r in ok), default=0),
+        **total,
+        "pages_by_owner": dict(sorted(owners.items())),
+        "models": models,
+        "replicas": replicas,
+    }
+
+
 # Our established names for some engine counters; every other TenantCounters field is exported as
 # oneiros_engine_<field>_total.
 _COUNTER_NAMES = {
@@ -126,79 +161,106 @@ class _EngineCollector(Collector):
             yield fired
         if s is None:
             return
-        models = s["models"]
-        per_model = [
-            ("oneiros_requests_running", "Requests running in the engine", "running", False),
-            ("oneiros_requests_waiting", "Requests waiting in the engine", "waiting", False),
-            ("oneiros_preemptions", "Requests preempted", "preemptions", True),
-            ("oneiros_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used", False),
-            ("oneiros_kv_blocks_free", "Free KV blocks in pages the pool owns",
-             "kv_blocks_free", False),
-            ("oneiros_kv_pages", "Arena pages owned by the model's KV pool", "kv_pages", False),
-            ("oneiros_layers_resident", "Decoder layers whose parameters are in the arena",
-             "layers_resident", False),
-        ]
-        for name, doc, key, counter in per_model:
-            fam = (CounterMetricFamily if counter else GaugeMetricFamily)(
-                name, doc, labels=["model"]
-            )
-            for model, m in models.items():
-                fam.add_metric([model], m[key])
-            yield fam
-        yield self._gauge("oneiros_layers_nonresident",
-                          "Decoder layers remapped away (streamed from host when the model runs)",
-                          {n: m["num_layers"] - m["layers_resident"] for n, m in models.items()})
-        usage = {n: _kv_usage(m) for n, m in models.items()}
-        yield self._gauge("oneiros_kv_cache_usage", "KV blocks in use / blocks the model could "
-                          "hold (1 = full)", usage)
-        kinds = CounterMetricFamily("oneiros_preemptions_by_kind",
-                                    "Requests preempted, by preemption kind",
-                                    labels=["model", "kind"])
-        for n, m in models.items():
-            kinds.add_metric([n, m.get("preemption_mode", "recompute")], m["preemptions"])
-        yield kinds
-        swap = {n: m["swap_blocks_used"] for n, m in models.items() if "swap_blocks_used" in m}
-        if swap:
-            yield self._gauge("oneiros_swap_blocks_used",
-                              "Host KV blocks holding swapped-out requests", swap)
-        fields: dict[str, None] = {}
-        for m in models.values():
-            fields.update(dict.fromkeys(m.get("counters", {})))
-        for f in fields:
-            name, doc = _counter_name(f)
-            fam = CounterMetricFamily(name, doc, labels=["model"])
-            for model, m in models.items():
-                if f in m.get("counters", {}):
-                    fam.add_metric([model], m["counters"][f])
-            yield fam
-        pages = GaugeMetricFamily(
-            "oneiros_arena_pages", "Arena pages by owner (model/kind, or free)", labels=["owner"]
-        )
-        for owner, n in s["pages_by_owner"].items():
-            pages.add_metric([owner], n)
-        yield pages
-        # vLLM's names, with its label.
-        for name, doc, values in (
-            ("vllm:num_requests_running", "Requests running in the engine",
-             {n: m["running"] for n, m in models.items()}),
-            ("vllm:num_requests_waiting", "Requests waiting in the engine",
-             {n: m["waiting"] for n, m in models.items()}),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent)", usage),
-            ("vllm:gpu_cache_usage_perc", "KV-cache usage (1 means 100 percent); old name", usage),
-        ):
-            yield self._gauge(name, doc, values, "model_name")
-        pre = CounterMetricFamily("vllm:num_preemptions", "Requests preempted",
-                                  labels=["model_name"])
-        for n, m in models.items():
-            pre.add_metric([n], m["preemptions"])
-        yield pre
+        yield from _engine_families(*_parts(s))
 
-    @staticmethod
-    def _gauge(name: str, doc: str, values: dict[str, float], label: str = "model") -> Metric:
-        fam = GaugeMetricFamily(name, doc, labels=[label])
-        for model, v in values.items():
-            fam.add_metric([model], v)
+
+def _parts(s: dict[str, Any]) -> tuple[list[str], list[tuple[list[str], dict[str, Any]]]]:
+    """(extra label names, [(their values, snapshot)]): one engine's snapshot, or one per replica
+    of a cluster's (under the label `replica`)."""
+    if "replicas" not in s:
+        return [], [([], s)]
+    return ["replica"], [([name], r) for name, r in s["replicas"].items() if "models" in r]
+
+
+def _engine_families(
+    extra: list[str], parts: list[tuple[list[str], dict[str, Any]]]
+) -> Iterator[Metric]:
+    """The engine families over every (labels, snapshot) part: per model, per replica when a
+    cluster's."""
+
+    def family(cls: Any, name: str, doc: str, label: str = "model") -> Any:
+        return cls(name, doc, labels=[label, *extra])
+
+    def per_model(cls: Any, name: str, doc: str, value: Any, label: str = "model") -> Metric:
+        fam = family(cls, name, doc, label)
+        for lab, snap in parts:
+            for model, m in snap["models"].items():
+                fam.add_metric([model, *lab], value(m))
         return fam
+
+    per_model_keys = [
+        ("oneiros_requests_running", "Requests running in the engine", "running", False),
+        ("oneiros_requests_waiting", "Requests waiting in the engine", "waiting", False),
+        ("oneiros_preemptions", "Requests preempted", "preemptions", True),
+        ("oneiros_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used", False),
+        ("oneiros_kv_blocks_free", "Free KV blocks in pages the pool owns",
+         "kv_blocks_free", False),
+        ("oneiros_kv_pages", "Arena pages owned by the model's KV pool", "kv_pages", False),
+        ("oneiros_layers_resident", "Decoder layers whose parameters are in the arena",
+         "layers_resident", False),
+    ]
+    for name, doc, key, counter in per_model_keys:
+        cls = CounterMetricFamily if counter else GaugeMetricFamily
+        yield per_model(cls, name, doc, lambda m, key=key: m[key])
+    yield per_model(GaugeMetricFamily, "oneiros_layers_nonresident",
+                    "Decoder layers remapped away (streamed from host when the model runs)",
+                    lambda m: m["num_layers"] - m["layers_resident"])
+    yield per_model(GaugeMetricFamily, "oneiros_kv_cache_usage",
+                    "KV blocks in use / blocks the model could hold (1 = full)", _kv_usage)
+    kinds = CounterMetricFamily("oneiros_preemptions_by_kind",
+                                "Requests preempted, by preemption kind",
+                                labels=["model", "kind", *extra])
+    for lab, snap in parts:
+        for n, m in snap["models"].items():
+            kinds.add_metric([n, m.get("preemption_mode", "recompute"), *lab], m["preemptions"])
+    yield kinds
+    swap = family(GaugeMetricFamily, "oneiros_swap_blocks_used",
+                  "Host KV blocks holding swapped-out requests")
+    any_swap = False
+    for lab, snap in parts:
+        for n, m in snap["models"].items():
+            if "swap_blocks_used" in m:
+                swap.add_metric([n, *lab], m["swap_blocks_used"])
+                any_swap = True
+    if any_swap:
+        yield swap
+    fields: dict[str, None] = {}
+    for _, snap in parts:
+        for m in snap["models"].values():
+            fields.update(dict.fromkeys(m.get("counters", {})))
+    for f in fields:
+        name, doc = _counter_name(f)
+        fam = family(CounterMetricFamily, name, doc)
+        for lab, snap in parts:
+            for model, m in snap["models"].items():
+                if f in m.get("counters", {}):
+                    fam.add_metric([model, *lab], m["counters"][f])
+        yield fam
+    pages = GaugeMetricFamily(
+        "oneiros_arena_pages", "Arena pages by owner (model/kind, or free)",
+        labels=["owner", *extra],
+    )
+    for lab, snap in parts:
+        for owner, n in snap["pages_by_owner"].items():
+            pages.add_metric([owner, *lab], n)
+    yield pages
+    # vLLM's names, with its label.
+    for name, doc, value in (
+        ("vllm:num_requests_running", "Requests running in the engine", lambda m: m["running"]),
+        ("vllm:num_requests_waiting", "Requests waiting in the engine", lambda m: m["waiting"]),
+        ("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent)", _kv_usage),
+        ("vllm:gpu_cache_usage_perc", "KV-cache usage (1 means 100 percent); old name",
+         _kv_usage),
+    ):
+        yield per_model(GaugeMetricFamily, name, doc, value, "model_name")
+    yield per_model(CounterMetricFamily, "vllm:num_preemptions", "Requests preempted",
+                    lambda m: m["preemptions"], "model_name")
+    if extra:
+        up = GaugeMetricFamily("oneiros_replica_up",
+                               "1 when the replica answered the last scrape", labels=extra)
+        for lab, _ in parts:
+            up.add_metric(lab, 1)
+        yield up
 
 
 def _kv_usage(m: dict[str, Any]) -> float:

@@ -352,8 +352,9 @@ class VersionResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "draining", "starting", "dead"]
+    status: Literal["ok", "draining", "starting", "dead", "unavailable"]
     error: str | None = None
+    replicas: dict[str, Any] | None = None
     models: list[str] | None = None
     in_flight: int | None = None
     engine_steps: int | None = None

@@ -158,6 +158,9 @@ def build_router(state: ServerState) -> APIRouter:
         if h.state == "dead":
             raise APIError(503, f"the engine is dead: {h.error}", "service_unavailable", None,
                            "engine_dead")
+        if h.state == "unavailable":
+            raise APIError(503, f"the cluster cannot serve every model: {h.error}",
+                           "service_unavailable", None, "engine_unavailable")
         if not h.ok:
             raise APIError(503, "the server is shutting down", "service_unavailable", None,
                            "server_shutting_down")
@@ -168,6 +171,8 @@ def build_router(state: ServerState) -> APIRouter:
                 engine_steps=h.steps, engine_step_errors=h.step_errors,
                 last_step_error=h.last_step_error,
             )
+            if h.replicas is not None:
+                data["replicas"] = h.replicas
         return JSONResponse(data)
 
     r.add_api_route("/ping", health, methods=["GET", "POST"], response_model=HealthResponse,
