@@ -50,6 +50,9 @@ class Planner:
             self._set_running(name)
             if self.remap is not None:
                 self.remap.prepare(t)
+                if not self.remap.runnable(t):
+                    t.state.running = False  # off the GPU and no room to bring it back yet
+                    continue
             plan = t.scheduler.schedule()
             step.finished += t.scheduler.finished_in_schedule
             t.scheduler.finished_in_schedule.clear()

@@ -26,11 +26,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from oneiros.core import EvictLayer, MoveLayer, RestoreLayer, Step
+from oneiros.engine.tenancy import POPULARITY_HALF_LIFE_S
 from oneiros.memory.arena import OwnerKind, PageArena
 from oneiros.memory.remap import (
     DonorInfo,
     Hysteresis,
     alpha_cap,
+    decay,
     max_alpha,
     next_donor,
     next_to_evict,
@@ -61,6 +63,7 @@ class RemapController:
         revert: bool = True,
         prefetch_distance: int = 2,
         max_exposed: float = 0.02,
+        oversubscribed: bool = False,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -73,6 +76,9 @@ class RemapController:
         self.prefetch_distance = prefetch_distance  # borrowed slabs per pass (alpha + d copies)
         self.revert = revert
         self.max_exposed = max_exposed  # share of a pass its copies may leave exposed
+        # More weights than the arena holds: a model without work may give every layer (layer 0
+        # too), and a model cannot run before its layer 0 is back (see `runnable`).
+        self.oversubscribed = oversubscribed
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -137,24 +143,30 @@ class RemapController:
         self, t: Tenant, admitting: bool = False, fraction: float | None = None
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
-        work; for a model with work, no more than its passes hide (alpha_max), whether it runs now
-        or waits for its turn (taking more would make its next turn wait for copies); nothing from
-        a running model for an admission."""
+        work (every layer when oversubscribed: an idle model goes fully off the GPU); for a
+        model with work, no more than its passes hide (alpha_max), whether it runs now or waits
+        for its turn (taking more would make its next turn wait for copies); nothing from a
+        running model for an admission."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
         if t.state.running and admitting:
             cap = 0
         elif t.state.active:
             cap = min(cap, self.alpha_max(t))
+        elif self.oversubscribed:
+            cap = n
         return DonorInfo(
-            t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap
+            t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap,
+            decay(t.state.popularity, self.step.now - t.state.last_arrival, POPULARITY_HALF_LIFE_S),
         )
 
     def remappable_pages(self) -> int:
         """Pages that remapping could still free, every model at its cap (for admission checks)."""
         total = 0
         for t in self.tenants.values():
-            cap = alpha_cap(t.num_layers, self.max_remap_fraction)
+            cap = self._donor(t).alpha_cap if self.oversubscribed else alpha_cap(
+                t.num_layers, self.max_remap_fraction
+            )
             total += max(0, cap - len(t.residency.missing_layers)) * t.residency.pages_per_layer
         return total
 
@@ -176,7 +188,8 @@ class RemapController:
             if name is None:
                 break
             t = self.tenants[name]
-            layer = next_to_evict(t.num_layers, t.residency.missing_layers)
+            whole = next(d for d in donors if d.name == name).alpha_cap >= t.num_layers
+            layer = next_to_evict(t.num_layers, t.residency.missing_layers, keep_first=not whole)
             if layer is None:
                 break
             freed += self._evict(t, layer)
@@ -257,13 +270,23 @@ class RemapController:
         if not missing:
             return
         restored = False
-        if self.revert:
+        if not t.residency.is_resident(0):
+            # Fully off the GPU (oversubscribed): nothing to stream through until layer 0 is
+            # back, so restore now, whatever the backoff says; what alpha allows may stream.
+            self._backoff.pop(t.name, None)
+            restored = self._restore_to(t, self.alpha_max(t))
+        elif self.revert:
             restored = self._restore_to(t, self.alpha_max(t))
         if t.state.reactivating:
             t.state.reactivating = False
             kind = "reactivations_restored" if restored else "reactivations_streamed"
             self.step.notes[t.name, kind] += 1
         self._rebalance(t)
+
+    def runnable(self, t: Tenant) -> bool:
+        """t can run a pass: every layer is resident, or layer 0 is (the missing ones stream
+        through borrowed slabs, the first of them layer 0's)."""
+        return t.residency.is_resident(0)
 
     def _restore_to(self, t: Tenant, limit: int) -> bool:
         """Restore until at most `limit` layers are missing; True if any was restored."""
