@@ -14,6 +14,7 @@ from oneiros.engine.arbiter import Arbiter
 from oneiros.engine.backends import Backend, Executor, create_backend
 from oneiros.engine.executor import torch_dtype
 from oneiros.engine.planner import Planner
+from oneiros.engine.placement import place
 from oneiros.engine.policies import MemoryPolicy, memory_policy
 from oneiros.engine.remapping import RemapController
 from oneiros.engine.scheduler import Scheduler
@@ -179,23 +180,6 @@ def tenant(
         name, residency, pool, sched, store.states[name], max_len, c.vocab_size, tok,
         frozenset(eos), source, model,
     )
-
-
-def place(tenants: list[Tenant], oversubscribed: bool) -> None:
-    """Start-up placement, in config order. When everything fits, each model's resident run and
-    layers, model by model. Oversubscribed: every resident run first, then whole models' layers
-    while they fit with a KV page to spare; the others start with every layer off the GPU (an
-    idle model is a model with all its layers remapped)."""
-    if not oversubscribed:
-        for t in tenants:
-            t.residency.place_all()
-        return
-    for t in tenants:
-        t.residency.place_resident()
-    arena = tenants[0].residency.arena
-    for t in tenants:
-        if arena.num_free > t.num_layers * t.residency.pages_per_layer:
-            t.residency.place_layers()
 
 
 def split_kv(tenants: dict[str, Tenant], arena: PageArena) -> None:

@@ -140,45 +140,66 @@ class RemapController:
         return max(0, alpha - self._penalty.get(t.name, 0))
 
     def _donor(
-        self, t: Tenant, admitting: bool = False, fraction: float | None = None
+        self, t: Tenant, admitting: bool = False, fraction: float | None = None,
+        stuck: bool = False,
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
         work (every layer when oversubscribed: an idle model goes fully off the GPU); for a
         model with work, no more than its passes hide (alpha_max), whether it runs now or waits
-        for its turn (taking more would make its next turn wait for copies); nothing from a
-        running model for an admission."""
+        for its turn (taking more would make its next turn wait for copies), except that
+        oversubscribed, a model waiting for its turn keeps only the fraction cap (its layers
+        come back when its turn comes; with alpha_max alone, models waiting for each other
+        could hold every page); nothing from a running model for an admission. `stuck`
+        (oversubscribed, nothing runs anywhere): every model with work down to its fraction
+        cap, since no page would ever be freed otherwise."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
-        if t.state.running and admitting:
+        if stuck and self.oversubscribed and t.state.active:
+            pass
+        elif t.state.running and admitting:
             cap = 0
-        elif t.state.active:
-            cap = min(cap, self.alpha_max(t))
-        elif self.oversubscribed:
+        elif self.oversubscribed and not t.state.active:
             cap = n
+        elif t.state.active and (t.state.running or not self.oversubscribed):
+            cap = min(cap, self.alpha_max(t))
         return DonorInfo(
             t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap,
             decay(t.state.popularity, self.step.now - t.state.last_arrival, POPULARITY_HALF_LIFE_S),
         )
 
-    def remappable_pages(self) -> int:
-        """Pages that remapping could still free, every model at its cap (for admission checks)."""
+    def remappable_pages(self, model: str | None = None) -> int:
+        """Pages that remapping could still free, every model at its cap (for admission checks
+        of `model`'s requests)."""
+        if self.oversubscribed and model is not None:
+            # Every other model's slabs could go (idle, it gives them all); its own beyond what
+            # it must keep to run (every layer but its fraction cap).
+            total = 0
+            for t in self.tenants.values():
+                slabs = t.num_layers - len(t.residency.missing_layers)
+                if t.name == model:
+                    slabs -= t.num_layers - alpha_cap(t.num_layers, self.max_remap_fraction)
+                total += max(0, slabs) * t.residency.pages_per_layer
+            return total
         total = 0
         for t in self.tenants.values():
-            cap = self._donor(t).alpha_cap if self.oversubscribed else alpha_cap(
-                t.num_layers, self.max_remap_fraction
-            )
+            cap = alpha_cap(t.num_layers, self.max_remap_fraction)
             total += max(0, cap - len(t.residency.missing_layers)) * t.residency.pages_per_layer
         return total
 
     # ---- remap ----------------------------------------------------------------------------------
     def take(
-        self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False
+        self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False,
+        stuck: bool = False,
     ) -> int:
         """Free at least `pages` arena pages by remapping layers (of any model but `exclude`;
-        only of models not running when `admitting`); returns the pages freed."""
+        only of models not running when `admitting`, unless `stuck`: see `_donor`); returns the
+        pages freed."""
         freed = 0
         while freed < pages:
-            donors = [self._donor(t, admitting) for t in self.tenants.values() if t.name != exclude]
+            donors = [
+                self._donor(t, admitting, stuck=stuck)
+                for t in self.tenants.values() if t.name != exclude
+            ]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
                 self._donor(t, admitting, fraction=1.0)
