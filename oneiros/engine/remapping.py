@@ -64,6 +64,7 @@ class RemapController:
         prefetch_distance: int = 2,
         max_exposed: float = 0.02,
         oversubscribed: bool = False,
+        whole_models: bool = False,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -79,6 +80,9 @@ class RemapController:
         # More weights than the arena holds: a model without work may give every layer (layer 0
         # too), and a model cannot run before its layer 0 is back (see `runnable`).
         self.oversubscribed = oversubscribed
+        # The offload baseline: only idle models give, all their layers; a model runs with every
+        # layer resident; no streaming, no loading ahead, no reversion.
+        self.whole_models = whole_models
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -154,7 +158,9 @@ class RemapController:
         cap, since no page would ever be freed otherwise."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
-        if stuck and self.oversubscribed and t.state.active:
+        if self.whole_models:
+            cap = 0 if t.state.active else n
+        elif stuck and self.oversubscribed and t.state.active:
             pass
         elif t.state.running and admitting:
             cap = 0
@@ -214,6 +220,10 @@ class RemapController:
             if layer is None:
                 break
             freed += self._evict(t, layer)
+            if self.whole_models:  # the rest of the model goes with it
+                for i in range(t.num_layers):
+                    if t.residency.is_resident(i):
+                        freed += self._evict(t, i)
         return freed
 
     def _note_decisions(
@@ -291,7 +301,9 @@ class RemapController:
         if not missing:
             return
         restored = False
-        if not t.residency.is_resident(0):
+        if self.whole_models:
+            restored = self._load_whole(t)
+        elif not t.residency.is_resident(0):
             # Fully off the GPU (oversubscribed): nothing to stream through until layer 0 is
             # back, so restore now, whatever the backoff says; what alpha allows may stream.
             self._backoff.pop(t.name, None)
@@ -306,8 +318,30 @@ class RemapController:
 
     def runnable(self, t: Tenant) -> bool:
         """t can run a pass: every layer is resident, or layer 0 is (the missing ones stream
-        through borrowed slabs, the first of them layer 0's)."""
+        through borrowed slabs, the first of them layer 0's; not under `whole_models`)."""
+        if self.whole_models:
+            return not t.residency.missing_layers
         return t.residency.is_resident(0)
+
+    def _load_whole(self, t: Tenant) -> bool:
+        """Offload baseline: bring every missing layer of t back, emptying idle models whole,
+        or none when they cannot all come back now (a half-loaded model could not run and
+        would hold memory another model may need)."""
+        missing = t.residency.missing_layers
+        ppl = t.residency.pages_per_layer
+        idle = sum(
+            (x.num_layers - len(x.residency.missing_layers)) * x.residency.pages_per_layer
+            for x in self.tenants.values() if x.name != t.name and not x.state.active
+        )
+        if self._free_pages() + idle < len(missing) * ppl:
+            return False
+        for _ in missing:
+            short = ppl - self._free_pages()
+            if short > 0 and self.take(t.name, short, exclude=t.name) < short:
+                return False
+            if not self._restore_one(t, displace=True):
+                return False
+        return True
 
     def _restore_to(self, t: Tenant, limit: int) -> bool:
         """Restore until at most `limit` layers are missing; True if any was restored."""
@@ -351,7 +385,7 @@ class RemapController:
         """`t` runs next: restore its missing layers into free memory (no model gives layers for
         it yet), keeping the reversion reserve free for the KV cache of the model running now.
         Returns the layers restored."""
-        if not self.revert:
+        if not self.revert or self.whole_models:
             return 0
         restored = 0
         ppl = t.residency.pages_per_layer
@@ -374,6 +408,8 @@ class RemapController:
         """Restore layers, the model most likely to run next first, until none is missing or
         memory runs out (the engine is idle)."""
         restored = 0
+        if self.whole_models:
+            return 0
         donors = [self._donor(t) for t in self.tenants.values()]
         for name in restore_priority(donors, next_to_run):
             t = self.tenants[name]
@@ -386,7 +422,7 @@ class RemapController:
     def after_step(self, next_to_run: list[str], step_s: float) -> None:
         """Dynamic reversion: after free KV memory held for the hysteresis, restore as many layers
         as keep the reserve free, at most as many as one pass of `step_s` hides on the link."""
-        if not self.revert:
+        if not self.revert or self.whole_models:
             return
         donors = [self._donor(t) for t in self.tenants.values()]
         order = restore_priority(donors, next_to_run)

@@ -90,15 +90,17 @@ def tiny_phases(seed: int) -> list[list[tuple[str, list[int]]]]:
     ]
 
 
-@pytest.mark.parametrize("sharing", ["temporal", "spatial"])
-def test_four_random_models_where_two_fit(sharing, caplog):
+@pytest.mark.parametrize(
+    "policy,sharing", [("oneiros", "temporal"), ("oneiros", "spatial"), ("offload", "temporal")]
+)
+def test_four_random_models_where_two_fit(policy, sharing, caplog):
     one = weights_pages({"x": TINY["m0"]})
     phases = tiny_phases(3)
     ref = reference(TINY, phases, 10, page_bytes=PAGE, block_size=4)
     with caplog.at_level(logging.WARNING, logger="oneiros.engine"):
         e = LLMEngine(EngineConfig(
             models=TINY, page_bytes=PAGE, memory_budget=(2 * one + 4) * PAGE, block_size=4,
-            policy="oneiros", sharing=sharing, turn_steps=2,
+            policy=policy, sharing=sharing, turn_steps=2,
         ))
     assert e.oversubscribed and "oversubscribed" in caplog.text
     assert [len(t.residency.missing_layers) for t in e.tenants.values()] == [0, 4, 4, 4]

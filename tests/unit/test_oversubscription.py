@@ -112,16 +112,16 @@ EVENTS = st.lists(
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     EVENTS, st.integers(1, 2), st.integers(3, 5), st.sampled_from(["temporal", "spatial"]),
-    st.sampled_from([float("inf"), 2 * PAGE / 1e-3]),
+    st.sampled_from([float("inf"), 2 * PAGE / 1e-3]), st.booleans(),
 )
-def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d):
+def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d, whole):
     """Arrivals on four models in an arena that holds the layers of one or two (and KV pages
     for the longest request, 36 tokens: 3 pages): after every step
     the accounting is exact, a model runs only with its layer 0 resident, a model that gave its
-    layer 0 had no work; every request finishes; once idle, every page is free, resident or a
+    layer 0 had no work (whole models: a model runs with every layer); every request finishes; once idle, every page is free, resident or a
     layer slab (no KV page and no page lost)."""
     arena, tenants, (store, _, _, planner) = oversubscribed(
-        "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d
+        "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d, whole_models=whole
     )
     reqs = []
     now = 0.0
@@ -137,6 +137,7 @@ def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, shar
         step = run_step(planner, now)
         for p in step.plans:
             assert tenants[p.model].residency.is_resident(0), p.model
+            assert not whole or not tenants[p.model].residency.missing_layers
         for op in step.memory:  # layer 0 goes only when a model has no work (then all of it)
             if isinstance(op, EvictLayer) and op.layer == 0:
                 assert not tenants[op.model].scheduler.has_work or op.model not in {
@@ -154,3 +155,18 @@ def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, shar
     assert kv == 0, usage
     slabs = sum(LAYERS - len(t.residency.missing_layers) for t in tenants.values())
     assert arena.num_free + len(tenants) + 2 * slabs == arena.num_pages
+
+
+def test_offload_moves_whole_models_and_runs_only_loaded_ones():
+    arena, tenants, (_, _, controller, planner) = oversubscribed(
+        "abc", models_that_fit=2, extra=1, whole_models=True
+    )
+    c = tenants["c"]
+    c.scheduler.add(make_request(4, max_tokens=2, model="c"))
+    step = run_step(planner)
+    assert [p.model for p in step.plans] == ["c"] and c.residency.missing_layers == []
+    gave = {op.model for op in step.memory if isinstance(op, EvictLayer)}
+    assert len(gave) == 1
+    assert tenants[gave.pop()].residency.missing_layers == [0, 1, 2, 3]  # all of it went
+    assert controller.prefetch(tenants["a"]) == 0
+    check(tenants)
