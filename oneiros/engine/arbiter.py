@@ -95,6 +95,10 @@ class Arbiter:
                 freed += self.remap.take(
                     requester, need - freed, admitting=admitting, stuck=idle
                 )
+            elif self.remap.oversubscribed:
+                # Oversubscribed, the layers of models without work are the free memory: an
+                # admission takes them (no pass of any running model gets a copy more).
+                freed += self.remap.take(requester, need - freed, admitting=True, idle_only=True)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)
         return freed > 0

@@ -150,12 +150,10 @@ class RemapController:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
         work (every layer when oversubscribed: an idle model goes fully off the GPU); for a
         model with work, no more than its passes hide (alpha_max), whether it runs now or waits
-        for its turn (taking more would make its next turn wait for copies), except that
-        oversubscribed, a model waiting for its turn keeps only the fraction cap (its layers
-        come back when its turn comes; with alpha_max alone, models waiting for each other
-        could hold every page); nothing from a running model for an admission. `stuck`
-        (oversubscribed, nothing runs anywhere): every model with work down to its fraction
-        cap, since no page would ever be freed otherwise."""
+        for its turn (taking more would make its next turn wait for copies: oversubscribed, the
+        deficit would rotate through the models with work every turn); nothing from a running
+        model for an admission. `stuck` (oversubscribed, nothing runs anywhere): every model
+        with work down to its fraction cap, since no page would ever be freed otherwise."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
         if self.whole_models:
@@ -166,11 +164,16 @@ class RemapController:
             cap = 0
         elif self.oversubscribed and not t.state.active:
             cap = n
-        elif t.state.active and (t.state.running or not self.oversubscribed):
+        elif t.state.active:
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
             t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap,
-            decay(t.state.popularity, self.step.now - t.state.last_arrival, POPULARITY_HALF_LIFE_S),
+            self._popularity(t),
+        )
+
+    def _popularity(self, t: Tenant) -> float:
+        return decay(
+            t.state.popularity, self.step.now - t.state.last_arrival, POPULARITY_HALF_LIFE_S
         )
 
     def remappable_pages(self, model: str | None = None) -> int:
@@ -195,7 +198,7 @@ class RemapController:
     # ---- remap ----------------------------------------------------------------------------------
     def take(
         self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False,
-        stuck: bool = False,
+        stuck: bool = False, idle_only: bool = False,
     ) -> int:
         """Free at least `pages` arena pages by remapping layers (of any model but `exclude`;
         only of models not running when `admitting`, unless `stuck`: see `_donor`); returns the
@@ -204,7 +207,8 @@ class RemapController:
         while freed < pages:
             donors = [
                 self._donor(t, admitting, stuck=stuck)
-                for t in self.tenants.values() if t.name != exclude
+                for t in self.tenants.values()
+                if t.name != exclude and not (idle_only and t.state.active)
             ]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
@@ -316,12 +320,20 @@ class RemapController:
             self.step.notes[t.name, kind] += 1
         self._rebalance(t)
 
-    def runnable(self, t: Tenant) -> bool:
+    def runnable(self, t: Tenant, strict: bool = True) -> bool:
         """t can run a pass: every layer is resident, or layer 0 is (the missing ones stream
-        through borrowed slabs, the first of them layer 0's; not under `whole_models`)."""
+        through borrowed slabs, the first of them layer 0's; not under `whole_models`).
+        Oversubscribed and `strict`, no more may be missing than its passes hide (alpha_max):
+        a pass that streams more holds the device for every model while it waits for copies,
+        so the model rather waits for memory (the planner runs it anyway when nothing else
+        can run)."""
         if self.whole_models:
             return not t.residency.missing_layers
-        return t.residency.is_resident(0)
+        if not t.residency.is_resident(0):
+            return False
+        if self.oversubscribed and strict:
+            return len(t.residency.missing_layers) <= self.alpha_max(t)
+        return True
 
     def _load_whole(self, t: Tenant) -> bool:
         """Offload baseline: bring every missing layer of t back, emptying idle models whole,
@@ -382,16 +394,21 @@ class RemapController:
         self.step.notes[t.name, "rebalances"] += 1
 
     def prefetch(self, t: Tenant) -> int:
-        """`t` runs next: restore its missing layers into free memory (no model gives layers for
-        it yet), keeping the reversion reserve free for the KV cache of the model running now.
-        Returns the layers restored."""
+        """`t` runs next: restore its missing layers into free memory, keeping the reversion
+        reserve free for the KV cache of the model running now (oversubscribed: also into layers
+        that models not running give, see `take`). Returns the layers restored."""
         if not self.revert or self.whole_models:
             return 0
         restored = 0
         ppl = t.residency.pages_per_layer
-        while t.residency.missing_layers and should_revert(
-            self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve
-        ):
+        while t.residency.missing_layers:
+            if not should_revert(self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve):
+                # Oversubscribed, the next model's layers also come from idle models (whole,
+                # the coldest first): its turn would otherwise start with the copies exposed.
+                if not self.oversubscribed or self.take(
+                    t.name, ppl, exclude=t.name, admitting=True, idle_only=True
+                ) < ppl:
+                    break
             if not self._restore_one(t):
                 break
             restored += 1
@@ -425,6 +442,8 @@ class RemapController:
         if not self.revert or self.whole_models:
             return
         donors = [self._donor(t) for t in self.tenants.values()]
+        if self.oversubscribed:  # layers of a model without work would only go again
+            donors = [d for d in donors if self.tenants[d.name].state.active]
         order = restore_priority(donors, next_to_run)
         if not order:
             self.hysteresis.streak = 0
