@@ -65,8 +65,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--policy",
         default=default_policy,
-        choices=["recompute", "swap", "static", "oneiros"],
-        help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
+        choices=["recompute", "swap", "static", "oneiros", "offload"],
+        help="what to do when KV cache runs out (oneiros: remap parameter memory first; "
+        "offload: whole idle models off the device)",
     )
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
                    help="one model per step, or every model with work in each step")
