@@ -1,11 +1,12 @@
 """Density: how many models of the Llama-3-8B class one GPU serves inside an SLO, per policy.
 
-Arrivals and token counts come from the Azure LLM inference trace (conversation service), each request
-sent to one of N models drawn by a Zipf popularity (rank k has weight 1 / k^s). Every run is the real
-engine (scheduler, KV accounting, arbiter, tenancy, remapping controller) on the simulator's cost model
-of one GPU (`--hardware`, default h200), models at full geometry with random weights. For each policy
-the largest N whose run meets the SLO (P99 TTFT and P99 TPOT over all requests, none rejected) is
-reported, with the GPUs 32 such models need at that density (ceil(32 / N)):
+Arrivals and token counts come from the Azure LLM inference trace (conversation service), each
+request sent to one of N models drawn by a Zipf popularity (rank k has weight 1 / k^s). Every run
+is the real engine (scheduler, KV accounting, arbiter, tenancy, remapping controller) on the
+simulator's cost model of one GPU (`--hardware`, default h200), models at full geometry with random
+weights. For each policy the largest N whose run meets the SLO (P99 TTFT and P99 TPOT over all
+requests, none rejected) is reported, with the GPUs 32 such models need at that density
+(ceil(32 / N)):
 
     static        one model per GPU (N = 1 by definition; the run checks the SLO holds for it)
     all-resident  every model's weights resident, one KV pool shared elastically (kvcached-like;

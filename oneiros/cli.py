@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _add_engine_args(m, "oneiros")
     m.set_defaults(memory_budget="0.9")
-    m.add_argument("--hardware", required=True, help="gh200, h100-sxm, h100-pcie, h200, a100-80g, cpu "
+    m.add_argument("--hardware", required=True,
+                   help="gh200, h100-sxm, h100-pcie, h200, a100-80g, cpu "
                    "or a profile .json from `oneiros calibrate`")
     m.add_argument("--models", default=None, help="a paper mix (c1, c2); or use --model")
     m.add_argument("--trace", default=None, help="an Azure LLM inference trace CSV to replay")

@@ -187,7 +187,7 @@ def test_four_smollm2_tenants_in_room_for_two(smollm2_llm, caplog, tmp_path):
         gc.collect()
 
 
-# ---- the command line ------------------------------------------------------------------------------
+# ---- the command line ----------------------------------------------------------------------------
 def test_serve_starts_oversubscribed_with_a_warning(tmp_path):
     args = [sys.executable, "-m", "oneiros.cli", "serve", "--page-bytes", str(PAGE),
             "--threads", "1", "--port", "18437"]

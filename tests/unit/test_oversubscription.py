@@ -91,7 +91,7 @@ def test_a_model_that_cannot_get_layer_zero_back_waits_and_others_run():
 
 def test_a_hot_idle_model_keeps_its_layers_while_a_cold_one_gives():
     arena, tenants, (store, _, _, planner) = oversubscribed("hcx", models_that_fit=2, extra=1)
-    for k in range(8):
+    for _ in range(8):
         store.note_arrival("h", 0.0)  # h is popular, c is not; both idle now
     assert tenants["h"].state.popularity == 8.0
     tenants["x"].scheduler.add(make_request(4, max_tokens=2, model="x"))
@@ -116,10 +116,10 @@ EVENTS = st.lists(
 )
 def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d, whole):
     """Arrivals on four models in an arena that holds the layers of one or two (and KV pages
-    for the longest request, 36 tokens: 3 pages): after every step
-    the accounting is exact, a model runs only with its layer 0 resident, a model that gave its
-    layer 0 had no work (whole models: a model runs with every layer); every request finishes; once idle, every page is free, resident or a
-    layer slab (no KV page and no page lost)."""
+    for the longest request, 36 tokens: 3 pages): after every step the accounting is exact, a
+    model runs only with its layer 0 resident, a model that gave its layer 0 had no work (whole
+    models: a model runs with every layer); every request finishes; once idle, every page is
+    free, resident or a layer slab (no KV page and no page lost)."""
     arena, tenants, (store, _, _, planner) = oversubscribed(
         "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d, whole_models=whole
     )
