@@ -63,6 +63,7 @@ class RemapController:
         revert: bool = True,
         prefetch_distance: int = 2,
         max_exposed: float = 0.02,
+        cap_waiting: bool = True,
         oversubscribed: bool = False,
         whole_models: bool = False,
     ) -> None:
@@ -77,6 +78,7 @@ class RemapController:
         self.prefetch_distance = prefetch_distance  # borrowed slabs per pass (alpha + d copies)
         self.revert = revert
         self.max_exposed = max_exposed  # share of a pass its copies may leave exposed
+        self.cap_waiting = cap_waiting  # models waiting for their turn lend what they hide only
         # More weights than the arena holds: a model without work may give every layer (layer 0
         # too), and a model cannot run before its layer 0 is back (see `runnable`).
         self.oversubscribed = oversubscribed
@@ -145,15 +147,16 @@ class RemapController:
 
     def _donor(
         self, t: Tenant, admitting: bool = False, fraction: float | None = None,
-        stuck: bool = False,
+        capped: bool = True, stuck: bool = False,
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
-        work (every layer when oversubscribed: an idle model goes fully off the GPU); for a
+        work (every layer when oversubscribed: an idle model goes fully off the device); for a
         model with work, no more than its passes hide (alpha_max), whether it runs now or waits
-        for its turn (taking more would make its next turn wait for copies: oversubscribed, the
-        deficit would rotate through the models with work every turn); nothing from a running
-        model for an admission. `stuck` (oversubscribed, nothing runs anywhere): every model
-        with work down to its fraction cap, since no page would ever be freed otherwise."""
+        for its turn (its turn would start by restoring more; with cap_waiting off a waiting
+        model lends up to the fraction); nothing from a running model for an admission.
+        `fraction` 1.0 and `capped` False: the choice without caps (what cap_hits compares with).
+        `stuck` (oversubscribed, nothing runs anywhere): every model with work down to its
+        fraction cap, since no page would ever be freed otherwise."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
         if self.whole_models:
@@ -164,7 +167,7 @@ class RemapController:
             cap = 0
         elif self.oversubscribed and not t.state.active:
             cap = n
-        elif t.state.active:
+        elif t.state.running or (t.state.active and self.cap_waiting and capped):
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
             t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap,
@@ -212,7 +215,7 @@ class RemapController:
             ]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
-                self._donor(t, admitting, fraction=1.0)
+                self._donor(t, admitting, fraction=1.0, capped=False)
                 for t in self.tenants.values() if t.name != exclude
             ]
             self._note_decisions(donors, uncapped, name)
@@ -234,7 +237,8 @@ class RemapController:
         self, donors: list[DonorInfo], uncapped: list[DonorInfo], chosen: str | None
     ) -> None:
         """Count what the ablations turn on: a choice MRU and LRU make differently, and a take the
-        per-model fraction cap changed (the choice without it differs)."""
+        caps changed (the per-model fraction, and waiting models lending only what they hide: the
+        choice without them differs)."""
         other = "lru" if self.donor_order == "mru" else "mru"
         if chosen is not None and next_donor(donors, self.sharing, other) != chosen:
             self.step.notes[chosen, "donor_order_decisive"] += 1
