@@ -4,6 +4,9 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
     refresh the metadata store from the schedulers and the accounting
     for each model in tenancy order:   prepare its layers (remap controller) -> schedule (scheduler,
                                        asking the arbiter for room)
+                                       (a model runs only when the controller finds it runnable:
+                                       layer 0 resident and, oversubscribed, no more layers missing
+                                       than its passes hide; if none is, the first with layer 0)
     fold preemptions made for another model into that model's plan; note each plan's streamed
     layers; collect the KV pools' resizes
 After the step ran, `observe` folds measured step times into the controller and plans dynamic

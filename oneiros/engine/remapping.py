@@ -13,6 +13,11 @@ It is consulted during planning only:
   - `after_step(order)`: dynamic reversion: once KV memory has stayed free for a while, restore as
     many layers as the free memory and a copy budget (what the last pass could hide) allow, the
     model most likely to run next first; `restore_all(order)` when no request is left.
+Oversubscribed (more weights than the arena holds, see `engine/placement.py`): a model without work
+may give every layer (it is then fully off the device but for its resident run); a model runs once
+its layer 0 is back and no more is missing than its passes hide (`runnable`); admissions and the
+next model's prefetch take idle models' layers. `whole_models` is the offload baseline: idle models
+go whole, a model is loaded whole before it runs.
 It changes residency in the accounting and records each change as a memory action of the step
 (`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
 

@@ -73,11 +73,6 @@ class MetadataStore:
         st.popularity = decay(st.popularity, now - st.last_arrival, POPULARITY_HALF_LIFE_S) + 1.0
         st.last_arrival = now
 
-    def popularity(self, name: str, now: float) -> float:
-        """`name`'s decayed arrival count at `now`."""
-        st = self.states[name]
-        return decay(st.popularity, now - st.last_arrival, POPULARITY_HALF_LIFE_S)
-
     def mru_order(self) -> list[str]:
         """Models by how recently they ran, most recent first."""
         return sorted(self.states, key=lambda n: -self.states[n].last_run)
