@@ -65,8 +65,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--policy",
         default=default_policy,
-        choices=["recompute", "swap", "pie", "static", "oneiros"],
-        help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
+        choices=["recompute", "swap", "pie", "static", "oneiros", "offload"],
+        help="what to do when KV cache runs out (oneiros: remap parameter memory first; "
+        "offload: whole idle models off the device)",
     )
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
                    help="one model per step, or every model with work in each step")
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     _add_engine_args(m, "oneiros")
     m.set_defaults(memory_budget="0.9")
-    m.add_argument("--hardware", required=True, help="gh200, h100-sxm, h100-pcie, a100-80g, cpu "
+    m.add_argument("--hardware", required=True,
+                   help="gh200, h100-sxm, h100-pcie, h200, a100-80g, cpu "
                    "or a profile .json from `oneiros calibrate`")
     m.add_argument("--models", default=None, help="a paper mix (c1, c2); or use --model")
     m.add_argument("--trace", default=None, help="an Azure LLM inference trace CSV to replay")

@@ -151,9 +151,12 @@ def make_tenants(
     max_num_batched_tokens: int = 64,
     max_model_len: int = 256,
     preemption: str = "recompute",
+    oversubscribed: bool = False,
 ) -> dict[str, Tenant]:
     """Torch-free tenants on `arena`: model name -> number of decoder layers, each layer a slab of
-    `layer_pages` pages, one resident page per model, every parameter placed (in order)."""
+    `layer_pages` pages, one resident page per model, every parameter placed (in order), or with
+    `oversubscribed` as the engine places more weights than fit (`engine/placement.py`)."""
+    from oneiros.engine.placement import place
     from oneiros.engine.tenancy import MetadataStore
     from oneiros.engine.tenant import Tenant
     from oneiros.memory.residency import LayerResidency
@@ -164,7 +167,6 @@ def make_tenants(
     tenants = {}
     for name, n in layers.items():
         res = LayerResidency(name, arena, n, layer_pages * page, page)
-        res.place_all()
         pool = KVPool(name, arena, block_bytes or page // 4, block_size)
         host = HostBlockPool(name, 64, pool.block_bytes) if preemption == "swap" else None
         sched = Scheduler(
@@ -172,6 +174,7 @@ def make_tenants(
             preemption=preemption, host_pool=host,
         )
         tenants[name] = Tenant(name, res, pool, sched, store.states[name], max_model_len, 50_000)
+    place(list(tenants.values()), oversubscribed)
     return tenants
 
 

@@ -160,7 +160,9 @@ def guess_hardware(name: str) -> str:
     n = name.upper()
     if name == "cpu":
         return "cpu"
-    if "H200" in n:  # H200 and GH200
+    if "GH200" in n:
+        return "gh200"
+    if "H200" in n:
         for cand in ("h200", "gh200", "h100-sxm"):
             if cand in PROFILES:
                 return cand

@@ -68,7 +68,7 @@ class Arbiter:
             return 0
         pages = sum(s.pool.num_pages for n, s in self.schedulers.items() if n != model)
         if self.remap is not None:
-            pages += self.remap.remappable_pages()
+            pages += self.remap.remappable_pages(model)
         return pages
 
     def make_room(self, requester: str, blocks: int, req: Request) -> bool:
@@ -92,7 +92,13 @@ class Arbiter:
             admitting = req.status is not RequestStatus.RUNNING
             idle = not any(s.running for s in self.schedulers.values())
             if self.remap_on_admit or not admitting or idle:
-                freed += self.remap.take(requester, need - freed, admitting=admitting)
+                freed += self.remap.take(
+                    requester, need - freed, admitting=admitting, stuck=idle
+                )
+            elif self.remap.oversubscribed:
+                # Oversubscribed, the layers of models without work are the free memory: an
+                # admission takes them (no pass of any running model gets a copy more).
+                freed += self.remap.take(requester, need - freed, admitting=True, idle_only=True)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)
         return freed > 0

@@ -3,6 +3,7 @@ accounting and scheduler, the arbiter, the remapping controller (policy oneiros)
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import torch
@@ -13,6 +14,7 @@ from oneiros.engine.arbiter import Arbiter
 from oneiros.engine.backends import Backend, Executor, create_backend
 from oneiros.engine.executor import torch_dtype
 from oneiros.engine.planner import Planner
+from oneiros.engine.placement import place
 from oneiros.engine.policies import MemoryPolicy, memory_policy
 from oneiros.engine.remapping import RemapController
 from oneiros.engine.scheduler import Scheduler
@@ -23,10 +25,12 @@ from oneiros.memory.arena import PageArena
 from oneiros.memory.kv import KVPool
 from oneiros.memory.storage import DeviceArena
 from oneiros.memory.swap import HostBlockPool
-from oneiros.memory.weights import ModelWeights, make_residency, weight_pages
+from oneiros.memory.weights import ModelWeights, layouts, make_residency, weight_pages
 from oneiros.models.base import DecoderModel
 from oneiros.models.loader import ModelSource, resolve
 from oneiros.models.registry import build_model
+
+logger = logging.getLogger("oneiros.engine")
 
 
 class EngineParts(NamedTuple):
@@ -40,6 +44,7 @@ class EngineParts(NamedTuple):
     store: MetadataStore
     planner: Planner
     executor: Executor
+    oversubscribed: bool  # the weights do not all fit: some models start off the GPU
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -51,7 +56,9 @@ def build(config: EngineConfig) -> EngineParts:
     backend.prepare_models(models)
     page = config.page_bytes or auto_page_bytes(config, models.values(), dtype)
     weight_bytes = sum(weight_pages(m, page) for m in models.values()) * page
-    arena = PageArena(budget(config, backend, weight_bytes, page) // page, page)
+    floor = min_budget(models.values(), page) if policy.remaps else None
+    arena = PageArena(budget(config, backend, weight_bytes, page, floor) // page, page)
+    oversubscribed = arena.num_pages < weight_bytes // page + 1
     store = MetadataStore(list(models))
     schedulers: dict[str, Scheduler] = {}
     arbiter = Arbiter(schedulers, store, policy.shares_memory, remap_on_admit=config.remap_on_admit)
@@ -60,6 +67,7 @@ def build(config: EngineConfig) -> EngineParts:
         for n, m in models.items()
     }
     schedulers.update({n: t.scheduler for n, t in tenants.items()})
+    place(list(tenants.values()), oversubscribed)
     weights: dict[str, ModelWeights] = {}
     storage = None
     if backend.loads_weights():
@@ -75,14 +83,15 @@ def build(config: EngineConfig) -> EngineParts:
             tenants, arena, config.sharing, config.max_remap_fraction, config.revert_reserve,
             config.revert_hold_steps, backend.h2d_bytes_per_s(), config.donor_order,
             config.revert, config.prefetch_distance, config.stream_exposure_target,
-            config.cap_waiting,
+            config.cap_waiting, oversubscribed, policy.whole_models,
         )
         arbiter.remap = remap
     tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)
     planner = Planner(tenants, store, tenancy, arbiter, remap)
     executor = backend.executor(tenants, weights, policy)
     return EngineParts(
-        policy, backend, dtype, arena, tenants, weights, storage, store, planner, executor
+        policy, backend, dtype, arena, tenants, weights, storage, store, planner, executor,
+        oversubscribed,
     )
 
 
@@ -93,8 +102,23 @@ def auto_page_bytes(config: EngineConfig, models: Any, dtype: torch.dtype) -> in
     return max(2 * MiB, 1 << (block - 1).bit_length())
 
 
-def budget(config: EngineConfig, backend: Backend, weight_bytes: int, page: int) -> int:
-    """The arena's bytes: the configured budget (bytes, or a fraction of device memory)."""
+def min_budget(models: Any, page: int) -> int:
+    """The least an oversubscribed arena needs: every model's always-resident run, the layers of
+    the largest model (so that any one model can run with every layer resident) and a KV page."""
+    resident = layers = 0
+    for m in models:
+        layer, res = layouts(m)
+        resident += res.pages(page)
+        layers = max(layers, m.cfg.num_layers * layer.pages(page))
+    return (resident + layers + 1) * page
+
+
+def budget(
+    config: EngineConfig, backend: Backend, weight_bytes: int, page: int, floor: int | None = None
+) -> int:
+    """The arena's bytes: the configured budget (bytes, or a fraction of device memory). Below
+    the weights, a policy that remaps (`floor` given) serves oversubscribed, with a warning:
+    every layer has an exact host copy, so models that do not fit start off the GPU."""
     b = config.memory_budget
     if b is None:
         b = weight_bytes + 1024 * MiB if backend.device.type == "cpu" else 0.9
@@ -102,7 +126,19 @@ def budget(config: EngineConfig, backend: Backend, weight_bytes: int, page: int)
         if not 0.0 < b <= 1.0:
             raise ConfigError(f"a fractional memory budget must be in (0, 1], got {b}")
         b = int(b * backend.device_memory())
-    if b < weight_bytes + page:
+    if b < weight_bytes + page and floor is not None and b >= floor:
+        logger.warning(
+            "memory budget of %.0f MiB is below the %.0f MiB the weights need: serving "
+            "oversubscribed (models that do not fit start off the GPU and are loaded from their "
+            "host copies when used)", b / MiB, weight_bytes / MiB,
+        )
+    elif b < weight_bytes + page and floor is not None:
+        raise ConfigError(
+            f"memory budget of {b / MiB:.0f} MiB is too small: even oversubscribed, the resident "
+            f"parts of every model, the largest model's layers and one KV page need "
+            f"{floor / MiB:.0f} MiB (the weights alone need {weight_bytes / MiB:.0f} MiB)"
+        )
+    elif b < weight_bytes + page:
         raise ConfigError(
             f"memory budget of {b / MiB:.0f} MiB is too small: the weights alone need "
             f"{weight_bytes / MiB:.0f} MiB, plus at least one page for KV cache"
@@ -123,7 +159,6 @@ def tenant(
 ) -> Tenant:
     c = model.cfg
     residency = make_residency(name, model, arena)
-    residency.place_all()
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_bytes = config.block_size * c.kv_bytes_per_token(itemsize)
     pool = KVPool(name, arena, block_bytes, config.block_size)

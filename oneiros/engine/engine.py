@@ -47,6 +47,7 @@ class LLMEngine:
         self.planner = parts.planner
         self.remapper = parts.planner.remap
         self.executor = parts.executor
+        self.oversubscribed = parts.oversubscribed  # some models started off the GPU
         self.committer = Committer(self.tenants)
         self._requests: dict[str, tuple[Tenant, Request]] = {}
         self._idle_reverted = False  # revert_idle ran since the last step
@@ -120,6 +121,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             req.request_id = request_id
         t.scheduler.add(req)
+        self.store.note_arrival(t.name, req.arrival_time)
         self._requests[req.request_id] = (t, req)
         return req
 

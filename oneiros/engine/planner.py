@@ -4,6 +4,9 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
     refresh the metadata store from the schedulers and the accounting
     for each model in tenancy order:   prepare its layers (remap controller) -> schedule (scheduler,
                                        asking the arbiter for room)
+                                       (a model runs only when the controller finds it runnable:
+                                       layer 0 resident and, oversubscribed, no more layers missing
+                                       than its passes hide; if none is, the first with layer 0)
     fold preemptions made for another model into that model's plan; note each plan's streamed
     layers; collect the KV pools' resizes
 After the step ran, `observe` folds measured step times into the controller and plans dynamic
@@ -44,12 +47,26 @@ class Planner:
         self.arbiter.begin()
         if self.remap is not None:
             self.remap.begin(step)
-        for name in self.tenancy.order(self.store, now):
+        queue = self.tenancy.order(self.store, now)
+        fallback: list[str] = []  # could run, but only by streaming more than its passes hide
+        lenient = False
+        while True:
+            if not queue:  # nothing could run otherwise: the first of those runs anyway
+                if step.plans or lenient or not fallback:
+                    break
+                queue, lenient = fallback[:1], True
+            name = queue.pop(0)
             t = self.tenants[name]
             self.tenancy.ran(self.store, name, now)
             self._set_running(name)
             if self.remap is not None:
-                self.remap.prepare(t)
+                if not lenient:
+                    self.remap.prepare(t)
+                if not self.remap.runnable(t, strict=not lenient):
+                    t.state.running = False  # off the device and no room to bring it back yet
+                    if not lenient and self.remap.runnable(t, strict=False):
+                        fallback.append(name)
+                    continue
             plan = t.scheduler.schedule()
             step.finished += t.scheduler.finished_in_schedule
             t.scheduler.finished_in_schedule.clear()

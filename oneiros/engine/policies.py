@@ -8,6 +8,9 @@ the engine asks the entry, never "which policy is this?".
                the copy stream overlapped with the step before the one it runs in (Pie-like)
     static     fixed, equal KV shares per model, nothing moves between models
     oneiros    remap parameter memory into KV cache first, then fall back to recompute, swap or pie
+    offload    whole models on and off the device (vLLM sleep mode level 1): a model with work is
+               loaded whole before it runs, idle models are emptied whole to make room, nothing
+               streams, nothing is loaded ahead; KV is shared as under recompute
 (The MIG-like baseline, memory and compute split between models, is not a policy of one engine but
 one engine per model on a slice of the device: `bench.partition`, simulator only.)
 """
@@ -31,6 +34,7 @@ class MemoryPolicy:
     remaps: bool  # parameter pages become KV pages (a RemapController)
     partitions_kv: bool  # every free page is split between the models at start
     async_swap_in: bool = False  # swap-ins issued a step ahead, overlapped with that step
+    whole_models: bool = False  # remapping moves whole idle models only (see `offload`)
 
 
 def _recompute(cfg: EngineConfig) -> MemoryPolicy:
@@ -56,8 +60,13 @@ def _oneiros(cfg: EngineConfig) -> MemoryPolicy:
                         async_swap_in=cfg.remap_fallback == "pie")
 
 
+def _offload(cfg: EngineConfig) -> MemoryPolicy:
+    return MemoryPolicy("offload", "recompute", True, True, False, whole_models=True)
+
+
 POLICIES = {
     "recompute": _recompute, "swap": _swap, "pie": _pie, "static": _static, "oneiros": _oneiros,
+    "offload": _offload,
 }
 
 

@@ -13,6 +13,11 @@ It is consulted during planning only:
   - `after_step(order)`: dynamic reversion: once KV memory has stayed free for a while, restore as
     many layers as the free memory and a copy budget (what the last pass could hide) allow, the
     model most likely to run next first; `restore_all(order)` when no request is left.
+Oversubscribed (more weights than the arena holds, see `engine/placement.py`): a model without work
+may give every layer (it is then fully off the device but for its resident run); a model runs once
+its layer 0 is back and no more is missing than its passes hide (`runnable`); admissions and the
+next model's prefetch take idle models' layers. `whole_models` is the offload baseline: idle models
+go whole, a model is loaded whole before it runs.
 It changes residency in the accounting and records each change as a memory action of the step
 (`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
 
@@ -26,11 +31,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from oneiros.core import EvictLayer, MoveLayer, RestoreLayer, Step
+from oneiros.engine.tenancy import POPULARITY_HALF_LIFE_S
 from oneiros.memory.arena import OwnerKind, PageArena
 from oneiros.memory.remap import (
     DonorInfo,
     Hysteresis,
     alpha_cap,
+    decay,
     max_alpha,
     next_donor,
     next_to_evict,
@@ -62,6 +69,8 @@ class RemapController:
         prefetch_distance: int = 2,
         max_exposed: float = 0.02,
         cap_waiting: bool = True,
+        oversubscribed: bool = False,
+        whole_models: bool = False,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -75,6 +84,12 @@ class RemapController:
         self.revert = revert
         self.max_exposed = max_exposed  # share of a pass its copies may leave exposed
         self.cap_waiting = cap_waiting  # models waiting for their turn lend what they hide only
+        # More weights than the arena holds: a model without work may give every layer (layer 0
+        # too), and a model cannot run before its layer 0 is back (see `runnable`).
+        self.oversubscribed = oversubscribed
+        # The offload baseline: only idle models give, all their layers; a model runs with every
+        # layer resident; no streaming, no loading ahead, no reversion.
+        self.whole_models = whole_models
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -137,25 +152,51 @@ class RemapController:
 
     def _donor(
         self, t: Tenant, admitting: bool = False, fraction: float | None = None,
-        capped: bool = True,
+        capped: bool = True, stuck: bool = False,
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
-        work; for a model with work, no more than its passes hide (alpha_max), whether it runs now
-        or waits for its turn (its turn would start by restoring more; with cap_waiting off a
-        waiting model lends up to the fraction); nothing from a running model for an admission.
-        `fraction` 1.0 and `capped` False: the choice without caps (what cap_hits compares with)."""
+        work (every layer when oversubscribed: an idle model goes fully off the device); for a
+        model with work, no more than its passes hide (alpha_max), whether it runs now or waits
+        for its turn (its turn would start by restoring more; with cap_waiting off a waiting
+        model lends up to the fraction); nothing from a running model for an admission.
+        `fraction` 1.0 and `capped` False: the choice without caps (what cap_hits compares with).
+        `stuck` (oversubscribed, nothing runs anywhere): every model with work down to its
+        fraction cap, since no page would ever be freed otherwise."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
-        if t.state.running and admitting:
+        if self.whole_models:
+            cap = 0 if t.state.active else n
+        elif stuck and self.oversubscribed and t.state.active:
+            pass
+        elif t.state.running and admitting:
             cap = 0
+        elif self.oversubscribed and not t.state.active:
+            cap = n
         elif t.state.running or (t.state.active and self.cap_waiting and capped):
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
-            t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap
+            t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap,
+            self._popularity(t),
         )
 
-    def remappable_pages(self) -> int:
-        """Pages that remapping could still free, every model at its cap (for admission checks)."""
+    def _popularity(self, t: Tenant) -> float:
+        return decay(
+            t.state.popularity, self.step.now - t.state.last_arrival, POPULARITY_HALF_LIFE_S
+        )
+
+    def remappable_pages(self, model: str | None = None) -> int:
+        """Pages that remapping could still free, every model at its cap (for admission checks
+        of `model`'s requests)."""
+        if self.oversubscribed and model is not None:
+            # Every other model's slabs could go (idle, it gives them all); its own beyond what
+            # it must keep to run (every layer but its fraction cap).
+            total = 0
+            for t in self.tenants.values():
+                slabs = t.num_layers - len(t.residency.missing_layers)
+                if t.name == model:
+                    slabs -= t.num_layers - alpha_cap(t.num_layers, self.max_remap_fraction)
+                total += max(0, slabs) * t.residency.pages_per_layer
+            return total
         total = 0
         for t in self.tenants.values():
             cap = alpha_cap(t.num_layers, self.max_remap_fraction)
@@ -164,13 +205,19 @@ class RemapController:
 
     # ---- remap ----------------------------------------------------------------------------------
     def take(
-        self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False
+        self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False,
+        stuck: bool = False, idle_only: bool = False,
     ) -> int:
         """Free at least `pages` arena pages by remapping layers (of any model but `exclude`;
-        only of models not running when `admitting`); returns the pages freed."""
+        only of models not running when `admitting`, unless `stuck`: see `_donor`); returns the
+        pages freed."""
         freed = 0
         while freed < pages:
-            donors = [self._donor(t, admitting) for t in self.tenants.values() if t.name != exclude]
+            donors = [
+                self._donor(t, admitting, stuck=stuck)
+                for t in self.tenants.values()
+                if t.name != exclude and not (idle_only and t.state.active)
+            ]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
                 self._donor(t, admitting, fraction=1.0, capped=False)
@@ -180,10 +227,15 @@ class RemapController:
             if name is None:
                 break
             t = self.tenants[name]
-            layer = next_to_evict(t.num_layers, t.residency.missing_layers)
+            whole = next(d for d in donors if d.name == name).alpha_cap >= t.num_layers
+            layer = next_to_evict(t.num_layers, t.residency.missing_layers, keep_first=not whole)
             if layer is None:
                 break
             freed += self._evict(t, layer)
+            if self.whole_models:  # the rest of the model goes with it
+                for i in range(t.num_layers):
+                    if t.residency.is_resident(i):
+                        freed += self._evict(t, i)
         return freed
 
     def _note_decisions(
@@ -262,13 +314,55 @@ class RemapController:
         if not missing:
             return
         restored = False
-        if self.revert:
+        if self.whole_models:
+            restored = self._load_whole(t)
+        elif not t.residency.is_resident(0):
+            # Fully off the GPU (oversubscribed): nothing to stream through until layer 0 is
+            # back, so restore now, whatever the backoff says; what alpha allows may stream.
+            self._backoff.pop(t.name, None)
+            restored = self._restore_to(t, self.alpha_max(t))
+        elif self.revert:
             restored = self._restore_to(t, self.alpha_max(t))
         if t.state.reactivating:
             t.state.reactivating = False
             kind = "reactivations_restored" if restored else "reactivations_streamed"
             self.step.notes[t.name, kind] += 1
         self._rebalance(t)
+
+    def runnable(self, t: Tenant, strict: bool = True) -> bool:
+        """t can run a pass: every layer is resident, or layer 0 is (the missing ones stream
+        through borrowed slabs, the first of them layer 0's; not under `whole_models`).
+        Oversubscribed and `strict`, no more may be missing than its passes hide (alpha_max):
+        a pass that streams more holds the device for every model while it waits for copies,
+        so the model rather waits for memory (the planner runs it anyway when nothing else
+        can run)."""
+        if self.whole_models:
+            return not t.residency.missing_layers
+        if not t.residency.is_resident(0):
+            return False
+        if self.oversubscribed and strict:
+            return len(t.residency.missing_layers) <= self.alpha_max(t)
+        return True
+
+    def _load_whole(self, t: Tenant) -> bool:
+        """Offload baseline: bring every missing layer of t back, emptying idle models whole,
+        or none when they cannot all come back now (a half-loaded model could not run and
+        would hold memory another model may need)."""
+        missing = t.residency.missing_layers
+        ppl = t.residency.pages_per_layer
+        idle = sum(
+            (x.num_layers - len(x.residency.missing_layers)) * x.residency.pages_per_layer
+            for x in self.tenants.values() if x.name != t.name and not x.state.active
+        )
+        if self._free_pages() + idle < len(missing) * ppl:
+            return False
+        for _ in missing:
+            short = ppl - self._free_pages()
+            if short > 0 and self.take(t.name, short, exclude=t.name) < short:
+                return False
+            if not self._restore_one(t, displace=True):
+                return False
+        return True
 
     def _restore_to(self, t: Tenant, limit: int) -> bool:
         """Restore until at most `limit` layers are missing; True if any was restored."""
@@ -309,16 +403,21 @@ class RemapController:
         self.step.notes[t.name, "rebalances"] += 1
 
     def prefetch(self, t: Tenant) -> int:
-        """`t` runs next: restore its missing layers into free memory (no model gives layers for
-        it yet), keeping the reversion reserve free for the KV cache of the model running now.
-        Returns the layers restored."""
-        if not self.revert:
+        """`t` runs next: restore its missing layers into free memory, keeping the reversion
+        reserve free for the KV cache of the model running now (oversubscribed: also into layers
+        that models not running give, see `take`). Returns the layers restored."""
+        if not self.revert or self.whole_models:
             return 0
         restored = 0
         ppl = t.residency.pages_per_layer
-        while t.residency.missing_layers and should_revert(
-            self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve
-        ):
+        while t.residency.missing_layers:
+            if not should_revert(self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve):
+                # Oversubscribed, the next model's layers also come from idle models (whole,
+                # the coldest first): its turn would otherwise start with the copies exposed.
+                if not self.oversubscribed or self.take(
+                    t.name, ppl, exclude=t.name, admitting=True, idle_only=True
+                ) < ppl:
+                    break
             if not self._restore_one(t):
                 break
             restored += 1
@@ -335,6 +434,8 @@ class RemapController:
         """Restore layers, the model most likely to run next first, until none is missing or
         memory runs out (the engine is idle)."""
         restored = 0
+        if self.whole_models:
+            return 0
         donors = [self._donor(t) for t in self.tenants.values()]
         for name in restore_priority(donors, next_to_run):
             t = self.tenants[name]
@@ -347,9 +448,11 @@ class RemapController:
     def after_step(self, next_to_run: list[str], step_s: float) -> None:
         """Dynamic reversion: after free KV memory held for the hysteresis, restore as many layers
         as keep the reserve free, at most as many as one pass of `step_s` hides on the link."""
-        if not self.revert:
+        if not self.revert or self.whole_models:
             return
         donors = [self._donor(t) for t in self.tenants.values()]
+        if self.oversubscribed:  # layers of a model without work would only go again
+            donors = [d for d in donors if self.tenants[d.name].state.active]
         order = restore_priority(donors, next_to_run)
         if not order:
             self.hysteresis.streak = 0

@@ -13,6 +13,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from oneiros.memory.remap import decay
+
+POPULARITY_HALF_LIFE_S = 60.0  # a model's arrival count halves every minute without requests
+
 
 @dataclass(slots=True)
 class TenantCounters:
@@ -51,6 +55,8 @@ class TenantState:
     active: bool = False  # has running or waiting requests
     running: bool = False  # runs in this step (temporal: holds the turn; spatial: has work)
     reactivating: bool = False  # became active with layers missing; cleared once decided
+    popularity: float = 0.0  # arrivals, decayed with POPULARITY_HALF_LIFE_S (as of last_arrival)
+    last_arrival: float = 0.0
     counters: TenantCounters = field(default_factory=TenantCounters)
 
 
@@ -60,6 +66,12 @@ class MetadataStore:
     def __init__(self, names: list[str], history: int = 100_000) -> None:
         self.states = {n: TenantState(n) for n in names}
         self.page_history: deque[tuple[float, dict[str, int]]] = deque(maxlen=history)
+
+    def note_arrival(self, name: str, now: float) -> None:
+        """A request for `name` arrived: its popularity (the donor rule's heat) goes up by one."""
+        st = self.states[name]
+        st.popularity = decay(st.popularity, now - st.last_arrival, POPULARITY_HALF_LIFE_S) + 1.0
+        st.last_arrival = now
 
     def mru_order(self) -> list[str]:
         """Models by how recently they ran, most recent first."""

@@ -33,6 +33,7 @@ class DonorInfo:
     num_layers: int
     num_missing: int
     alpha_cap: int  # most layers this model may have non-resident right now
+    popularity: float = 0.0  # recent request rate (decayed arrivals): hot models give last
 
 
 def even_layers(num_layers: int, alpha: int) -> list[int]:
@@ -49,12 +50,13 @@ def _spread(layer: int, others: list[int], num_layers: int) -> int:
     return min([layer, num_layers - layer] + [abs(layer - o) for o in others if o != layer])
 
 
-def next_to_evict(num_layers: int, missing: list[int]) -> int | None:
+def next_to_evict(num_layers: int, missing: list[int], keep_first: bool = True) -> int | None:
     """The resident layer to remap next: one of the even layout for alpha + 1 that is not missing
-    yet, the best spread from what is missing (lowest on ties); None when only layer 0 is left."""
+    yet, the best spread from what is missing (lowest on ties); when only layer 0 is left, None,
+    or layer 0 itself when `keep_first` is False (an idle model going fully off the GPU)."""
     resident = [i for i in range(1, num_layers) if i not in missing]
     if not resident:
-        return None
+        return None if keep_first or 0 in missing else 0
     target = [i for i in even_layers(num_layers, len(missing) + 1) if i not in missing]
     pool = target or resident
     return max(pool, key=lambda i: (_spread(i, missing, num_layers), -i))
@@ -121,6 +123,19 @@ def _max_alpha(num_layers: int, distance: int, ratio: int, max_exposed: float) -
     return best
 
 
+def heat(popularity: float) -> int:
+    """Popularity in coarse steps (doublings of the decayed arrival count), so that models of
+    about the same rate fall back to the MRU order among them."""
+    return int(math.log2(1.0 + max(0.0, popularity)))
+
+
+def decay(popularity: float, elapsed_s: float, half_life_s: float) -> float:
+    """A decayed arrival count `elapsed_s` later."""
+    if half_life_s <= 0:
+        return 0.0
+    return popularity * 0.5 ** (max(0.0, elapsed_s) / half_life_s)
+
+
 def alpha_cap(num_layers: int, max_remap_fraction: float) -> int:
     """A model never has more than this many layers non-resident (and always keeps layer 0)."""
     return max(0, min(num_layers - 1, int(max_remap_fraction * num_layers)))
@@ -129,12 +144,16 @@ def alpha_cap(num_layers: int, max_remap_fraction: float) -> int:
 def next_donor(donors: list[DonorInfo], sharing: str, order: str = "mru") -> str | None:
     """The model to take the next layer from, or None when every model is at its cap.
 
-    Inactive models go first, most recently run first (MRU: a rotating scheduler needs the model that
-    just ran last; `order="lru"` reverses this, for the paper's ablation). Then active models: under temporal sharing also MRU; under spatial sharing the one
-    with the smallest share of its cap used, so the streaming cost is spread over all of them."""
+    Inactive models go first, the coldest (least popular, see `heat`) first, then most recently run
+    first (MRU: a rotating scheduler needs the model that just ran last; `order="lru"` reverses
+    this, for the paper's ablation): a hot model is not emptied for a cold one while a colder one
+    still has layers. Then active models: under temporal sharing also MRU; under spatial sharing
+    the one with the smallest share of its cap used, so the streaming cost is spread over all."""
     open_ = [d for d in donors if d.num_missing < d.alpha_cap]
     inactive = [d for d in open_ if not d.active]
     if inactive:
+        coldest = min(heat(d.popularity) for d in inactive)
+        inactive = [d for d in inactive if heat(d.popularity) == coldest]
         if order == "lru":  # the ablation: the model idle longest gives first
             return min(inactive, key=lambda d: d.last_run).name
         return max(inactive, key=lambda d: d.last_run).name

@@ -65,12 +65,21 @@ class LayerResidency:
     # ---- changes ---------------------------------------------------------------------------------
     def place_all(self) -> None:
         """At start-up: the resident run, then every layer's slab; ConfigError if they do not fit."""
+        self.place_resident()
+        self.place_layers()
+
+    def place_resident(self) -> None:
+        """At start-up: the always-resident run; ConfigError if it does not fit."""
         pages = self.arena.alloc_run(
             pages_for(self.resident_bytes, self.arena.page_bytes), Owner.resident(self.model)
         )
         if pages is None:
             raise self.too_small()
         self.resident_pages = pages
+
+    def place_layers(self) -> None:
+        """At start-up: every layer's slab; ConfigError if they do not fit. Without this call
+        (an oversubscribed arena) the model starts with every layer off the GPU."""
         for i in range(self.num_layers):
             if self.restore(i) is None:
                 raise self.too_small()

@@ -6,7 +6,9 @@
   - graphs are really captured and replayed (CudaGraphCapture), through batch-size changes and a
     restore that moves a layer (copy stream, no host wait), and stay exact;
   - a decode step replayed from a graph makes one host sync: the sampled tokens' copy;
-  - the bandwidth probe gives plausible figures.
+  - the bandwidth probe gives plausible figures;
+  - four models in an arena that holds the weights of about two (oversubscribed): restores on the
+    copy stream and graphs keyed by the residency give the tokens of an ample arena.
 """
 
 from __future__ import annotations
@@ -98,6 +100,28 @@ def test_a_restore_mid_run_recaptures(reference):
 
     assert generate(e, alpha=1, on_step=restore_once) == reference
     assert e.executor.runners["m"].graphs.captures > seen["captures"]
+
+
+def test_four_models_where_two_fit_keep_their_tokens():
+    from tests.integration.test_oversubscribed_models import TINY, run_phases, tiny_phases
+    from tests.integration.test_remapping import weights_pages
+
+    page = 64 * 1024
+    one = weights_pages({"x": TINY["m0"]}, page)
+    phases = tiny_phases(3)
+
+    def cuda_engine(budget_pages: int, policy: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(
+            models=TINY, device="cuda", dtype="float32", memory_budget=budget_pages * page,
+            page_bytes=page, block_size=4, policy=policy, turn_steps=2,
+        ))
+
+    ref, _ = run_phases(cuda_engine(4 * one + 256, "recompute"), phases, 10)
+    e = cuda_engine(2 * one + 4, "oneiros")
+    assert e.oversubscribed
+    tokens, slabs = run_phases(e, phases, 10)
+    assert tokens == ref
+    assert min(s["m0"] for s in slabs) == 0 and max(s["m3"] for s in slabs) > 0
 
 
 def test_a_replayed_decode_step_syncs_once():

@@ -223,3 +223,11 @@ def replace_profile(tmp_path, **changes) -> str:
     path = tmp_path / f"variant{len(list(tmp_path.iterdir()))}.json"
     path.write_text(replace(GH200, name="variant", **changes).to_json())
     return str(path)
+
+
+def test_every_profile_says_its_host_memory_and_cold_tier():
+    for p in PROFILES.values():
+        assert p.host_memory_bytes > 0 and 0 < p.cold_bw < p.h2d_bw, p.name
+    h200 = load_profile("H200")
+    assert (h200.memory_bytes, h200.mem_bw, h200.h2d_bw, h200.d2h_bw) == (141e9, 4.8e12, 55e9, 55e9)
+    assert h200.mixed_bw < h200.h2d_bw

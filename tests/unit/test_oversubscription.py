@@ -1,0 +1,172 @@
+"""More models than the arena holds, on fakes (torch-free tenants, the real planner and controller):
+placement at start, idle models going fully off the GPU, the donor rule (coldest idle model first,
+then MRU), a model running only once its layer 0 is back, and invariants over random sequences of
+arrivals, turns and steps."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oneiros.core import EvictLayer, RestoreLayer
+from oneiros.memory.arena import OwnerKind, PageArena
+from oneiros.memory.remap import DonorInfo, heat, next_donor, next_to_evict
+from tests.factories import make_planning, make_request, make_tenants
+from tests.unit.test_arbiter import check, run_step
+
+PAGE = 4096
+LAYERS = 4  # per model; 2 pages a layer, 1 resident page: 9 pages a model
+
+
+def oversubscribed(names: str, models_that_fit: int, extra: int = 2, **planning):
+    """Tenants of LAYERS layers each in an arena holding every resident page, the layers of
+    `models_that_fit` models and `extra` pages; and their planning components."""
+    arena = PageArena(len(names) + models_that_fit * LAYERS * 2 + extra, PAGE)
+    tenants = make_tenants(arena, {n: LAYERS for n in names}, oversubscribed=True)
+    planning.setdefault("oversubscribed", True)
+    return arena, tenants, make_planning(tenants, **planning)
+
+
+# ---- the pure rules ------------------------------------------------------------------------------
+def test_layer_zero_goes_last_and_only_when_allowed():
+    assert next_to_evict(4, [1, 2, 3]) is None
+    assert next_to_evict(4, [1, 2, 3], keep_first=False) == 0
+    assert next_to_evict(4, [0, 1, 2, 3], keep_first=False) is None
+    assert next_to_evict(4, [2], keep_first=False) != 0
+
+
+def test_the_coldest_idle_model_gives_first_then_mru():
+    def d(name, last_run, pop):
+        return DonorInfo(name, False, last_run, 4, 0, 4, pop)
+
+    hot, cold_old, cold_new = d("hot", 9.0, 50.0), d("old", 1.0, 0.0), d("new", 5.0, 0.5)
+    assert heat(0.0) == heat(0.5) < heat(50.0)
+    assert next_donor([hot, cold_old, cold_new], "temporal") == "new"  # MRU among the cold
+    assert next_donor([hot, cold_old, cold_new], "temporal", "lru") == "old"
+    assert next_donor([hot], "temporal") == "hot"  # nothing colder left: the hot one gives
+
+
+# ---- placement and loading -----------------------------------------------------------------------
+def test_what_does_not_fit_starts_off_the_gpu():
+    arena, tenants, _ = oversubscribed("abcd", models_that_fit=2)
+    assert [len(t.residency.missing_layers) for t in tenants.values()] == [0, 0, 4, 4]
+    assert all(t.residency.resident_pages for t in tenants.values())
+    assert arena.num_free == 2
+    check(tenants)
+
+
+def test_a_model_off_the_gpu_comes_back_by_taking_an_idle_models_layers():
+    arena, tenants, (_, _, controller, planner) = oversubscribed("abc", models_that_fit=1)
+    c = tenants["c"]
+    assert c.residency.missing_layers == [0, 1, 2, 3]
+    c.scheduler.add(make_request(6, max_tokens=3, model="c"))
+    step = run_step(planner)
+    assert [p.model for p in step.plans] == ["c"]
+    restored = [op.layer for op in step.memory if isinstance(op, RestoreLayer) and op.model == "c"]
+    assert restored and restored[0] == 0  # layer 0 first: the rest may stream through it
+    evicted = {op.model for op in step.memory if isinstance(op, EvictLayer)}
+    assert evicted == {"a"}  # the idle model with layers gave them; its cap does not apply
+    assert c.residency.missing_layers == []  # no step time measured yet: alpha_max is 0
+    check(tenants)
+
+
+def test_a_model_that_cannot_get_layer_zero_back_waits_and_others_run():
+    # a and b both have work and run in turns; c, off the GPU, cannot take their layers (a model
+    # with work gives at most what its passes hide: nothing before a step was measured).
+    arena, tenants, (_, _, _, planner) = oversubscribed("abc", models_that_fit=2, extra=0)
+    for name in "abc":
+        tenants[name].scheduler.add(make_request(4, max_tokens=30, model=name))
+    ran = []
+    for k in range(200):
+        step = run_step(planner, float(k))
+        for p in step.plans:
+            assert tenants[p.model].residency.is_resident(0)
+            ran.append(p.model)
+        check(tenants)
+        if not any(t.scheduler.has_work for t in tenants.values()):
+            break
+    assert {"a", "b", "c"} <= set(ran)
+    assert all(not t.scheduler.has_work for t in tenants.values())
+
+
+def test_a_hot_idle_model_keeps_its_layers_while_a_cold_one_gives():
+    arena, tenants, (store, _, _, planner) = oversubscribed("hcx", models_that_fit=2, extra=1)
+    for _ in range(8):
+        store.note_arrival("h", 0.0)  # h is popular, c is not; both idle now
+    assert tenants["h"].state.popularity == 8.0
+    tenants["x"].scheduler.add(make_request(4, max_tokens=2, model="x"))
+    run_step(planner, 0.0)
+    assert tenants["h"].residency.missing_layers == []
+    assert tenants["c"].residency.missing_layers  # the cold one gave (layers)
+    assert tenants["x"].residency.is_resident(0)
+    check(tenants)
+
+
+# ---- invariants over random sequences ------------------------------------------------------------
+EVENTS = st.lists(
+    st.tuples(st.sampled_from("abcd"), st.integers(1, 24), st.integers(1, 12), st.integers(0, 3)),
+    min_size=1, max_size=25,
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    EVENTS, st.integers(1, 2), st.integers(3, 5), st.sampled_from(["temporal", "spatial"]),
+    st.sampled_from([float("inf"), 2 * PAGE / 1e-3]), st.booleans(),
+)
+def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d, whole):
+    """Arrivals on four models in an arena that holds the layers of one or two (and KV pages
+    for the longest request, 36 tokens: 3 pages): after every step the accounting is exact, a
+    model runs only with its layer 0 resident, a model that gave its layer 0 had no work (whole
+    models: a model runs with every layer); every request finishes; once idle, every page is
+    free, resident or a layer slab (no KV page and no page lost)."""
+    arena, tenants, (store, _, _, planner) = oversubscribed(
+        "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d, whole_models=whole
+    )
+    reqs = []
+    now = 0.0
+    pending = list(events)
+    for k in range(3000):
+        while pending and pending[0][3] <= k % 4:
+            name, prompt, out, _ = pending.pop(0)
+            r = make_request(prompt, max_tokens=out, model=name)
+            r.arrival_time = now
+            store.note_arrival(name, now)
+            tenants[name].scheduler.add(r)
+            reqs.append(r)
+        step = run_step(planner, now)
+        for p in step.plans:
+            assert tenants[p.model].residency.is_resident(0), p.model
+            assert not whole or not tenants[p.model].residency.missing_layers
+        for op in step.memory:  # layer 0 goes only when a model has no work (then all of it)
+            if isinstance(op, EvictLayer) and op.layer == 0:
+                assert not tenants[op.model].scheduler.has_work or op.model not in {
+                    p.model for p in step.plans
+                }
+        check(tenants)
+        now += 1e-3
+        if not pending and not any(t.scheduler.has_work for t in tenants.values()):
+            break
+    assert all(r.finished for r in reqs)
+    for t in tenants.values():
+        t.pool.shrink()
+    usage = arena.usage_by_kind()
+    kv = sum(arena.owner(p).kind is OwnerKind.KV for p in range(arena.num_pages))
+    assert kv == 0, usage
+    slabs = sum(LAYERS - len(t.residency.missing_layers) for t in tenants.values())
+    assert arena.num_free + len(tenants) + 2 * slabs == arena.num_pages
+
+
+def test_offload_moves_whole_models_and_runs_only_loaded_ones():
+    arena, tenants, (_, _, controller, planner) = oversubscribed(
+        "abc", models_that_fit=2, extra=1, whole_models=True
+    )
+    c = tenants["c"]
+    c.scheduler.add(make_request(4, max_tokens=2, model="c"))
+    step = run_step(planner)
+    assert [p.model for p in step.plans] == ["c"] and c.residency.missing_layers == []
+    gave = {op.model for op in step.memory if isinstance(op, EvictLayer)}
+    assert len(gave) == 1
+    assert tenants[gave.pop()].residency.missing_layers == [0, 1, 2, 3]  # all of it went
+    assert controller.prefetch(tenants["a"]) == 0
+    check(tenants)
