@@ -166,7 +166,12 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    host_block_ids: list[int] = field(default_factory=list)  # KV swapped out to host memory
+    # KV swapped out to host memory, per block of the table it had: a host block, or None for a
+    # block shared with other requests when it was swapped out (it is found again in the prefix
+    # cache on resume, or recomputed).
+    host_block_ids: list[int | None] = field(default_factory=list)
+    # Hashes of the first full blocks of prompt + output (prefix caching; computed once, on demand).
+    block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: str | int | None = None
     output_text: str = ""
@@ -293,6 +298,10 @@ class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     recomputed_tokens: int = 0  # computed tokens the recompute preemptions of this plan dropped
+    # Prefix caching: tokens of the requests admitted for the first time, and how many of them
+    # were found in the cache (their prefill is skipped).
+    prefix_queries: int = 0
+    prefix_hits: int = 0
     # KV block copies to run before the forward pass, as (device block, host block) pairs.
     # Swap-outs run first: their device blocks may be handed to another request in this step.
     swap_out: list[tuple[int, int]] = field(default_factory=list)

@@ -1,8 +1,13 @@
 """The arbiter: every cross-model memory decision of a step, in one torch-free place.
 
-Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Room is made
-in this order, cheapest first:
-  1. idle KV pages (no live block) of other models, the least recently run model's first;
+Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Memory
+comes in this order, cheapest first:
+  0. (the pool itself, `KVPool.allocate`, before it asks) its free blocks, free arena pages, then
+     its own unreferenced cached blocks, least recently used first: this model's cache goes before
+     anything of another model, and no page changes owner;
+  1. other models' KV pages that no live request references, the least recently run model's first:
+     first the idle pages that hold no cached block (nothing is lost), then the pages holding
+     unreferenced cached blocks, least recently used first (their cache entries are evicted);
   2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose);
   3. when the asking request is running: a running request of another model that is younger than
      every running request of the asking model (the engine's youngest goes first, whichever model it
@@ -76,13 +81,16 @@ class Arbiter:
         if not self.shares_memory:
             return False
         pool = self.schedulers[requester].pool
-        need = pool.pages_needed(blocks) - pool.arena.num_free
+        # The pool's own cached blocks go first (`KVPool.allocate` evicts them): pages are found
+        # for the rest only.
+        need = pool.pages_needed(blocks - pool.num_cached) - pool.arena.num_free
         freed = 0
-        for name in reversed(self.store.mru_order()):
-            if freed >= need:
-                break
-            if name != requester:
-                freed += len(self.schedulers[name].pool.shrink(need - freed))
+        others = [n for n in reversed(self.store.mru_order()) if n != requester]
+        for evict in (False, True):  # idle pages without cached blocks, then cached ones
+            for name in others:
+                if freed >= need:
+                    break
+                freed += len(self.schedulers[name].pool.shrink(need - freed, evict=evict))
         if freed < need and self.remap is not None:
             # A request being admitted takes parameter pages only from models not running, so that
             # admission never adds copies to a pass; a running one may take what its model can hide.

@@ -2,9 +2,17 @@
 
 A KV block holds `block_size` tokens of every layer of one model (K and V). A page owned by the model's
 KV pool holds `blocks_per_page` blocks; block id = page * blocks_per_page + slot, so a block id names
-its storage directly and pages need not be contiguous. The pool grows a page at a time from the arena's
-free pages when it runs out of blocks, and gives back pages whose blocks are all free (`shrink`), which
-is how KV memory returns to other models or to parameters.
+its storage directly and pages need not be contiguous.
+
+Every block of the pool is in exactly one state:
+  - free: on the free list;
+  - held: referenced by live requests (a reference count; a block shared through the prefix cache
+    has several);
+  - cached (prefix caching on): full, indexed by its hash in `self.cache`, referenced by no request;
+    kept in LRU order until its memory is needed.
+`allocate` takes free blocks, then grows the pool from free arena pages, then evicts this pool's
+least recently used cached blocks. `shrink` gives back pages holding no referenced block (evicting
+the cache entries on them), which is how KV memory returns to other models or to parameters.
 """
 
 from __future__ import annotations
@@ -13,10 +21,18 @@ import heapq
 
 from oneiros.core import ConfigError, ResizeKV, ensure
 from oneiros.memory.arena import Owner, PageArena
+from oneiros.memory.prefix import PrefixCache
 
 
 class KVPool:
-    def __init__(self, model: str, arena: PageArena, block_bytes: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        arena: PageArena,
+        block_bytes: int,
+        block_size: int,
+        prefix_caching: bool = False,
+    ) -> None:
         if block_bytes <= 0 or block_size <= 0:
             raise ConfigError(
                 f"KV blocks of model {model!r} need a positive size, got {block_bytes} bytes "
@@ -38,7 +54,8 @@ class KVPool:
         # pages and high pages fall idle, so shrinking leaves long free runs at the top of the arena,
         # where layer slabs are placed when parameters come back.
         self._free_blocks: list[int] = []
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # held block -> live references (>= 1)
+        self.cache = PrefixCache(model, block_size) if prefix_caching else None
         self._resizes: list[ResizeKV] = []  # since the last drain_resizes()
 
     # ---- queries -------------------------------------------------------------------------------
@@ -48,25 +65,40 @@ class KVPool:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Blocks referenced by at least one live request."""
+        return len(self._refs)
+
+    @property
+    def num_cached(self) -> int:
+        """Cached blocks no request references (reclaimable, kept for prefix hits)."""
+        return self.cache.num_unreferenced if self.cache is not None else 0
 
     @property
     def num_busy_pages(self) -> int:
-        """Pages holding at least one live block."""
-        return len({b // self.blocks_per_page for b in self._used})
+        """Pages holding at least one referenced block."""
+        return len({b // self.blocks_per_page for b in self._refs})
 
     @property
     def num_idle_pages(self) -> int:
-        """Pages with no live block: `shrink` can give them back at once."""
+        """Pages with no referenced block: `shrink` can give them back at once (evicting the
+        cached blocks on them)."""
         return len(self._pages) - self.num_busy_pages
 
     @property
     def num_free_blocks(self) -> int:
-        """Free blocks in pages the pool already owns (not counting free arena pages)."""
+        """Free blocks in pages the pool already owns (not counting free arena pages or cached
+        blocks)."""
         return len(self._free_blocks)
 
+    def refcount(self, block: int) -> int:
+        return self._refs.get(block, 0)
+
+    def references(self) -> dict[int, int]:
+        """Held block -> live references (a copy)."""
+        return dict(self._refs)
+
     def can_allocate(self, n: int) -> bool:
-        missing = n - len(self._free_blocks)
+        missing = n - len(self._free_blocks) - self.num_cached
         return missing <= 0 or self.pages_needed(missing) <= self.arena.num_free
 
     def pages_needed(self, blocks: int) -> int:
@@ -80,26 +112,62 @@ class KVPool:
 
     # ---- allocation ----------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int] | None:
-        """n blocks, growing the pool from free arena pages if needed; None (and no change) if not."""
+        """n blocks, each with one reference: free blocks first, then pages grown from the free
+        arena pages, then this pool's least recently used cached blocks (evicted). None (and no
+        change) when all of that is not enough."""
         if n <= 0:
             return []
         missing = n - len(self._free_blocks)
-        if missing > 0 and not self.grow(self.pages_needed(missing)):
-            return None
+        if missing > 0:
+            pages = min(self.pages_needed(missing), self.arena.num_free)
+            if missing > pages * self.blocks_per_page + self.num_cached:
+                return None
+            if pages:
+                self.grow(pages)
+            while len(self._free_blocks) < n:
+                assert self.cache is not None
+                heapq.heappush(self._free_blocks, self.cache.pop_lru())
         blocks = [heapq.heappop(self._free_blocks) for _ in range(n)]
-        self._used.update(blocks)
+        for b in blocks:
+            self._refs[b] = 1
         return blocks
 
+    def acquire(self, blocks: list[int]) -> None:
+        """One more reference to each of these held or cached blocks (prefix cache hits)."""
+        for b in blocks:
+            refs = self._refs.get(b, 0)
+            if not refs:
+                if self.cache is None or not self.cache.is_unreferenced(b):
+                    raise ValueError(f"block {b} of {self.model!r} is neither held nor cached")
+                self.cache.unpark(b)
+            self._refs[b] = refs + 1
+
     def free(self, blocks: list[int]) -> None:
-        """Return blocks to the pool. All or nothing: a bad list changes nothing."""
+        """Drop one reference to each block. A block left without references stays cached when
+        the prefix cache indexes it (the first of `blocks` becomes the most recently used of
+        them), else it goes back to the free list. All or nothing: a bad list changes nothing."""
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"duplicate blocks in {blocks}")
         for b in blocks:
-            if b not in self._used:
+            if b not in self._refs:
                 raise ValueError(f"block {b} of {self.model!r} is not allocated")
-        self._used.difference_update(blocks)
-        for b in blocks:
-            heapq.heappush(self._free_blocks, b)
+        for b in reversed(blocks):
+            refs = self._refs.pop(b) - 1
+            if refs:
+                self._refs[b] = refs
+            elif self.cache is not None and b in self.cache:
+                self.cache.park(b)
+            else:
+                heapq.heappush(self._free_blocks, b)
+
+    def cache_block(self, block: int, h: bytes, parent: bytes, tokens: list[int]) -> bool:
+        """Index a held block that is full with `tokens` under its chain hash `h` (False: caching
+        is off, or the block or the hash is indexed already)."""
+        if self.cache is None:
+            return False
+        if block not in self._refs:
+            raise ValueError(f"block {block} of {self.model!r} is not held")
+        return self.cache.insert(block, h, parent, tokens)
 
     def grow(self, num_pages: int) -> bool:
         pages = self.arena.alloc(num_pages, self.owner)
@@ -121,25 +189,38 @@ class KVPool:
         for p in pages:
             self._pages.add(p)
             base = p * self.blocks_per_page
-            # Reverse so that pop() hands out the lowest slot of the page first.
             for b in range(base, base + self.blocks_per_page):
                 heapq.heappush(self._free_blocks, b)
 
-    def shrink(self, max_pages: int | None = None) -> list[int]:
-        """Give back to the arena every page (up to max_pages) with no live block; returns them."""
+    def shrink(self, max_pages: int | None = None, evict: bool = True) -> list[int]:
+        """Give back to the arena up to max_pages pages with no referenced block; returns them.
+        Pages without cached blocks go first (highest first), then, with `evict`, pages whose
+        cached blocks were used least recently (those cache entries are evicted)."""
         if max_pages is not None and max_pages <= 0:
             return []
-        busy = {b // self.blocks_per_page for b in self._used}
-        idle = sorted(self._pages - busy, reverse=True)[:max_pages]
-        if not idle:
+        bpp = self.blocks_per_page
+        busy = {b // bpp for b in self._refs}
+        idle = self._pages - busy
+        newest: dict[int, int] = {}  # idle page -> LRU rank of its most recently used cached block
+        if self.cache is not None:
+            for rank, b in enumerate(self.cache.lru_order()):
+                newest[b // bpp] = rank
+        empty = sorted((p for p in idle if p not in newest), reverse=True)
+        cached = sorted((p for p in idle if p in newest), key=lambda p: newest[p]) if evict else []
+        give = (empty + cached)[:max_pages]
+        if not give:
             return []
-        idle_set = set(idle)
-        self._free_blocks = [b for b in self._free_blocks if b // self.blocks_per_page not in idle_set]
+        gone = set(give)
+        if self.cache is not None:
+            for b in self.cache.lru_order():
+                if b // bpp in gone:
+                    self.cache.evict(b)
+        self._free_blocks = [b for b in self._free_blocks if b // bpp not in gone]
         heapq.heapify(self._free_blocks)
-        self._pages -= idle_set
-        self.arena.free(idle, self.owner)
-        self._resizes.append(ResizeKV(self.model, tuple(idle), grow=False))
-        return idle
+        self._pages -= gone
+        self.arena.free(give, self.owner)
+        self._resizes.append(ResizeKV(self.model, tuple(give), grow=False))
+        return give
 
     def drain_resizes(self) -> list[ResizeKV]:
         """The pages taken and given back since the last call, as memory actions of the step."""
@@ -147,9 +228,19 @@ class KVPool:
         return out
 
     def check_integrity(self) -> None:
+        """Pages agree with the arena; every block is free, held or cached, exactly one of them;
+        reference counts are positive; the cache index is consistent."""
         ensure(set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view")
         free = set(self._free_blocks)
+        held = set(self._refs)
+        cached = set(self.cache.lru_order()) if self.cache is not None else set()
         ensure(len(free) == len(self._free_blocks), "a block is on the free list twice")
-        ensure(not free & self._used, "a block is both free and used")
-        every = {p * self.blocks_per_page + s for p in self._pages for s in range(self.blocks_per_page)}
-        ensure(free | self._used == every, "blocks lost or invented")
+        ensure(all(r > 0 for r in self._refs.values()), "a held block has no reference")
+        ensure(not free & held, "a block is both free and held")
+        ensure(not free & cached, "a block is both free and cached")
+        ensure(not held & cached, "a block is both held and cached")
+        bpp = self.blocks_per_page
+        every = {p * bpp + s for p in self._pages for s in range(bpp)}
+        ensure(free | held | cached == every, "blocks lost or invented")
+        if self.cache is not None:
+            self.cache.check_integrity(held)

@@ -33,6 +33,7 @@ def memory_snapshot(engine: LLMEngine) -> dict[str, Any]:
             "layers_resident": sum(p is not None for p in slabs),
             "kv_blocks_used": t.pool.num_used,
             "kv_blocks_free": t.pool.num_free_blocks,
+            "kv_blocks_cached": t.pool.num_cached,
             "kv_pages": t.pool.num_pages,
             "kv_blocks_per_page": t.pool.blocks_per_page,
             "kv_block_capacity": t.scheduler.max_blocks(),

@@ -170,6 +170,9 @@ def test_calibration_refuses_a_trace_without_enough_steps(tmp_path):
 
 # ---- the engine in simulation -------------------------------------------------------------------
 def _simulate(hardware, policy="oneiros", budget=0.9, n=60, seed=0, **kw):
+    # Every prompt repeats one token, so with prefix caching they would all share one prefix:
+    # these checks are about memory pressure, which needs each request's KV to be its own.
+    kw.setdefault("prefix_caching", False)
     e = LLMEngine(EngineConfig(
         models=C1, executor="sim", hardware=hardware, policy=policy, memory_budget=budget, **kw
     ))
