@@ -298,8 +298,8 @@ class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     recomputed_tokens: int = 0  # computed tokens the recompute preemptions of this plan dropped
-    # Prefix caching: tokens of the requests admitted for the first time, and how many of them
-    # were found in the cache (their prefill is skipped).
+    # Prefix caching: tokens of the requests admitted without computed tokens (new, or preempted
+    # by recompute), and how many of them were found in the cache (their prefill is skipped).
     prefix_queries: int = 0
     prefix_hits: int = 0
     # KV block copies to run before the forward pass, as (device block, host block) pairs.
@@ -316,7 +316,13 @@ class StepPlan:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs if s.start < s.request.num_prompt_tokens)
+        """Tokens of prompt chunks, and of chunks of several tokens anywhere (a recomputed
+        request catching up with its outputs, possibly from a cached prefix); the rest are
+        decodes, one token of one sequence."""
+        return sum(
+            s.num_new_tokens for s in self.seqs
+            if s.start < s.request.num_prompt_tokens or s.num_new_tokens > 1
+        )
 
     @property
     def empty(self) -> bool:

@@ -198,7 +198,10 @@ class Scheduler:
         bs = self.pool.block_size
         hits: list[int] = []
         if cache is not None:
-            hits = cache.lookup(cache.hashes(req, (req.num_tokens - 1) // bs))
+            # A swapped-out request looks only for its own full blocks: it never skips tokens it
+            # had not computed, so every token is computed once, or again after being dropped.
+            limit = (req.num_tokens - 1) // bs if not table else computed // bs
+            hits = cache.lookup(cache.hashes(req, limit))
             self.pool.acquire(hits)
         h = len(hits)
         restore: list[int] = []
@@ -219,16 +222,17 @@ class Scheduler:
         req.num_computed_tokens = start.computed
 
     def _resume(self, req: Request, start: _Start, plan: StepPlan) -> bool:
-        """An admission went through: copy back its host blocks (True: it runs from the next step
-        on, `swap_in_ahead`), record cache hits and tokens lost to evicted blocks."""
+        """An admission went through: record its cache lookup (a request starting from nothing:
+        new, or preempted by recompute), or copy back its host blocks and count the tokens lost
+        to evicted shared blocks (True: it runs from the next step on, `swap_in_ahead`)."""
         bs = self.pool.block_size
-        if self.pool.cache is not None and not req.num_preemptions:
-            plan.prefix_queries += req.num_tokens
-            plan.prefix_hits += start.hits * bs
-        plan.recomputed_tokens += max(0, start.computed - req.num_computed_tokens)
         if not req.host_block_ids:
+            if self.pool.cache is not None:
+                plan.prefix_queries += req.num_tokens
+                plan.prefix_hits += start.hits * bs
             return False
         assert self.host_pool is not None
+        plan.recomputed_tokens += start.computed - req.num_computed_tokens
         first = start.hits
         targets = req.block_ids[first : first + len(start.restore)]
         plan.swap_in.extend(zip(start.restore, targets, strict=True))

@@ -25,8 +25,9 @@ class TenantCounters:
     recomputed_tokens: int = 0
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
-    # Automatic prefix caching, in tokens as vLLM counts them: the tokens of requests admitted for
-    # the first time (queries) and how many of them were found in the cache (hits).
+    # Automatic prefix caching, in tokens as vLLM counts them: the tokens of requests admitted with
+    # nothing computed, new or preempted by recompute (queries), and how many of them were found
+    # in the cache (hits: their prefill was skipped).
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     # Parameter remapping.

@@ -218,12 +218,14 @@ def check_trace(trace: list[dict], engine: LLMEngine, run: Run) -> None:
 
 def token_accounting(engine: LLMEngine, run: Run) -> None:
     """Every prompt token and every output token but the last is computed once, plus what
-    recompute preemption threw away (swap throws nothing away)."""
+    recompute preemption threw away (swap throws nothing away), less what the prefix cache held
+    (a recomputed request finds its own blocks there while they last)."""
     for name, t in engine.tenants.items():
         jobs = [j for j in run.jobs.values() if j.model == name]
         c = t.state.counters
         work = sum(len(j.prompt) + j.max_tokens - 1 for j in jobs)
-        assert c.prefill_tokens + c.decode_tokens == work + c.recomputed_tokens, name
+        computed = c.prefill_tokens + c.decode_tokens
+        assert computed == work + c.recomputed_tokens - c.prefix_cache_hits, name
 
 
 # ---- three random tiny models: every policy x sharing --------------------------------------------
@@ -259,7 +261,9 @@ def test_three_tiny_models_share_a_small_arena(policy, sharing, tiny_solo, tmp_p
         assert preemptions > 0
         assert sum(c.swap_out_bytes for c in counters.values()) > 0
         for c in counters.values():
-            assert c.swap_in_bytes == c.swap_out_bytes
+            # A resumed request takes its full blocks from the prefix cache while they last:
+            # only the others are copied back.
+            assert c.swap_in_bytes <= c.swap_out_bytes
         # The host pool is big enough here, so nothing is ever recomputed.
         assert sum(c.recomputed_tokens for c in counters.values()) == 0
     token_accounting(engine, run)
@@ -309,7 +313,7 @@ def test_swap_falls_back_to_recompute_when_swap_space_runs_out(tiny_solo):
     assert_no_leaks(engine)
     c = [t.state.counters for t in engine.tenants.values()]
     assert sum(x.recomputed_tokens for x in c) > 0
-    assert all(x.swap_in_bytes == x.swap_out_bytes for x in c)
+    assert all(x.swap_in_bytes <= x.swap_out_bytes for x in c)  # cached blocks stay
     token_accounting(engine, run)
 
 
@@ -400,7 +404,7 @@ def test_smollm2_twice_and_a_random_model(policy, smollm2_llm, smol_jobs, smol_s
         assert c["a"].preemptions + c["b"].preemptions > 0
         if policy == "swap":
             assert c["a"].swap_out_bytes + c["b"].swap_out_bytes > 0
-            assert all(x.swap_in_bytes == x.swap_out_bytes for x in c.values())
+            assert all(x.swap_in_bytes <= x.swap_out_bytes for x in c.values())  # cached blocks
             assert all(x.recomputed_tokens == 0 for x in c.values())
         else:
             assert c["a"].recomputed_tokens + c["b"].recomputed_tokens > 0

@@ -273,7 +273,7 @@ def test_recompute_preemption_drops_references_and_readmission_hits_its_own_bloc
     plan = sched.schedule()
     seq = next(s for s in plan.seqs if s.request is b)
     assert seq.start == 8  # its prompt's shared blocks, back from the cache
-    assert plan.prefix_queries == 0  # a preempted request is not a new query
+    assert plan.prefix_queries == 12 and plan.prefix_hits == 8  # prompt and its one output
     commit(sched, plan)
     run_to_end(sched)
     sched.check_integrity()
