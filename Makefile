@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup browser serve test lint bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ setup: $(STAMP)
 serve: setup
 	$(BIN)/oneiros serve $(ARGS)
 
-test: setup
+# The dashboard test drives a headless Chromium (Debian's package); installed here when missing
+# and apt-get can (root); without it that test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		>/dev/null 2>&1; } || echo "chromium could not be installed: the dashboard test will skip"
+
+test: setup browser
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: setup

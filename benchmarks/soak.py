@@ -1,15 +1,26 @@
-"""Soak test for the HTTP server: N concurrent clients for M seconds against a loopback server, mixing
-valid requests (completions and chat, streamed and not), invalid ones, and clients that disconnect
-mid-stream or mid-request. Reports requests served, responses by status, latency percentiles, and the
-engine's KV/page accounting before and after (which must match: no leaked KV blocks, weights pages
-unchanged, every page owned once, engine integrity check passing).
+"""Soak test for the HTTP server: N concurrent clients for M seconds against a loopback server,
+mixing valid requests (completions and chat, streamed and not), invalid ones, and clients that
+disconnect mid-stream or mid-request. Reports requests served, responses by status, latency
+percentiles, and the engine's KV/page accounting before and after (which must match: no leaked KV
+blocks, weights pages unchanged, every page owned once, engine integrity check passing).
 
-    python benchmarks/soak.py                         # starts a server (two SmolLM2 tenants) itself
+    python benchmarks/soak.py                       # starts a server (two SmolLM2 tenants) itself
     python benchmarks/soak.py --clients 8 --duration 60 --out soak.json
-    python benchmarks/soak.py --url http://127.0.0.1:8000 --api-key KEY   # an already running server
+    python benchmarks/soak.py --url http://127.0.0.1:8000 --api-key KEY   # a running server
+    python benchmarks/soak.py --hol-probe           # a 10 MB prompt while another model streams
+    python benchmarks/soak.py --faults "copy:0.01,restore:0.01,step:0.01,slow:0.05@0.2" \
+        --clients 32 --duration 300                 # fault mode
 
-Only loopback servers are accepted. Exit status 0 when the accounting matches and no request got an
-unexpected answer (a 5xx, or a valid request refused other than by the queue limit), 1 otherwise.
+Head-of-line probe: a stream of one model runs while a 10 MB prompt is sent to the other; the
+stream's largest gap between chunks is reported against its median (target: at most 3x).
+Fault mode: the server runs with injected faults (ONEIROS_FAULTS); every valid request must end
+with tokens or a clean OpenAI error (an error body, or an error event in its stream), none lost
+(no transport error, no stream cut without an error event), and the accounting must equal the
+idle baseline at the end.
+
+Only loopback servers are accepted. Exit status 0 when the accounting matches and no request got
+an unexpected answer (a 5xx other than a clean injected failure, or a valid request refused other
+than by the queue limit), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -75,7 +86,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     return round(v[lo] + (v[hi] - v[lo]) * (k - lo), 4)
 
 
-# ---- the server under test -------------------------------------------------------------------------
+# ---- the server under test -----------------------------------------------------------------------
 SERVER_CODE = """
 import json, sys, torch
 torch.set_num_threads({threads})
@@ -101,12 +112,15 @@ class LocalServer:
             args.server_log or tempfile.mkstemp(prefix="oneiros-soak-", suffix=".log")[1]
         )
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.faults:
+            env.update(ONEIROS_FAULTS=args.faults, ONEIROS_FAULTS_SEED=str(args.seed))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, json.dumps(cfg)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=Path(__file__).resolve().parent.parent,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env,
         )
 
     def wait_ready(self, timeout: float) -> None:
@@ -151,6 +165,8 @@ class Stats:
         self.ttft: list[float] = []  # streamed valid requests: time to the first content chunk
         self.tokens = 0
         self.unexpected: list[str] = []
+        # Valid requests by how they ended: tokens, a clean error, or lost (fault mode's ledger).
+        self.ended: Counter[str] = Counter()
 
     def record(self, kind: str, status: int | str, ok_statuses: tuple[int, ...]) -> None:
         self.by_kind[kind] += 1
@@ -192,7 +208,8 @@ def _invalid_request(rng: random.Random, models: list[str], max_len: int) -> tup
         ("/v1/completions", {"model": m, "prompt": "hi", "max_tokens": 10**9}, 400),
         ("/v1/completions", {"model": m, "prompt": list(range(1, max_len + 50))}, 400),
         ("/v1/completions", {"model": m, "prompt": ""}, 400),
-        ("/v1/completions", {"model": m, "prompt": "hi", "n": 2}, 400),
+        ("/v1/completions", {"model": m, "prompt": "hi", "n": 0}, 400),
+        ("/v1/completions", {"model": m, "prompt": "hi", "guided_json": {}}, 400),
         ("/v1/chat/completions", {"model": m, "messages": []}, 400),
         ("/v1/chat/completions", {"model": m, "messages": [{"role": "user", "content": 5}]}, 400),
         (
@@ -205,18 +222,22 @@ def _invalid_request(rng: random.Random, models: list[str], max_len: int) -> tup
     return rng.choice(cases)
 
 
-async def _read_stream(resp: httpx.Response, t0: float, stats: Stats, limit: int | None) -> bool:
-    """Read SSE events; stop after `limit` content events (a deliberate disconnect). True on [DONE]."""
+async def _read_stream(resp: httpx.Response, t0: float, stats: Stats, limit: int | None) -> str:
+    """Read SSE events; stop after `limit` content events (a deliberate disconnect). Returns
+    'done' ([DONE] after tokens), 'error' (an error event, then [DONE]), 'cut' (our limit) or
+    'truncated' (the stream ended without [DONE])."""
     got = 0
+    error = False
     async for line in resp.aiter_lines():
         if not line.startswith("data: "):
             continue
         data = line[6:]
         if data == "[DONE]":
-            return True
+            return "error" if error else "done"
         event = json.loads(data)
         if "error" in event:
-            raise RuntimeError(f"stream error event: {event['error'].get('message')}")
+            error = True
+            continue
         if event.get("choices"):
             c = event["choices"][0]
             piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
@@ -225,8 +246,17 @@ async def _read_stream(resp: httpx.Response, t0: float, stats: Stats, limit: int
                     stats.ttft.append(time.perf_counter() - t0)
                 got += 1
                 if limit is not None and got >= limit:
-                    return False
-    return False
+                    return "cut"
+    return "truncated"
+
+
+def _clean_error(resp: httpx.Response) -> bool:
+    """An OpenAI error body with the fields a client reads."""
+    try:
+        err = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(err, dict) and {"message", "type", "code"} <= set(err)
 
 
 async def client_loop(
@@ -238,8 +268,14 @@ async def client_loop(
     deadline: float,
     stats: Stats,
     seed: int,
+    faults: bool = False,
 ) -> None:
     rng = random.Random(seed * 1000 + cid)
+    # With injected faults a valid request may end with a clean engine error (500/503 with an
+    # error body, or an error event in its stream); without them that is unexpected.
+    ok_valid: tuple[int | str, ...] = (200, 429)
+    if faults:
+        ok_valid += ("500-clean", "503-clean", "200-error-event")
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(300.0)) as h:
         while time.monotonic() < deadline:
             r = rng.random()
@@ -249,10 +285,15 @@ async def client_loop(
                     chat = rng.random() < 0.5
                     path = "/v1/chat/completions" if chat else "/v1/completions"
                     resp = await h.post(path, json=_valid_body(rng, models, chat, False))
-                    stats.record("valid", resp.status_code, (200, 429))
+                    clean = _clean_error(resp)
+                    stats.record("valid", resp.status_code if resp.status_code < 500 or not clean
+                                 else f"{resp.status_code}-clean", ok_valid)
                     if resp.status_code == 200:
                         stats.latency.append(time.perf_counter() - t0)
                         stats.tokens += resp.json()["usage"]["completion_tokens"]
+                        stats.ended["tokens"] += 1
+                    elif resp.status_code != 429:
+                        stats.ended["clean_error" if clean else "lost"] += 1
                 elif r < 0.60:  # valid, streamed to the end
                     chat = rng.random() < 0.5
                     path = "/v1/chat/completions" if chat else "/v1/completions"
@@ -260,14 +301,21 @@ async def client_loop(
                         "POST", path, json=_valid_body(rng, models, chat, True)
                     ) as resp:
                         if resp.status_code == 200:
-                            done = await _read_stream(resp, t0, stats, None)
-                            status: int | str = 200 if done else "stream-truncated"
+                            how = await _read_stream(resp, t0, stats, None)
+                            status: int | str = {"done": 200, "error": "200-error-event"}.get(
+                                how, "stream-truncated")
                         else:
                             await resp.aread()
                             status = resp.status_code
-                    stats.record("valid-stream", status, (200, 429))
+                            if status >= 500 and _clean_error(resp):
+                                status = f"{status}-clean"
+                    stats.record("valid-stream", status, ok_valid)
                     if status == 200:
                         stats.latency.append(time.perf_counter() - t0)
+                        stats.ended["tokens"] += 1
+                    elif status != 429:
+                        clean = status == "200-error-event" or str(status).endswith("-clean")
+                        stats.ended["clean_error" if clean else "lost"] += 1
                 elif r < 0.80:  # invalid
                     path, body, expect = _invalid_request(rng, models, max_len)
                     if isinstance(body, bytes):
@@ -290,8 +338,12 @@ async def client_loop(
                     async with h.stream("POST", path, json=body) as resp:
                         if resp.status_code == 200:
                             await _read_stream(resp, t0, stats, rng.randint(1, 3))
+                        else:
+                            await resp.aread()
                         status = resp.status_code  # leaving the block closes the connection
-                    stats.record("disconnect-stream", status, (200, 429))
+                        if status >= 500 and _clean_error(resp):
+                            status = f"{status}-clean"
+                    stats.record("disconnect-stream", status, ok_valid)
                 else:  # unary request abandoned by a short read timeout
                     body = {
                         "model": rng.choice(models),
@@ -305,18 +357,76 @@ async def client_loop(
                             json=body,
                             timeout=httpx.Timeout(300.0, read=rng.uniform(0.2, 1.0)),
                         )
+                        clean = resp.status_code >= 500 and _clean_error(resp)
                         stats.record(
                             "disconnect-unary",
-                            f"completed-{resp.status_code}",
-                            ("completed-200", "completed-429"),
+                            f"completed-{resp.status_code}{'-clean' if clean else ''}",
+                            ("completed-200", "completed-429", *(
+                                f"completed-{c}-clean" for c in (500, 503) if faults)),
                         )
                     except httpx.ReadTimeout:
                         stats.record("disconnect-unary", "client-timeout", ("client-timeout",))
             except (httpx.HTTPError, RuntimeError, json.JSONDecodeError) as e:
                 stats.record("transport", f"{type(e).__name__}", ())
+                if r < 0.60:
+                    stats.ended["lost"] += 1
 
 
-# ---- accounting -------------------------------------------------------------------------------------
+# ---- head-of-line probe --------------------------------------------------------------------------
+async def hol_probe(
+    url: str, headers: dict[str, str], models: list[str], prompt_bytes: int = 10_000_000
+) -> dict[str, Any]:
+    """One model streams 200 tokens; after its 20th chunk a prompt of `prompt_bytes` characters
+    goes to another model (refused on its length alone), after its 100th a prompt just under the
+    character limit (tokenised off the engine thread, then refused for its token count). The
+    stream's gaps between chunks: P50 against the largest."""
+    streamed, big_model = models[-1], models[0]
+    body = {"model": streamed, "prompt": "Count slowly:", "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0, "stream": True, "logprobs": 0}
+    times: list[float] = []
+    big: dict[str, Any] = {}
+    tokenised: dict[str, Any] = {}
+
+    async def send(h: httpx.AsyncClient, size: int, into: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        r = await h.post("/v1/completions", json={"model": big_model,
+                                                  "prompt": "hello " * (size // 6),
+                                                  "max_tokens": 1})
+        into.update(status=r.status_code, seconds=round(time.perf_counter() - t0, 3),
+                    error=(r.json().get("error") or {}).get("message", "")[:160])
+
+    listing = (await httpx.AsyncClient(base_url=url, headers=headers).get("/v1/models")).json()
+    window = {m["id"]: m["max_model_len"] for m in listing["data"]}[big_model]
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as h:
+        tasks = []
+        async with h.stream("POST", "/v1/completions", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                times.append(time.perf_counter())
+                if len(times) == 20:
+                    tasks.append(asyncio.ensure_future(send(h, prompt_bytes, big)))
+                if len(times) == 100:  # ~6 characters a token: a few times the window
+                    tasks.append(asyncio.ensure_future(send(h, window * 24, tokenised)))
+        await asyncio.gather(*tasks)
+    gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False))
+    p50 = _percentile(gaps, 0.5) or 0.0
+    worst = max(gaps) if gaps else 0.0
+    return {
+        "streamed_model": streamed,
+        "big_prompt_model": big_model,
+        "big_prompt_bytes": prompt_bytes,
+        "big_prompt_response": big,
+        "tokenised_prompt_response": tokenised,
+        "stream_chunks": len(times),
+        "gap_p50_s": round(p50, 4),
+        "gap_max_s": round(worst, 4),
+        "max_over_p50": round(worst / p50, 2) if p50 else None,
+        "ok": bool(p50) and worst <= 3 * p50 and big.get("status") == 400,
+    }
+
+
+# ---- accounting ----------------------------------------------------------------------------------
 def memory(url: str, headers: dict[str, str]) -> dict[str, Any]:
     r = httpx.get(url + "/v1/memory", params={"check": "true"}, headers=headers, timeout=120)
     r.raise_for_status()
@@ -372,6 +482,7 @@ def scrape(url: str, headers: dict[str, str]) -> dict[str, float]:
     for line in text.splitlines():
         if line.startswith(
             (
+                "oneiros_injected_faults_total",
                 "oneiros_preemptions_total",
                 "oneiros_engine_step_errors_total",
                 "oneiros_requests_finished_total",
@@ -391,7 +502,8 @@ async def run_clients(
     deadline = t0 + args.duration
     await asyncio.gather(
         *(
-            client_loop(i, url, headers, models, max_len, deadline, stats, args.seed)
+            client_loop(i, url, headers, models, max_len, deadline, stats, args.seed,
+                        bool(args.faults))
             for i in range(args.clients)
         )
     )
@@ -410,7 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20)")
     p.add_argument("--out", default="soak.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hol-probe", action="store_true",
+                   help="first, a 10 MB prompt to one model while another streams")
+    p.add_argument("--hol-only", action="store_true", help="the probe alone, no load")
     g = p.add_argument_group("server started by the soak (without --url)")
+    g.add_argument("--faults", default=None,
+                   help="inject faults into the server (ONEIROS_FAULTS spec), e.g. "
+                   "copy:0.01,restore:0.01,step:0.01,slow:0.05@0.2")
     g.add_argument("--models", default="a=smollm2,b=smollm2", help="name=source,...")
     g.add_argument("--memory-budget", default="1500MiB")
     g.add_argument("--max-model-len", type=int, default=1024)
@@ -449,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
         models = [m["id"] for m in listing]
         max_len = min(m.get("max_model_len", 2048) for m in listing)
         before = settle(url, headers)
+        if args.hol_probe or args.hol_only:
+            report["hol_probe"] = asyncio.run(hol_probe(url, headers, models))
+            print("head-of-line probe:", json.dumps(report["hol_probe"]), flush=True)
+        if args.hol_only:
+            args.duration = 0.0
         print(f"models {models}; load: {args.clients} clients for {args.duration:.0f}s", flush=True)
         stats, elapsed = asyncio.run(run_clients(args, url, headers, models, max_len))
         after = settle(url, headers)
@@ -473,6 +596,12 @@ def main(argv: list[str] | None = None) -> int:
                     "p99": _percentile(stats.ttft, 0.99),
                 },
                 "unexpected": stats.unexpected,
+                "valid_requests_ended": {
+                    "with_tokens": stats.ended["tokens"],
+                    "with_clean_error": stats.ended["clean_error"],
+                    "lost": stats.ended["lost"],
+                },
+                "faults": args.faults,
                 "memory_before": before,
                 "memory_after": after,
                 "accounting": compare(before, after),
@@ -480,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         rc = 0 if report["accounting"]["ok"] and not stats.unexpected else 1
+        if stats.ended["lost"] or not report.get("hol_probe", {"ok": True})["ok"]:
+            rc = 1
     finally:
         if server is not None:
             report["server_shutdown"] = server.stop()
@@ -496,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
             "latency_s",
             "stream_ttft_s",
             "unexpected",
+            "valid_requests_ended",
+            "hol_probe",
             "ok",
         )
     }

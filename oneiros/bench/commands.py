@@ -1,10 +1,15 @@
 """`oneiros bench`, `oneiros simulate` and `oneiros calibrate`: the harness behind the CLI.
 
-bench     the same workload against several policies, in-process (real engine) or over HTTP (`--url`,
-          any OpenAI-compatible server); JSON, PNG and a table of ratios against the first policy.
+bench     the same workload against several policies, in-process (real engine) or over HTTP
+          (`--url`, any OpenAI-compatible server); JSON (ours and `vllm bench serve`'s field
+          names), PNG and a table of ratios against the first policy; `--repeats` shows spread.
 simulate  the same report from the simulator: the real engine on the meta device with a hardware
           profile's cost model and a virtual clock (`--hardware gh200`, `--models c1`).
-calibrate fit a profile's efficiencies and overheads to a step trace (`--trace-steps` of a real run).
+calibrate fit a profile's efficiencies and overheads to a step trace (`--trace-steps` of a real
+          run).
+
+A comparison in which every request failed exits with status 4; one in which no policy ever came
+under memory pressure (so the ratios are noise) warns and exits with status 3.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ from oneiros.core import OneirosError
 from oneiros.engine.policies import POLICIES
 
 
+SIM_ONLY = ("mig",)  # baselines that are not one engine: the simulator runs them (bench.partition)
+
+
 def policies_arg(value: str) -> list[str]:
     names = [p.strip() for p in value.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
+    known = (*POLICIES, *SIM_ONLY)
+    bad = [p for p in names if p not in known]
     if not names or bad:
         raise argparse.ArgumentTypeError(
-            f"policies must be a comma list of {', '.join(POLICIES)}; got {value!r}"
+            f"policies must be a comma list of {', '.join(known)}; got {value!r}"
         )
     return names
 
@@ -36,26 +45,59 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="PNG (default: the JSON path with .png)")
     p.add_argument("--slo-ttft", type=float, default=None, help="goodput SLO on TTFT, seconds")
     p.add_argument("--slo-tbt", type=float, default=None, help="goodput SLO on P99 TBT, seconds")
+    p.add_argument("--overlong", choices=("clip", "reject"), default="clip",
+                   help="a request longer than its model's context: shorten it to fit, or refuse "
+                        "it (either way the report says how many)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every policy this many times; the table shows mean and spread")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _workload(args: argparse.Namespace) -> list:
+def _workload(args: argparse.Namespace, flag: str = "--workload") -> list:
+    """The workload of the spec; an error names the flag the user gave."""
     from oneiros.bench.workloads import workload_from_spec
 
     try:
         return workload_from_spec(args.workload)
     except (ValueError, OSError) as e:
-        raise OneirosError(f"--workload: {e}") from None
+        raise OneirosError(f"{flag}: {e}") from None
 
 
-def _report(args: argparse.Namespace, results: dict, config: dict[str, Any]) -> int:
+EXIT_NO_PRESSURE = 3  # a comparison that compared nothing: see pressure_warnings
+EXIT_ALL_FAILED = 4
+
+
+def _report(
+    args: argparse.Namespace, runs: list[dict], config: dict[str, Any]
+) -> int:
+    """Report the first repeat's runs in full, the spread over all repeats; warn (and exit
+    non-zero) when every request failed or nothing came under memory pressure."""
+    import sys
+
     from oneiros.bench.report import print_table, write_report
+    from oneiros.bench.runner import compare, pressure_warnings, spread
 
+    results = runs[0]
+    comparisons = [compare(r, args.slo_ttft, args.slo_tbt) for r in runs]
+    repeats = spread(comparisons) if len(runs) > 1 else None
     png = args.plot or str(Path(args.out).with_suffix(".png"))
-    write_report(results, args.out, png, config, args.slo_ttft, args.slo_tbt)
-    print_table(results, args.slo_ttft, args.slo_tbt)
+    report = write_report(results, args.out, png, config, args.slo_ttft, args.slo_tbt, repeats)
+    print_table(report["comparison"], repeats=repeats)
     print(f"wrote {args.out} and {png}")
+    warnings = [w for c in comparisons for w in pressure_warnings(c)]
+    for w in dict.fromkeys(warnings):
+        print(f"oneiros: warning: {w}", file=sys.stderr)
+    if any(w.startswith("every request failed") for w in warnings):
+        return EXIT_ALL_FAILED
+    if warnings:
+        return EXIT_NO_PRESSURE
     return 0
+
+
+def _repeat(args: argparse.Namespace, run: Any) -> list[dict]:
+    if args.repeats < 1:
+        raise OneirosError(f"--repeats must be at least 1, got {args.repeats}")
+    return [run() for _ in range(args.repeats)]
 
 
 def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
@@ -65,9 +107,14 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
     progress = not args.no_progress
     config = {"workload": args.workload, "policies": args.policies}
     if args.url:
-        result = run_http(args.url, workload, api_key=args.api_key, progress=progress)
-        return _report(args, {args.url: result}, {**config, "url": args.url})
+        runs = _repeat(args, lambda: {
+            args.url: run_http(args.url, workload, api_key=args.api_key, progress=progress)})
+        return _report(args, runs, {**config, "url": args.url})
     assert base is not None
+    if any(p in SIM_ONLY for p in args.policies):
+        raise OneirosError(
+            f"{', '.join(SIM_ONLY)} runs in the simulator only: use `oneiros simulate`"
+        )
     served = set(base.models)
     missing = sorted({w.model for w in workload} - served)
     if missing:
@@ -75,10 +122,11 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
             f"the workload names models {missing} that are not served ({sorted(served)}); pass "
             "--model NAME=SOURCE for each, or a mix of served names (mix=a+b in the workload)"
         )
-    results = run_policies(
-        lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress
-    )
-    return _report(args, results, {**config, "engine": base.__dict__})
+    runs = _repeat(args, lambda: run_policies(
+        lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress,
+        overlong=args.overlong,
+    ))
+    return _report(args, runs, {**config, "engine": base.__dict__})
 
 
 def _engine(config: EngineConfig):
@@ -101,24 +149,42 @@ def sim_models(value: list[tuple[str, str]] | None, mix: str | None) -> dict[str
 def run_simulate(args: argparse.Namespace, base: EngineConfig) -> int:
     from oneiros.bench.runner import run_policies
 
-    if not args.workload:
+    from_trace = not args.workload
+    if from_trace:
         if not args.trace:
             raise OneirosError("give --trace (an Azure LLM trace CSV) or --workload SPEC")
+        if not Path(args.trace).is_file():
+            raise OneirosError(
+                f"--trace: no such file {args.trace!r} (an Azure LLM inference trace CSV: "
+                "TIMESTAMP,ContextTokens,GeneratedTokens; docs/workloads.md)"
+            )
         spec = f"azure:path={args.trace},scale={args.time_scale},mix={args.mix or 'c1'}"
         if args.max_requests:
             spec += f",n={args.max_requests}"
         args.workload = spec
-    workload = _workload(args)
+    from oneiros.bench.partition import run_partitioned
+
+    workload = _workload(args, "--trace" if from_trace else "--workload")
     base = replace(base, executor="sim", hardware=args.hardware)
-    results = run_policies(
-        lambda p: _engine(replace(base, policy=p)), args.policies, workload,
-        progress=not args.no_progress,
-    )
+
+    def once() -> dict:
+        results = {}
+        for p in args.policies:
+            kw = {"progress": not args.no_progress, "overlong": args.overlong}
+            if p == "mig":
+                results[p] = run_partitioned(base, workload, policy=base.remap_fallback, **kw)
+            else:
+                results.update(run_policies(
+                    lambda p: _engine(replace(base, policy=p)), [p], workload, **kw
+                ))
+        return results
+
+    runs = _repeat(args, once)
     config = {
         "workload": args.workload, "policies": args.policies, "hardware": args.hardware,
         "engine": base.__dict__,
     }
-    return _report(args, results, config)
+    return _report(args, runs, config)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

@@ -190,6 +190,42 @@ def _summary_of(
     }
 
 
+def vllm_fields(records: Sequence[RequestRecord], duration: float | None) -> dict[str, Any]:
+    """The run in the field names of `vllm bench serve` results (milliseconds, per second):
+    completed, total_input_tokens, total_output_tokens, request/output/total_token throughput,
+    and mean/median/std/p90/p99 of TTFT, TPOT (per request: time after the first token over the
+    tokens after it), ITL (every gap between tokens) and E2EL (end-to-end latency)."""
+    done = [r for r in records if r.token_times]
+    prompt = sum(r.prompt_len for r in done)
+    generated = sum(r.output_len for r in done)
+    out: dict[str, Any] = {
+        "duration": duration,
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "total_input_tokens": prompt,
+        "total_output_tokens": generated,
+        "request_throughput": _rate(len(done), duration),
+        "output_throughput": _rate(generated, duration),
+        "total_token_throughput": _rate(prompt + generated, duration),
+    }
+    series = {
+        "ttft": [r.ttft for r in done],
+        "tpot": [(r.latency - r.ttft) / (len(r.token_times) - 1)
+                 for r in done if len(r.token_times) > 1],
+        "itl": [g for r in done for g in r.tbt],
+        "e2el": [r.latency for r in done],
+    }
+    for name, values in series.items():
+        x = np.asarray(values, dtype=float) * 1e3
+        empty = x.size == 0
+        out[f"mean_{name}_ms"] = None if empty else float(x.mean())
+        out[f"median_{name}_ms"] = None if empty else float(np.median(x))
+        out[f"std_{name}_ms"] = None if empty else float(x.std())
+        for q in (90, 99):
+            out[f"p{q}_{name}_ms"] = None if empty else float(np.percentile(x, q))
+    return out
+
+
 def _goodput(
     records: Sequence[RequestRecord],
     duration: float | None,

@@ -42,7 +42,9 @@ def run_partitioned(
     hw = load_profile(config.hardware)
     shares = shares or shares_of(workload, list(config.models))
     if set(shares) != set(config.models) or not all(v > 0 for v in shares.values()):
-        raise ConfigError(f"partition shares {shares} must give every served model a positive share")
+        raise ConfigError(
+            f"partition shares {shares} must give every served model a positive share"
+        )
     total = sum(shares.values())
     budget = config.memory_budget if config.memory_budget is not None else 0.9
     if not isinstance(budget, float):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,13 +33,25 @@ def report_dict(
     config: Mapping[str, Any] | None = None,
     slo_ttft_s: float | None = None,
     slo_tbt_s: float | None = None,
+    repeats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything a report holds: config, comparison, runs."""
-    return {
+    """Everything a report holds: config, comparison, runs, and each run in the field names of
+    `vllm bench serve` (under 'vllm', by policy; with one run, also at the top level, so a reader
+    of vLLM's result files reads ours unchanged). `repeats`: the spread over repeated runs."""
+    comparison = compare(results, slo_ttft_s, slo_tbt_s)
+    vllm = {name: s["vllm"] for name, s in comparison["summaries"].items()}
+    report: dict[str, Any] = {}
+    if len(vllm) == 1:
+        report.update(next(iter(vllm.values())))
+    report.update({
         "config": dict(config or {}),
-        "comparison": compare(results, slo_ttft_s, slo_tbt_s),
+        "comparison": comparison,
+        "vllm": vllm,
         "runs": {name: r.to_dict() for name, r in results.items()},
-    }
+    })
+    if repeats is not None:
+        report["repeats"] = repeats
+    return report
 
 
 def write_report(
@@ -48,10 +61,11 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     slo_ttft_s: float | None = None,
     slo_tbt_s: float | None = None,
+    repeats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the JSON report (and the figure when `out_png` is given); returns the report dict.
     Config values JSON cannot hold are written as strings."""
-    report = report_dict(results, config, slo_ttft_s, slo_tbt_s)
+    report = report_dict(results, config, slo_ttft_s, slo_tbt_s, repeats)
     if out_json is not None:
         path = Path(out_json)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,9 +135,10 @@ def plot_results(results: Mapping[str, RunResult], path: str | Path) -> None:
     grid = fig.add_gridspec(1 + timeline_rows, 2)
     _plot_cdf(fig.add_subplot(grid[0, 0]), results, _ttfts, "TTFT")
     _plot_cdf(fig.add_subplot(grid[0, 1]), results, _tbts, "TBT")
+    axes = _page_axes(results.values())
     for i, name in enumerate(names):
         ax = fig.add_subplot(grid[1 + i // 2, i % 2])
-        _plot_pages(ax, results[name], name)
+        _plot_pages(ax, results[name], name, axes)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -159,8 +174,26 @@ def _plot_cdf(ax: Any, results: Mapping[str, RunResult], values: Any, label: str
         ax.legend(loc="lower right")
 
 
-def _plot_pages(ax: Any, result: RunResult, name: str) -> None:
-    """Stacked step areas of pages per owner kind over the run."""
+def _page_axes(results: Any) -> tuple[float, int, int]:
+    """(last time, total pages, axis floor) shared by every policy's page timeline, so that the
+    panels compare at a glance."""
+    end, total, floor = 0.0, 0, None
+    for r in results:
+        times, series = pages_by_kind(r.page_history)
+        if not times:
+            continue
+        top = [sum(v) for v in zip(*series.values(), strict=True)]
+        end = max(end, times[-1])
+        total = max(total, max(top))
+        f = _y_floor(series, max(top))
+        floor = f if floor is None else min(floor, f)
+    return end, total, floor or 0
+
+
+def _plot_pages(
+    ax: Any, result: RunResult, name: str, axes: tuple[float, int, int] | None = None
+) -> None:
+    """Stacked step areas of pages per owner kind over the run (on shared axes when given)."""
     times, series = pages_by_kind(result.page_history)
     title = f"{name}: arena pages by owner"
     if result.page_bytes:
@@ -177,9 +210,9 @@ def _plot_pages(ax: Any, result: RunResult, name: str) -> None:
         ax.fill_between(times, bottom, top, step="post", label=kind, color=_KIND_COLORS[kind],
                         linewidth=0)
         bottom = top
-    ax.set_xlim(times[0], max(times[-1], times[0] + 1e-9))
-    floor = _y_floor(series, max(bottom))
-    ax.set_ylim(floor, max(bottom) or 1)
+    end, total, floor = axes or (times[-1], max(bottom), _y_floor(series, max(bottom)))
+    ax.set_xlim(min(0.0, times[0]), max(end, times[0] + 1e-9))
+    ax.set_ylim(floor, total or 1)
     if floor > 0:
         ax.set_ylabel(f"pages (axis from {floor})")
     ax.legend(loc="upper right", fontsize="small")
@@ -224,9 +257,13 @@ _COLUMNS: tuple[tuple[str, str, float, str], ...] = (
 _PATHS = {label: path for label, path, _ in HEADLINE_METRICS}
 
 
-def table_rows(comparison: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+def table_rows(
+    comparison: Mapping[str, Any], repeats: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the comparison table: one row per policy, each cell the value and, after
-    the baseline row, its ratio to the baseline ('12.3 (0.52x)'); '-' where there is no value."""
+    the baseline row, its ratio to the baseline ('12.3 (0.52x)'); '-' where there is no value.
+    With `repeats` (the spread over repeated runs) a cell is the mean and its half range
+    ('12.3 ±0.4')."""
     headers = ["policy", *(c[0] for c in _COLUMNS), "rejected"]
     rows = []
     baseline = comparison["baseline"]
@@ -234,7 +271,12 @@ def table_rows(comparison: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         row = [name]
         for _, label, scale, fmt in _COLUMNS:
             value = lookup(summary, _PATHS[label])
-            cell = "-" if value is None else format(value * scale, fmt)
+            spread = (repeats or {}).get(name, {}).get(label)
+            if spread is not None and spread["mean"] is not None:
+                half = (spread["max"] - spread["min"]) / 2 * scale
+                cell = f"{format(spread['mean'] * scale, fmt)} ±{format(half, fmt)}"
+            else:
+                cell = "-" if value is None else format(value * scale, fmt)
             r = comparison["ratios"][name].get(label)
             if name != baseline and value is not None and r is not None:
                 cell += f" ({r:.2f}x)"
@@ -242,6 +284,33 @@ def table_rows(comparison: Mapping[str, Any]) -> tuple[list[str], list[list[str]
         row.append(str(summary.get("rejected", 0)))
         rows.append(row)
     return headers, rows
+
+
+# Columns left out first when the table is wider than the terminal.
+_DROP_ORDER = ("TTFT p90 ms", "TBT p90 ms", "max gap p99 ms", "goodput tok/s", "TTFT p50 ms",
+               "TBT p50 ms", "TPOT p99 ms", "rejected", "remaps", "preempt")
+
+
+def fit_width(
+    headers: list[str], rows: list[list[str]], width: int, gap: int = 3
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """Drop columns (least important first) until the table fits `width` characters; returns
+    the headers, rows and the dropped column names."""
+    dropped: list[str] = []
+
+    def needed() -> int:
+        return sum(max(len(h), *(len(r[i]) for r in rows)) + gap for i, h in enumerate(headers))
+
+    for name in _DROP_ORDER:
+        if not rows or needed() <= width:
+            break
+        if name not in headers:
+            continue
+        i = headers.index(name)
+        headers = headers[:i] + headers[i + 1:]
+        rows = [r[:i] + r[i + 1:] for r in rows]
+        dropped.append(name)
+    return headers, rows, dropped
 
 
 def format_plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -259,16 +328,27 @@ def print_table(
     slo_tbt_s: float | None = None,
     file: IO[str] | None = None,
     use_rich: bool | None = None,
+    repeats: Mapping[str, Any] | None = None,
+    width: int | None = None,
 ) -> None:
     """Print P50/P90/P99 TTFT and TBT, throughput, goodput, preemptions and remap events per policy,
     with ratios against the first policy. Accepts the runs or an existing `compare` result. rich is
-    used when installed (and `use_rich` is not False); otherwise a plain table."""
+    used when installed (and `use_rich` is not False); otherwise a plain table. The table fits
+    `width` (default: the terminal's), leaving out the least important columns if it must."""
     comparison = results_or_comparison
+    notes: list[str] = []
     if "summaries" not in comparison:
+        notes = input_notes(results_or_comparison)  # type: ignore[arg-type]
         comparison = compare(results_or_comparison, slo_ttft_s, slo_tbt_s)  # type: ignore[arg-type]
-    headers, rows = table_rows(comparison)
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    headers, rows, dropped = fit_width(*table_rows(comparison, repeats), width)
     out = file if file is not None else sys.stdout
     title = f"ratios against {comparison['baseline']}"
+    if repeats:
+        runs = len(next(iter(next(iter(repeats.values())).values()))["values"])
+        title += f"; mean ±half range of {runs} runs"
+    if dropped:
+        title += f"; left out to fit {width} columns: {', '.join(dropped)}"
     slo = comparison.get("slo") or {}
     if slo.get("ttft_s") is not None or slo.get("tbt_s") is not None:
         title += f"; goodput SLO: TTFT <= {slo.get('ttft_s')} s, P99 TBT <= {slo.get('tbt_s')} s"
@@ -286,7 +366,24 @@ def print_table(
             for row in rows:
                 table.add_row(*row)
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-            Console(file=out, width=sum(w + 3 for w in widths) + 1).print(table)
+            Console(file=out, width=min(width, sum(w + 3 for w in widths) + 1)).print(table)
+            for note in notes:
+                print(note, file=out)
             return
     print(title, file=out)
     print(format_plain_table(headers, rows), file=out)
+    for note in notes:
+        print(note, file=out)
+
+
+def input_notes(results: Mapping[str, RunResult]) -> list[str]:
+    """What happened to the requests themselves, per run: how many were shortened to fit their
+    model's context window and how many were refused, by kind, with the first reason of each."""
+    notes = []
+    for name, r in results.items():
+        if r.clipped:
+            notes.append(f"{name}: {r.clipped} requests shortened to fit their model's context")
+        for kind, n in sorted(r.rejected.items()):
+            why = r.rejected_examples.get(kind, "")
+            notes.append(f"{name}: {n} requests rejected ({kind}): {why}")
+    return notes

@@ -20,13 +20,20 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord, lookup, ratio, summarize
-from oneiros.bench.workloads import WorkItem
+from oneiros.bench.metrics import (
+    HEADLINE_METRICS,
+    RequestRecord,
+    lookup,
+    ratio,
+    summarize,
+    vllm_fields,
+)
+from oneiros.bench.workloads import WorkItem, fit_context
 from oneiros.core import OneirosError, SamplingParams
 
 if TYPE_CHECKING:
@@ -64,6 +71,7 @@ class RunResult:
     page_bytes: int | None = None
     policy: str | None = None
     target: str = "engine"  # 'engine' or the server's URL
+    clipped: int = 0  # requests shortened to fit their model's context window (overlong="clip")
 
     def engine_totals(self) -> dict[str, float]:
         """Counters summed over models (preemptions, remapped_layers, h2d_bytes, ...)."""
@@ -82,6 +90,10 @@ class RunResult:
         counter totals under 'engine'."""
         out = summarize(self.records, duration_s, slo_ttft_s, slo_tbt_s)
         out["rejected"] = sum(self.rejected.values())
+        out["rejected_by_kind"] = dict(self.rejected)
+        out["clipped"] = self.clipped
+        out["vllm"] = vllm_fields(self.records, out["duration_s"])
+        out["vllm"]["failed"] += out["rejected"]
         out["engine"] = self.engine_totals() if self.counters else None
         return out
 
@@ -95,6 +107,7 @@ class RunResult:
             "page_bytes": self.page_bytes,
             "rejected": dict(self.rejected),
             "rejected_examples": dict(self.rejected_examples),
+            "clipped": self.clipped,
             "counters": self.counters,
             "page_history": [[t, dict(u)] for t, u in self.page_history],
             "records": [r.to_dict() for r in self.records],
@@ -115,6 +128,7 @@ class RunResult:
             page_bytes=d.get("page_bytes"),
             policy=d.get("policy"),
             target=d.get("target", "engine"),
+            clipped=d.get("clipped", 0),
         )
 
 
@@ -198,6 +212,7 @@ def run_engine(
     progress: bool = True,
     policy: str | None = None,
     max_steps: int | None = None,
+    overlong: str = "clip",
 ) -> RunResult:
     """Replay `workload` on an in-process engine and measure every request.
 
@@ -205,7 +220,12 @@ def run_engine(
     has come, with that time as its arrival. Prompts come from `make_prompt(index, item)`, by
     default `random_prompt` with ids in [100, smallest vocabulary). Requests the engine refuses at
     add time are counted in `rejected`, not raised. `max_steps` bounds the number of engine steps
-    (a RuntimeError beyond it) to catch an engine that stops making progress."""
+    (a RuntimeError beyond it) to catch an engine that stops making progress. A request whose
+    prompt and output do not fit its model's context window is shortened to fit
+    (`overlong="clip"`, counted in `clipped`: the paper served the Azure traces on 2,048-position
+    models this way) or refused (`"reject"`, counted in `rejected` as 'context')."""
+    if overlong not in ("clip", "reject"):
+        raise ValueError(f"overlong must be clip or reject, not {overlong!r}")
     check_models(workload, engine.model_names)
     if make_prompt is None:
         high = min(t.model.cfg.vocab_size for t in engine.tenants.values())
@@ -213,7 +233,7 @@ def run_engine(
     before = _counters(engine)
     bar = _progress(len(workload), progress, policy or "run")
     wall0 = time.perf_counter()
-    replay = _Replay(engine, workload, make_prompt, bar)
+    replay = _Replay(engine, workload, make_prompt, bar, overlong)
     try:
         replay.run(max_steps)
     finally:
@@ -230,6 +250,7 @@ def run_engine(
         num_pages=engine.arena.num_pages,
         page_bytes=engine.arena.page_bytes,
         policy=policy if policy is not None else getattr(engine.config, "policy", None),
+        clipped=replay.clipped,
     )
 
 
@@ -238,9 +259,16 @@ class _Replay:
     of finished ones and rejections. Time t0 is the engine clock when the replay starts."""
 
     def __init__(
-        self, engine: LLMEngine, workload: Sequence[WorkItem], make_prompt: PromptFactory, bar: Any
+        self,
+        engine: LLMEngine,
+        workload: Sequence[WorkItem],
+        make_prompt: PromptFactory,
+        bar: Any,
+        overlong: str = "clip",
     ) -> None:
         self.engine = engine
+        self.overlong = overlong
+        self.clipped = 0
         self.make_prompt = make_prompt
         self.bar = bar
         order = sorted(range(len(workload)), key=lambda k: workload[k].arrival_s)
@@ -277,6 +305,20 @@ class _Replay:
         while (t := self.due()) is not None and t <= now:
             k, item = self.pending[self.next]
             self.next += 1
+            window = self.engine.tenants[item.model].max_model_len
+            if item.prompt_len + item.output_len > window:
+                if self.overlong == "reject":
+                    self.rejections.add(
+                        "context", f"{item.prompt_len} + {item.output_len} tokens do not fit the "
+                        f"{window}-token context of model {item.model!r}",
+                    )
+                    self.bar.update()
+                    continue
+                item = replace(item, **dict(zip(
+                    ("prompt_len", "output_len"),
+                    fit_context(item.prompt_len, item.output_len, window), strict=True,
+                )))
+                self.clipped += 1
             try:
                 req = self.engine.add_request(
                     self.make_prompt(k, item), forced_params(item), item.model, arrival_time=t
@@ -560,3 +602,44 @@ def compare(
         "summaries": summaries,
         "ratios": ratios,
     }
+
+
+def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and headline metric, its values over repeated comparisons and their mean, min,
+    max and standard deviation (None where a repeat has no value)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in comparisons[0]["summaries"]:
+        out[name] = {}
+        for label, path, _ in HEADLINE_METRICS:
+            values = [lookup(c["summaries"][name], path) for c in comparisons]
+            have = [float(v) for v in values if v is not None]
+            mean = sum(have) / len(have) if have else None
+            std = (sum((v - mean) ** 2 for v in have) / len(have)) ** 0.5 if have else None
+            out[name][label] = {
+                "values": values, "mean": mean, "min": min(have, default=None),
+                "max": max(have, default=None), "std": std,
+            }
+    return out
+
+
+def pressure_warnings(comparison: Mapping[str, Any]) -> list[str]:
+    """What makes a comparison meaningless: every request failed, or (several policies, in
+    process) none of them ever came under memory pressure, so their differences are noise."""
+    summaries = comparison["summaries"]
+    warnings = []
+    if summaries and all(s.get("completed", 0) == 0 for s in summaries.values()):
+        warnings.append(
+            "every request failed (see 'rejected' in the JSON report): there is nothing to "
+            "compare"
+        )
+    engines = [s.get("engine") for s in summaries.values()]
+    if len(summaries) > 1 and engines and all(e is not None for e in engines) and all(
+        not e.get("preemptions") and not e.get("remapped_layers") and not e.get("swap_out_bytes")
+        for e in engines
+    ):
+        warnings.append(
+            "no policy came under memory pressure (0 preemptions, 0 remaps, 0 swaps): the "
+            "policies behaved the same and the ratios are run-to-run noise; lower "
+            "--memory-budget or raise the load"
+        )
+    return warnings

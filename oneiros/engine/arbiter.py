@@ -40,12 +40,13 @@ class Arbiter:
         store: MetadataStore,
         shares_memory: bool = True,
         remap: RemapController | None = None,
+        remap_on_admit: bool = False,
     ) -> None:
         self.schedulers = schedulers
         self.store = store
         self.shares_memory = shares_memory
         self.remap = remap
-        self.admit_without_remap = False
+        self.remap_on_admit = remap_on_admit
         self.planned: set[str] = set()  # models whose plan for the current step is made
         self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
 
@@ -92,10 +93,13 @@ class Arbiter:
                     break
                 freed += len(self.schedulers[name].pool.shrink(need - freed, evict=evict))
         if freed < need and self.remap is not None:
-            # A request being admitted takes parameter pages only from models not running, so that
-            # admission never adds copies to a pass; a running one may take what its model can hide.
+            # A request being admitted takes parameter pages only with remap_on_admit, so that
+            # admission never adds copies to a pass; a running one may take what its model can
+            # hide. When nothing runs anywhere no page would ever be freed, so admission may take
+            # then too (else the engine would wait forever).
             admitting = req.status is not RequestStatus.RUNNING
-            if not (admitting and self.admit_without_remap):
+            idle = not any(s.running for s in self.schedulers.values())
+            if self.remap_on_admit or not admitting or idle:
                 freed += self.remap.take(requester, need - freed, admitting=admitting)
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)

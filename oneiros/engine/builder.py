@@ -54,7 +54,7 @@ def build(config: EngineConfig) -> EngineParts:
     arena = PageArena(budget(config, backend, weight_bytes, page) // page, page)
     store = MetadataStore(list(models))
     schedulers: dict[str, Scheduler] = {}
-    arbiter = Arbiter(schedulers, store, policy.shares_memory)
+    arbiter = Arbiter(schedulers, store, policy.shares_memory, remap_on_admit=config.remap_on_admit)
     tenants = {
         n: tenant(config, policy, n, sources[n], m, arena, store, arbiter, dtype)
         for n, m in models.items()

@@ -348,7 +348,9 @@ def _device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r} (use cpu or cuda[:N])") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but CUDA is not available here; use --device cpu")
+        raise ConfigError(
+            "device cuda was asked for but CUDA is not available here; use --device cpu"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported (use cpu or cuda[:N])")
     return dev

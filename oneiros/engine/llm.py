@@ -15,7 +15,8 @@ Prompt = str | list[int]
 class LLM:
     """Load one model (`model=`) or several (`models={"name": source}`) into one arena and generate.
 
-    Extra keyword arguments are `EngineConfig` fields (device, dtype, memory_budget, block_size, ...).
+    Extra keyword arguments are `EngineConfig` fields (device, dtype, memory_budget, block_size,
+    ...).
     """
 
     def __init__(
@@ -31,16 +32,22 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
-        model: str | None = None,
+        model: str | Sequence[str] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+        `model` names the model of every prompt, or is a list with one model per prompt: the
+        prompts of several models run batched together in one arena."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        mlist = [model] * len(prompts) if model is None or isinstance(model, str) else list(model)
+        if len(mlist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(mlist)} models")
         reqs = [
-            self.engine.add_request(p, sp or SamplingParams(), model) for p, sp in zip(prompts, plist)
+            self.engine.add_request(p, sp or SamplingParams(), m)
+            for p, sp, m in zip(prompts, plist, mlist, strict=True)
         ]
         return self._run([r.request_id for r in reqs])
 
@@ -51,7 +58,8 @@ class LLM:
         model: str | None = None,
     ) -> list[RequestOutput]:
         """Like generate, for chat messages formatted with the model's chat template."""
-        convs = [conversations] if conversations and isinstance(conversations[0], dict) else conversations
+        single = conversations and isinstance(conversations[0], dict)
+        convs = [conversations] if single else conversations
         reqs = [
             self.engine.add_request(None, params or SamplingParams(), model, messages=c)  # type: ignore[arg-type]
             for c in convs
@@ -68,6 +76,11 @@ class LLM:
 
 
 def _tenant_name(source: str) -> str:
-    """A short tenant name for a single-model LLM: the built-in name or the last path component."""
+    """A short tenant name for a single-model LLM: the built-in name, a Hugging Face model ID as
+    it is (org/name, as vLLM serves it), or the last path component."""
+    from oneiros.models.loader import is_hub_id
+
+    if is_hub_id(source):
+        return source.partition("@")[0]
     name = source.rstrip("/").rsplit("/", 1)[-1]
     return name.removesuffix(".gguf") or "model"

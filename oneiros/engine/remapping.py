@@ -133,13 +133,15 @@ class RemapController:
         )
         return max(0, alpha - self._penalty.get(t.name, 0))
 
-    def _donor(self, t: Tenant, admitting: bool = False) -> DonorInfo:
+    def _donor(
+        self, t: Tenant, admitting: bool = False, fraction: float | None = None
+    ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
         work; for a model with work, no more than its passes hide (alpha_max), whether it runs now
         or waits for its turn (taking more would make its next turn wait for copies); nothing from
         a running model for an admission."""
         n = t.num_layers
-        cap = alpha_cap(n, self.max_remap_fraction)
+        cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
         if t.state.running and admitting:
             cap = 0
         elif t.state.active:
@@ -166,7 +168,11 @@ class RemapController:
         while freed < pages:
             donors = [self._donor(t, admitting) for t in self.tenants.values() if t.name != exclude]
             name = next_donor(donors, self.sharing, self.donor_order)
-            self._note_decisions(donors, name)
+            uncapped = [
+                self._donor(t, admitting, fraction=1.0)
+                for t in self.tenants.values() if t.name != exclude
+            ]
+            self._note_decisions(donors, uncapped, name)
             if name is None:
                 break
             t = self.tenants[name]
@@ -176,17 +182,14 @@ class RemapController:
             freed += self._evict(t, layer)
         return freed
 
-    def _note_decisions(self, donors: list[DonorInfo], chosen: str | None) -> None:
+    def _note_decisions(
+        self, donors: list[DonorInfo], uncapped: list[DonorInfo], chosen: str | None
+    ) -> None:
         """Count what the ablations turn on: a choice MRU and LRU make differently, and a take the
-        per-model cap changed (the choice without the cap differs)."""
+        per-model fraction cap changed (the choice without it differs)."""
         other = "lru" if self.donor_order == "mru" else "mru"
         if chosen is not None and next_donor(donors, self.sharing, other) != chosen:
             self.step.notes[chosen, "donor_order_decisive"] += 1
-        uncapped = [
-            DonorInfo(d.name, d.active, d.last_run, d.num_layers, d.num_missing,
-                      d.alpha_cap if d.active else max(0, d.num_layers - 1))
-            for d in donors
-        ]
         free_choice = next_donor(uncapped, self.sharing, self.donor_order)
         if free_choice is not None and free_choice != chosen:
             self.step.notes[free_choice, "cap_hits"] += 1
@@ -202,7 +205,8 @@ class RemapController:
         arena = self.arena
         donors = (self._donor(x) for x in self.tenants.values() if x.name != t.name)
         order = sorted(
-            (d for d in donors if d.num_missing < d.alpha_cap), key=lambda d: (d.active, -d.last_run)
+            (d for d in donors if d.num_missing < d.alpha_cap),
+            key=lambda d: (d.active, -d.last_run),
         )
         for d in order:
             x = self.tenants[d.name]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from oneiros.engine import faults
 from oneiros.memory.passplan import Copy, PassPlan
 
 
@@ -75,6 +76,7 @@ class LayerStreamer:
         return before, after
 
     def _start(self, c: Copy, timing: bool = True) -> None:
+        faults.maybe("copy")  # fault injection (tests, drills): a failed layer copy
         old = self._occupant.get(c.slab, c.slab)
         if old != c.layer:
             self.bind(old, None)  # its weights are about to be overwritten

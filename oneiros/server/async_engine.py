@@ -1,15 +1,24 @@
-"""AsyncLLMEngine: an asyncio front for the (single-threaded) LLMEngine.
+"""AsyncLLMEngine: an asyncio front for the (single-threaded) LLMEngine, the in-process client.
 
-One background thread owns the engine. Every engine call - add_request, abort, step, and the read-only
-snapshots the server takes for /metrics and /v1/memory - runs on that thread, between steps, taken from
-a command queue; the thread holds `_lock` while it touches the engine, and callers that find the thread
-stopped run under the same lock, so the engine is never used by two threads at once.
+One background thread owns the engine and does only engine work: it takes commands (add an already
+tokenised request, abort, run a read-only snapshot) between steps and runs steps. Callers that find
+the thread stopped run under the same lock, so the engine is never used by two threads at once.
 
-Outputs go back to per-request asyncio queues with `loop.call_soon_threadsafe`. A consumer that goes away
-(stream closed, task cancelled, async generator closed) queues an abort, which frees the request's KV
-blocks on the engine thread before the next step. An exception in a step fails every request in flight
-with `EngineStepError` and the loop keeps serving. Shutdown stops admission, lets requests in flight
-finish up to a timeout and aborts the rest with `EngineShutdownError`.
+Outputs go back to per-request asyncio queues with `loop.call_soon_threadsafe`. A consumer that goes
+away (stream closed, task cancelled, async generator closed) queues an abort, which frees the
+request's KV blocks on the engine thread before the next step.
+
+Failures:
+- a step whose model pass raises (a real error, or an injected `step`/`copy` fault) ends only the
+  requests that step touched (its sequences, and requests it swapped out) with `EngineStepError`;
+  their blocks are freed, the weights of a model that was streaming layers are re-copied from their
+  host copies, and every other request goes on;
+- a failure while the step was planned (before any model ran, e.g. a failed restore) changed no
+  request, so the step is retried; after `max_plan_failures` in a row the requests in flight fail;
+- if the loop itself dies, every request in flight fails with `EngineDeadError`, `health()` says
+  'dead' and the `on_death` callbacks run (the server exits non-zero for its supervisor).
+When no request is left, idle KV pages go back to the arena (except under the static policy) and
+remapped layers are restored from there.
 """
 
 from __future__ import annotations
@@ -26,32 +35,47 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from oneiros.core import InvalidRequestError, RequestOutput, SamplingParams
+from oneiros.core import (
+    InvalidRequestError,
+    RequestOutput,
+    RestoreLayer,
+    SamplingParams,
+    Step,
+    StepResult,
+)
+from oneiros.engine import faults
+from oneiros.engine.backends import Executor
 from oneiros.engine.engine import LLMEngine
+from oneiros.server.engine_client import (
+    EngineClient,
+    EngineDeadError,
+    EngineError,
+    EngineHealth,
+    EngineShutdownError,
+    EngineStepError,
+)
+from oneiros.server.metrics import memory_snapshot
+
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineDeadError",
+    "EngineError",
+    "EngineShutdownError",
+    "EngineStepError",
+    "RequestStream",
+]
 
 logger = logging.getLogger("oneiros.server.engine")
 
 T = TypeVar("T")
 
 
-class EngineError(RuntimeError):
-    """A request in flight could not be completed by the engine (not the caller's fault)."""
-
-
-class EngineStepError(EngineError):
-    """An engine step raised; every request in flight in that step was failed with this."""
-
-
-class EngineShutdownError(EngineError):
-    """The engine is shutting down: it admits nothing new, or it aborted this request on the way out."""
-
-
 class RequestStream:
-    """The consumer side of one request: async-iterate it for RequestOutputs (cumulative, the last one
-    has `finished`). Outputs that pile up while the consumer is busy are coalesced to the newest, which
-    loses nothing because every RequestOutput carries all tokens so far. `close()` aborts the request
-    in the engine if it has not finished; iterating to the end or breaking out of an `async with`
-    closes it too."""
+    """The consumer side of one request: async-iterate it for RequestOutputs (cumulative, the last
+    one has `finished`). Outputs that pile up while the consumer is busy are coalesced to the
+    newest, which loses nothing because every RequestOutput carries all tokens so far. `close()`
+    aborts the request in the engine if it has not finished; iterating to the end or breaking out
+    of an `async with` closes it too."""
 
     def __init__(
         self, engine: AsyncLLMEngine, request_id: str, loop: asyncio.AbstractEventLoop
@@ -126,18 +150,64 @@ class _Add:
     accepted: concurrent.futures.Future[None]
 
 
-class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, idle_poll_s: float = 1.0) -> None:
+class StepFailure(Exception):
+    """Executing a step raised (its memory actions or its model passes): `step` is what it was
+    running, so its requests and models are known."""
+
+    def __init__(self, step: Step, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.step = step
+        self.cause = cause
+
+    @property
+    def models(self) -> set[str]:
+        """Models whose bytes the step may have left half-moved."""
+        return {p.model for p in self.step.plans} | {op.model for op in self.step.memory}
+
+
+class GuardedExecutor(Executor):
+    """Wraps the engine's executor on the engine thread: a failure while executing a step comes
+    out as a StepFailure that carries the step (which requests and models it touched), and the
+    injected `step`, `slow` and `crash` faults fire here, after the step was planned and its
+    blocks allocated."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+
+    def execute(self, step: Step) -> list[StepResult]:
+        try:
+            if step.plans:
+                faults.maybe("step")
+            return self.inner.execute(step)
+        except Exception as e:
+            raise StepFailure(step, e) from e
+
+    def release(self, request_id: str) -> None:
+        self.inner.release(request_id)
+
+    def __getattr__(self, name: str) -> Any:  # runners, graphs: the wrapped executor's own
+        return getattr(self.inner, name)
+
+
+class AsyncLLMEngine(EngineClient):
+    def __init__(
+        self, engine: LLMEngine, idle_poll_s: float = 1.0, max_plan_failures: int = 3
+    ) -> None:
         self.engine = engine
-        self.model_names: list[str] = list(engine.model_names)
-        self.max_model_len: dict[str, int] = {n: t.max_model_len for n, t in engine.tenants.items()}
-        # Private copies of the Hugging Face tokenizers for the event loop's own decoding (token
-        # strings of logprobs), so it never shares a tokenizer object with the engine thread.
-        self.tokenizers: dict[str, Any] = {
-            n: copy.deepcopy(t.tokenizer.hf) if t.tokenizer is not None else None
+        if not isinstance(engine.executor, GuardedExecutor):
+            engine.executor = GuardedExecutor(engine.executor)
+        self._model_names: list[str] = list(engine.model_names)
+        self._max_len: dict[str, int] = {n: t.max_model_len for n, t in engine.tenants.items()}
+        self._vocab: dict[str, int] = {n: t.vocab_size for n, t in engine.tenants.items()}
+        # The loaded Hugging Face tokenizers; callers get copies of their own (`tokenizer`), so
+        # none is shared with the engine thread.
+        self._hf: dict[str, Any] = {
+            n: t.tokenizer.hf if t.tokenizer is not None else None
             for n, t in engine.tenants.items()
         }
+        self._hf_lock = threading.Lock()
         self._idle_poll_s = idle_poll_s
+        self.max_plan_failures = max_plan_failures
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.RLock()
@@ -151,13 +221,35 @@ class AsyncLLMEngine:
         # Consumer side: streams not yet finished or closed (for shutdown and admission accounting).
         self._live: set[RequestStream] = set()
         self._live_lock = threading.Lock()
+        self._idle_released = False  # idle memory given back since the last step
+        self._plan_failures = 0  # planning failures in a row
         self.num_steps = 0
         self.num_step_errors = 0
         self.last_step_error: str | None = None
+        self.dead: str | None = None  # why the loop died, once it has
+        self.on_death: list[Callable[[str], None]] = []
 
     @classmethod
     def from_config(cls, config: Any) -> AsyncLLMEngine:
         return cls(LLMEngine(config))
+
+    # ---- EngineClient: models and tokenizers ----------------------------------------------------
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._model_names)
+
+    def max_model_len(self, model: str) -> int:  # type: ignore[override]
+        return self._max_len[model]
+
+    def vocab_size(self, model: str) -> int:
+        return self._vocab[model]
+
+    def tokenizer(self, model: str) -> Any | None:
+        hf = self._hf.get(model)
+        if hf is None:
+            return None
+        with self._hf_lock:  # deepcopy reads the original, which nothing else writes
+            return copy.deepcopy(hf)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
@@ -168,13 +260,27 @@ class AsyncLLMEngine:
     def is_accepting(self) -> bool:
         return self._accepting and self.is_running
 
+    def health(self) -> EngineHealth:
+        if self.dead is not None:
+            state = "dead"
+        elif not self.is_accepting:
+            state = "draining" if self._thread is not None else "starting"
+        else:
+            state = "ok"
+        return EngineHealth(
+            state, self.dead, self.num_steps, self.num_step_errors, self.last_step_error
+        )
+
     @property
     def num_in_flight(self) -> int:
         with self._live_lock:
             return len(self._live)
 
     def start(self) -> None:
-        """Start (or restart, after shutdown) the engine thread and admit requests. Idempotent."""
+        """Start (or restart, after shutdown) the engine thread and admit requests. Idempotent. A
+        dead engine stays dead (its state cannot be trusted)."""
+        if self.dead is not None:
+            return
         if self.is_running:
             self._accepting = True
             return
@@ -188,9 +294,9 @@ class AsyncLLMEngine:
         self._accepting = True
 
     async def shutdown(self, timeout: float = 30.0) -> int:
-        """Stop admitting (new requests get EngineShutdownError), wait up to `timeout` seconds for the
-        requests in flight to finish, abort the rest, stop the engine thread. Returns how many were
-        aborted. Callable from any event loop; idempotent."""
+        """Stop admitting (new requests get EngineShutdownError), wait up to `timeout` seconds for
+        the requests in flight to finish, abort the rest, stop the engine thread. Returns how many
+        were aborted. Callable from any event loop; idempotent."""
         self._accepting = False
         deadline = time.monotonic() + max(0.0, timeout)
         while self.num_in_flight and time.monotonic() < deadline:
@@ -208,21 +314,25 @@ class AsyncLLMEngine:
         self._accepting = False
 
     # ---- requests -------------------------------------------------------------------------------
-    async def add_request(
+    async def add_request(  # type: ignore[override]
         self,
         prompt: str | list[int] | None = None,
         params: SamplingParams | None = None,
         model: str | None = None,
-        messages: list[dict[str, Any]] | None = None,
         request_id: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
         fill_max_tokens: bool = False,
     ) -> RequestStream:
-        """Queue a request and wait until the engine accepted it (so errors in the request - unknown
-        model, empty prompt, beyond the context window - raise here, before any output).
+        """Queue a request and wait until the engine accepted it (errors in the request raise here,
+        before any output). The server sends token ids it tokenised itself; text and `messages`
+        are still accepted for library callers (they are then tokenised on the engine thread).
 
         The prompt plus `params.max_tokens` must fit the model's context window
         (InvalidRequestError on `max_tokens` otherwise); with `fill_max_tokens`, max_tokens becomes
         whatever room the prompt leaves (the OpenAI default for chat)."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is dead ({self.dead}); nothing can be served")
         if not self.is_accepting:
             raise EngineShutdownError(
                 "the server is shutting down" if self._thread else "engine not started"
@@ -260,7 +370,7 @@ class AsyncLLMEngine:
         """Yield RequestOutputs for one request until it finishes. Closing the generator early (or
         cancelling the task that iterates it) aborts the request and frees its KV blocks."""
         stream = await self.add_request(
-            prompt, params, model, messages, request_id, fill_max_tokens
+            prompt, params, model, request_id, messages=messages, fill_max_tokens=fill_max_tokens
         )
         try:
             async for out in stream:
@@ -274,6 +384,20 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> bool:
         return await self.call(lambda e: e.abort(request_id))
+
+    # ---- snapshots ------------------------------------------------------------------------------
+    async def memory_snapshot(self) -> dict[str, Any]:
+        return await self.call(memory_snapshot)
+
+    async def check_integrity(self) -> str:
+        def check(e: LLMEngine) -> str:
+            try:
+                e.check_integrity()
+                return "ok"
+            except AssertionError as err:
+                return f"failed: {err}"
+
+        return await self.call(check)
 
     # ---- running code on the engine thread ------------------------------------------------------
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
@@ -310,6 +434,18 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         logger.info("engine thread started")
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the loop is dead; say so and fail everyone
+            self._die(f"{type(e).__name__}: {e}")
+            return
+        with self._state_lock:
+            self._alive = False  # from here on nothing more is queued; handle what already was
+        with self._lock:
+            self._process_commands(stopped=True)
+        logger.info("engine thread stopped")
+
+    def _loop(self) -> None:
         while True:
             self._wake.clear()
             busy = True
@@ -320,18 +456,39 @@ class AsyncLLMEngine:
                         self._fail_all(
                             EngineShutdownError("the server shut down before this request finished")
                         )
-                        break
+                        return
                     busy = self._step_once()
                 except Exception:
                     logger.exception("engine loop error; failing %d request(s)", len(self._streams))
                     self._fail_all(EngineStepError("internal engine loop error"))
             if not busy:
                 self._wake.wait(self._idle_poll_s)
+
+    def _die(self, reason: str) -> None:
+        logger.critical("the engine loop died (%s); failing %d request(s)", reason,
+                        len(self._streams))
+        self.dead = reason
+        self._accepting = False
         with self._state_lock:
-            self._alive = False  # from here on nothing more is queued; handle what already was
-        with self._lock:
-            self._process_commands(stopped=True)
-        logger.info("engine thread stopped")
+            self._alive = False
+        error = EngineDeadError(f"the engine stopped while running this request: {reason}")
+        for stream in list(self._streams.values()):
+            stream._push(EngineDeadError(str(error)))
+        self._streams.clear()
+        while True:  # commands queued before the thread was marked dead
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[1].accepted.set_exception(EngineDeadError(str(error)))
+            elif cmd[0] == "call":
+                cmd[2].set_exception(EngineDeadError(str(error)))
+        for callback in list(self.on_death):
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("an on_death callback failed")
 
     def _process_commands(self, stopped: bool = False) -> None:
         while True:
@@ -368,23 +525,10 @@ class AsyncLLMEngine:
         try:
             t = self.engine.tenant(a.model)
             ids = self.engine.encode(t.name, a.prompt, a.messages)
-            n, limit = len(ids), t.max_model_len
-            if n >= limit:
-                raise InvalidRequestError(
-                    f"the prompt has {n} tokens but model {t.name!r} has a context window of {limit} "
-                    f"tokens (at most {limit - 1} prompt tokens)",
-                    "messages" if a.messages is not None else "prompt",
-                )
-            params = a.params
-            if a.fill_max_tokens:
-                params = dataclasses.replace(params, max_tokens=limit - n)
-            elif n + params.max_tokens > limit:
-                raise InvalidRequestError(
-                    f"this model's maximum context length is {limit} tokens, but {n + params.max_tokens} "
-                    f"were requested ({n} in the prompt, {params.max_tokens} in the completion): "
-                    f"lower max_tokens to at most {limit - n}",
-                    "max_tokens",
-                )
+            params = fit_max_tokens(
+                a.params, len(ids), t.max_model_len, a.fill_max_tokens,
+                "messages" if a.messages is not None else "prompt",
+            )
             req = self.engine.add_request(ids, params, t.name, request_id=rid)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             a.accepted.set_exception(e)
@@ -396,24 +540,20 @@ class AsyncLLMEngine:
 
     def _step_once(self) -> bool:
         """One engine step if there is work. Returns whether there was work."""
+        if not self.engine.has_unfinished():
+            self._release_idle()
+            return False
         try:
-            if not self.engine.has_unfinished():
-                self.engine.revert_idle()  # no demand at all: parameters get their memory back
-                return False
             outputs = self.engine.step()
-            self.num_steps += 1
-        except Exception as e:
-            self.num_step_errors += 1
-            self.last_step_error = f"{type(e).__name__}: {e}"
-            logger.exception(
-                "engine step failed; failing %d request(s) in flight", len(self._streams)
-            )
-            self._fail_all(
-                EngineStepError(
-                    f"the engine failed while running this request: {self.last_step_error}"
-                )
-            )
+        except StepFailure as f:
+            self._step_failed(f)
             return True
+        except Exception as e:  # raised while planning (a failed restore, say)
+            self._plan_failed(e)
+            return True
+        self.num_steps += 1
+        self._plan_failures = 0
+        self._idle_released = False
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -422,6 +562,88 @@ class AsyncLLMEngine:
                 del self._streams[out.request_id]
             stream._push(out)
         return True
+
+    def _release_idle(self) -> None:
+        """No request anywhere: KV pages without a live block go back to the arena (their pools
+        grow again on demand; the static policy keeps its fixed shares), then remapped layers are
+        restored from the free pages. Once per idle period."""
+        if self._idle_released:
+            return
+        self._idle_released = True
+        e = self.engine
+        try:
+            if not e.policy.partitions_kv:
+                for t in e.tenants.values():
+                    t.pool.shrink()
+            e.revert_idle()
+        except StepFailure as f:  # a restore failed: put the bytes back as the accounting says
+            self.num_step_errors += 1
+            self.last_step_error = f"idle restore: {f}"
+            logger.warning("restoring idle layers failed (%s); serving goes on", f)
+            for model in f.models:
+                self._repair(model)
+        except Exception as err:
+            self.num_step_errors += 1
+            self.last_step_error = f"idle restore: {type(err).__name__}: {err}"
+            logger.warning("giving idle memory back failed (%s); serving goes on",
+                           self.last_step_error)
+
+    def _step_failed(self, f: StepFailure) -> None:
+        """End the requests the failed step touched, repair what the failed pass may have left
+        behind, and let every other request go on."""
+        self.num_step_errors += 1
+        self.last_step_error = str(f)
+        plans = f.step.plans
+        touched = {s.request.request_id for p in plans for s in p.seqs}
+        # A request the step swapped out has no KV copy on the host yet: it cannot resume.
+        touched |= {r.request_id for p in plans for r in p.preempted if r.host_block_ids}
+        logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
+        error = f"the engine failed while running this request: {f}"
+        for rid in touched:
+            stream = self._streams.pop(rid, None)
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                logger.exception("abort of %s failed", rid)
+            if stream is not None:
+                stream._push(EngineStepError(error))
+        for model in f.models:
+            self._repair(model)
+        self._check()
+
+    def _repair(self, model: str) -> None:
+        """After a failed step: the bytes may not match the accounting (a layer action cut short,
+        a streamed pass that left borrowed slabs holding other layers' weights). Every layer the
+        residency says is resident is copied again from its exact host copy into its pages (which
+        also drops copy-stream state and captured graphs); the others lose their views."""
+        runner = getattr(self.engine.executor, "runners", {}).get(model)
+        if runner is None:  # an executor without bytes (the simulator): nothing to repair
+            return
+        residency = self.engine.tenants[model].residency
+        with faults.suspended():
+            for layer, pages in enumerate(residency.slab_pages):
+                if pages is not None:
+                    runner.apply(RestoreLayer(model, layer, tuple(pages)))
+                else:
+                    runner.weights.unbind(layer)
+
+    def _plan_failed(self, e: Exception) -> None:
+        """The step failed before any model ran: no request changed, so the next step retries.
+        A failure that keeps coming back ends the requests in flight (they could never finish)."""
+        self.num_step_errors += 1
+        self._plan_failures += 1
+        self.last_step_error = f"{type(e).__name__}: {e}"
+        if self._plan_failures < self.max_plan_failures:
+            logger.warning("planning a step failed (%s); retrying", self.last_step_error)
+            return
+        logger.error("planning failed %d times in a row (%s); failing %d request(s)",
+                     self._plan_failures, self.last_step_error, len(self._streams))
+        self._plan_failures = 0
+        self._fail_all(
+            EngineStepError(
+                f"the engine failed while running this request: {self.last_step_error}"
+            )
+        )
 
     def _fail_all(self, error: EngineError) -> None:
         for rid, stream in list(self._streams.items()):
@@ -432,7 +654,34 @@ class AsyncLLMEngine:
             stream._push(type(error)(str(error)))
         self._streams.clear()
         if isinstance(error, EngineStepError):
-            try:
-                self.engine.check_integrity()
-            except Exception:
-                logger.exception("engine state is inconsistent after a failed step")
+            self._check()
+
+    def _check(self) -> None:
+        try:
+            self.engine.check_integrity()
+        except Exception:
+            logger.exception("engine state is inconsistent after a failed step")
+
+
+def fit_max_tokens(
+    params: SamplingParams, prompt_len: int, limit: int, fill: bool, field: str = "prompt"
+) -> SamplingParams:
+    """Check that a prompt of `prompt_len` tokens plus the completion fits a context window of
+    `limit` tokens; with `fill`, max_tokens becomes the room the prompt leaves."""
+    if prompt_len >= limit:
+        raise InvalidRequestError(
+            f"the prompt has {prompt_len} tokens but the model has a context window of {limit} "
+            f"tokens (at most {limit - 1} prompt tokens)",
+            field,
+        )
+    if fill:
+        return dataclasses.replace(params, max_tokens=limit - prompt_len)
+    if prompt_len + params.max_tokens > limit:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {limit} tokens, but "
+            f"{prompt_len + params.max_tokens} were requested ({prompt_len} in the prompt, "
+            f"{params.max_tokens} in the completion): lower max_tokens to at most "
+            f"{limit - prompt_len}",
+            "max_tokens",
+        )
+    return params

@@ -68,7 +68,8 @@ class SimExecutor(Executor):
         for plan in step.plans:
             t = self.tenants[plan.model]
             if plan.swap_out:
-                blocking = max(blocking, self.link.copy("d2h", len(plan.swap_out) * t.block_bytes, t0))
+                out = self.link.copy("d2h", len(plan.swap_out) * t.block_bytes, t0)
+                blocking = max(blocking, out)
             if plan.swap_in:
                 end = self.link.copy("h2d", len(plan.swap_in) * t.block_bytes, t0)
                 if self.async_swap_in and hw.async_copies:

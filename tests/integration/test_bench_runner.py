@@ -137,10 +137,21 @@ def test_refused_requests_are_counted_not_raised(weight_pages_total):
         WorkItem(0.0, "b", 600, 4),  # opt-tiny's context is 512 tokens
         WorkItem(0.001, "b", 8, 5),
     ]
-    result = run_engine(engine, workload, progress=False)
-    assert result.rejected == {"InvalidRequestError(prompt)": 1}
-    assert "512" in result.rejected_examples["InvalidRequestError(prompt)"]
+    result = run_engine(engine, workload, progress=False, overlong="reject")
+    assert result.rejected == {"context": 1} and result.clipped == 0
+    assert "512-token context" in result.rejected_examples["context"]
     assert [(r.model, r.output_len) for r in result.records] == [("a", 4), ("b", 5)]
+    # By default an overlong request is shortened to fit (prompt first) and counted; this engine
+    # has KV memory for 512 tokens of opt-tiny (16 pages of 32 tokens).
+    clipped = run_engine(make_engine(weight_pages_total, kv_pages=20), workload, progress=False)
+    assert clipped.rejected == {} and clipped.clipped == 1
+    assert [(r.prompt_len, r.output_len) for r in clipped.records] == [(8, 4), (508, 4), (8, 5)]
+    assert clipped.summary()["clipped"] == 1
+    # What the engine itself refuses is counted by kind, with its message: a prompt that fits the
+    # context but not the KV memory (4 pages of 32 opt-tiny tokens).
+    big = run_engine(engine, [WorkItem(0.0, "b", 200, 4)], progress=False)
+    assert big.rejected == {"InvalidRequestError(prompt)": 1}
+    assert "KV blocks" in big.rejected_examples["InvalidRequestError(prompt)"]
     with pytest.raises(ValueError, match="does not serve"):
         run_engine(engine, [WorkItem(0.0, "c", 8, 4)], progress=False)
     # The engine can be reused: counters and page history are per run.

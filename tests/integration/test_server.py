@@ -1,6 +1,6 @@
-"""The OpenAI-compatible server end to end: a real uvicorn server on a loopback port, a real engine with
-two tenants of the built-in SmolLM2 sharing one arena, driven by the official `openai` client (happy
-paths) and raw httpx (every error case, disconnects, shutdown)."""
+"""The OpenAI-compatible server end to end: a real uvicorn server on a loopback port, a real engine
+with two tenants of the built-in SmolLM2 sharing one arena, driven by the official `openai` client
+(happy paths) and raw httpx (every error case, disconnects, shutdown)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ import pytest
 
 from tests.helpers import ServerThread
 
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-
 from oneiros.config import EngineConfig
 from oneiros.core import ConfigError
 from oneiros.server.app import build_app
 from oneiros.server.async_engine import AsyncLLMEngine
+
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +96,18 @@ def wait_blocks_free(
         time.sleep(0.1)
 
 
+def wait_kv_released(url: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Once idle, every KV page goes back to the arena within a bounded time."""
+    wait_blocks_free(url, headers)
+    deadline = time.monotonic() + 10
+    while True:
+        m = memory(url, headers)
+        if m["kv_pages"] == 0:
+            return m
+        assert time.monotonic() < deadline, f"idle KV pages not released: {m['pages_by_owner']}"
+        time.sleep(0.05)
+
+
 def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> dict[str, Any]:
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers.get("x-request-id", "").startswith("req-")
@@ -109,7 +120,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> d
     return err
 
 
-# ---- happy paths through the openai client --------------------------------------------------------
+# ---- happy paths through the openai client ------------------------------------------------------
 def test_models(client: openai.OpenAI) -> None:
     assert sorted(m.id for m in client.models.list()) == ["a", "b"]
 
@@ -233,7 +244,7 @@ def test_both_models_at_once(client: openai.OpenAI, server: ServerThread) -> Non
         t.join(120)
     assert {r.model for r in results.values()} == {"a", "b"}
     assert all("Paris" in r.choices[0].message.content for r in results.values())
-    m = wait_blocks_free(server.url)
+    m = wait_kv_released(server.url)
     owners = m["pages_by_owner"]
     assert (
         owners["a/resident"] == owners["b/resident"] > 0
@@ -243,7 +254,8 @@ def test_both_models_at_once(client: openai.OpenAI, server: ServerThread) -> Non
     for name in ("a", "b"):
         info = m["models"][name]
         assert info["layers_resident"] == info["num_layers"] == 30
-        assert info["kv_pages"] > 0 and owners[f"{name}/kv"] == info["kv_pages"]
+        # Idle KV pages went back to the arena (issue 18, defect 7).
+        assert info["kv_pages"] == 0 and f"{name}/kv" not in owners
 
 
 def test_metrics(client: openai.OpenAI, server: ServerThread, aengine: AsyncLLMEngine) -> None:
@@ -290,10 +302,29 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "a", "prompt": []}, 400, "prompt"),
     ("/v1/completions", {"model": "a", "prompt": [1, -5]}, 400, "prompt"),
     ("/v1/completions", {"model": "a", "prompt": [1, 10**9]}, 400, "prompt"),
-    ("/v1/completions", {"model": "a", "prompt": ["x", "y"]}, 400, "prompt"),
     ("/v1/completions", {"model": "a", "prompt": 42}, 400, "any"),
     ("/v1/completions", {"model": "a"}, 400, "prompt"),
-    ("/v1/completions", {"model": "a", "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "guided_json": {}}, 400, "guided_json"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "logit_bias": {"5": 101}}, 400,
+     "logit_bias"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "logit_bias": {"999999": 1}}, 400,
+     "logit_bias"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "min_p": 2}, 400, "min_p"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "presence_penalty": 3}, 400,
+     "presence_penalty"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "repetition_penalty": 0}, 400,
+     "repetition_penalty"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "allowed_token_ids": [10**7]}, 400,
+     "allowed_token_ids"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "skip_special_tokens": False}, 400,
+     "skip_special_tokens"),
+    ("/v1/completions", {"model": "a", "prompt": ["x", ""]}, 400, "prompt"),
+    ("/v1/completions", {"model": "a", "prompt": "hi", "n": 40}, 400, "n"),
     ("/v1/completions", {"model": "a", "prompt": "hi", "temperature": "hot"}, 400, "any"),
     ("/v1/completions", {"model": "a", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": "a", "prompt": "hi", "top_p": 0}, 400, "top_p"),
@@ -311,7 +342,21 @@ BAD_REQUESTS = [
         400,
         "any",
     ),
-    ("/v1/chat/completions", {"model": "a", "messages": FRANCE, "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"model": "a", "messages": FRANCE, "tools": [{}]}, 400, "tools"),
+    (
+        "/v1/chat/completions",
+        {"model": "a", "messages": FRANCE, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "a", "messages": FRANCE, "continue_final_message": True},
+        400,
+        "continue_final_message",
+    ),
+    ("/v1/chat/completions", {"model": "a", "messages": FRANCE, "min_tokens": 3}, 400,
+     "min_tokens"),
     (
         "/v1/chat/completions",
         {"model": "a", "messages": FRANCE, "top_logprobs": 2},
@@ -323,7 +368,7 @@ BAD_REQUESTS = [
         "/v1/chat/completions",
         {"model": "a", "messages": FRANCE, "max_completion_tokens": -3},
         400,
-        "max_tokens",
+        "max_completion_tokens",
     ),
     ("/v1/completions", [1, 2, 3], 400, "any"),
     ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model"),
@@ -363,8 +408,10 @@ def test_error_shape_through_openai_client(client: openai.OpenAI) -> None:
         client.completions.create(model="missing", prompt="hi")
     assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="a", messages=FRANCE, n=2)
-    assert e.value.body["param"] == "n"
+        client.chat.completions.create(
+            model="a", messages=FRANCE, extra_body={"use_beam_search": 1}
+        )
+    assert e.value.body["param"] == "use_beam_search"
 
 
 def test_api_key(strict_server: ServerThread) -> None:
@@ -376,7 +423,24 @@ def test_api_key(strict_server: ServerThread) -> None:
         httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).status_code
         == 200
     )
-    assert httpx.get(url + "/health").status_code == 200  # health and metrics stay open
+    # Every route needs the key (issue 18, defect 4) except the liveness routes.
+    for path in ("/metrics", "/openapi.json", "/docs", "/redoc", "/v1/memory", "/version",
+                 "/v1/dashboard", "/dashboard"):
+        r = httpx.get(url + path)
+        assert_error(r, 401)
+        assert r.headers["www-authenticate"].startswith(
+            "Basic" if path.startswith(("/dashboard", "/docs", "/redoc", "/openapi")) else "Bearer"
+        )
+    assert_error(httpx.post(url + "/tokenize", json={"model": "a", "prompt": "hi"}), 401)
+    health = httpx.get(url + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # no details
+    assert httpx.get(url + "/ping").status_code == 200
+    authed = httpx.get(url + "/health", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    assert authed["models"] == ["a", "b"]
+    # HTTP Basic with the key as the password (what a browser sends for /dashboard and /docs).
+    assert httpx.get(url + "/metrics", auth=("anyone", API_KEY)).status_code == 200
+    assert httpx.get(url + "/openapi.json", auth=("x", API_KEY)).status_code == 200
+    assert_error(httpx.get(url + "/metrics", auth=("x", "wrong")), 401)
     c = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
     assert len(c.models.list().data) == 2
     with pytest.raises(openai.AuthenticationError):
@@ -397,7 +461,7 @@ def test_queue_limit_429(strict_server: ServerThread) -> None:
     wait_blocks_free(url, auth)  # closing the two streams aborted them
 
 
-# ---- disconnects, engine failures, shutdown --------------------------------------------------------
+# ---- disconnects, engine failures, shutdown ------------------------------------------------------
 def test_stream_disconnect_frees_kv(server: ServerThread, aengine: AsyncLLMEngine) -> None:
     body = {
         "model": "b",
@@ -438,18 +502,10 @@ def test_unary_disconnect_frees_kv(server: ServerThread, aengine: AsyncLLMEngine
 def test_engine_step_error_fails_request_and_keeps_serving(
     client: openai.OpenAI, server: ServerThread, aengine: AsyncLLMEngine
 ) -> None:
-    executor = aengine.engine.executor
-    real = executor.execute
-    calls = {"n": 0}
-
-    def broken(plan: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected failure")
-        return real(plan)
+    from oneiros.engine import faults
 
     errors_before = aengine.num_step_errors
-    executor.execute = broken  # type: ignore[method-assign]
+    faults.install(faults.parse("step:1*1"))
     try:
         r = httpx.post(
             server.url + "/v1/completions",
@@ -457,9 +513,9 @@ def test_engine_step_error_fails_request_and_keeps_serving(
             timeout=60,
         )
         err = assert_error(r, 500)
-        assert "injected failure" in err["message"] and err["type"] == "internal_error"
+        assert "injected fault: step" in err["message"] and err["type"] == "internal_error"
     finally:
-        executor.execute = real  # type: ignore[method-assign]
+        faults.install(None)
     assert aengine.num_step_errors == errors_before + 1
     wait_blocks_free(server.url)
     aengine.call_sync(lambda e: e.check_integrity())
@@ -468,9 +524,10 @@ def test_engine_step_error_fails_request_and_keeps_serving(
 
 
 def test_graceful_shutdown(server: ServerThread, aengine: AsyncLLMEngine) -> None:
-    """Draining: new requests and /health get 503, a request in flight finishes; past the timeout the
-    rest are aborted (their streams end with an error event) and their KV blocks freed. The engine is
-    restarted at the end so the module's other tests are unaffected by the order they run in."""
+    """Draining: new requests and /health get 503, a request in flight finishes; past the timeout
+    the rest are aborted (their streams end with an error event) and their KV blocks freed. The
+    engine is restarted at the end so the module's other tests are unaffected by the order they
+    run in."""
     url = server.url
     body = {
         "model": "a",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -256,3 +258,105 @@ def test_truncation_is_per_row():
     order = probs.argsort(descending=True)
     nucleus = set(order[: int((probs[order].cumsum(0) < 0.2).sum()) + 1].tolist())
     assert seen[3] <= nucleus and len(seen[3]) > 1
+
+
+# ---- penalties, logit bias, allowed tokens, min-p (against a row-at-a-time reference) -----------
+def reference_logits(row: torch.Tensor, r) -> torch.Tensor:
+    """vLLM's order, one token at a time in plain Python: allowed tokens, bias, repetition,
+    frequency, presence."""
+    p = r.params
+    out = [float(x) for x in row]
+    vocab = len(out)
+    if p.allowed_token_ids is not None:
+        out = [x if t in p.allowed_token_ids else float("-inf") for t, x in enumerate(out)]
+    for t, b in p.logit_bias:
+        if t < vocab:
+            out[t] += b
+    gen = r.output_token_ids
+    seen = set(gen) | set(r.prompt_token_ids)
+    for t in range(vocab):
+        if t in seen and p.repetition_penalty != 1.0:
+            out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+        c = gen.count(t)
+        out[t] -= p.frequency_penalty * c + p.presence_penalty * (c > 0)
+    return torch.tensor(out)
+
+
+def penalized_request(rng: random.Random, **params):
+    r = make_request(rng.randint(1, 6), **params)
+    r.prompt_token_ids = [rng.randrange(V) for _ in range(rng.randint(1, 8))]
+    r.output_token_ids = [rng.randrange(V) for _ in range(rng.randint(0, 12))]
+    return r
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    rep=st.sampled_from([1.0, 0.5, 1.3, 2.0]),
+    freq=st.sampled_from([0.0, 0.7, -1.5]),
+    pres=st.sampled_from([0.0, 1.2, -0.4]),
+    nbias=st.integers(0, 4),
+    allowed=st.booleans(),
+)
+def test_process_logits_matches_reference(seed, rep, freq, pres, nbias, allowed):
+    rng = random.Random(seed)
+    reqs = []
+    for k in range(4):
+        if k == 3:  # a row without any of it shares the batch and stays untouched
+            reqs.append(penalized_request(rng, temperature=0.0))
+            continue
+        bias = {rng.randrange(V + 5): rng.uniform(-100, 100) for _ in range(nbias)}
+        ids = tuple(rng.sample(range(V), 5)) if allowed and k == 1 else None
+        reqs.append(penalized_request(
+            rng, temperature=0.0, repetition_penalty=rep, frequency_penalty=freq,
+            presence_penalty=pres, logit_bias=bias, allowed_token_ids=ids,
+        ))
+    logits = logits_rows(4, seed)
+    got = Sampler(CPU).process_logits(logits.clone(), reqs)
+    for i, r in enumerate(reqs):
+        assert torch.allclose(got[i], reference_logits(logits[i], r), atol=1e-4, equal_nan=False)
+    tokens, lps, _ = Sampler(CPU).sample(logits, reqs)
+    assert tokens == [int(reference_logits(logits[i], r).argmax()) for i, r in enumerate(reqs)]
+    raw = torch.log_softmax(logits, -1)  # reported logprobs stay those of the raw logits
+    assert lps == pytest.approx(raw[range(4), tokens].tolist(), abs=1e-6)
+
+
+def test_penalties_change_the_greedy_pick():
+    logits = torch.zeros(1, V)
+    logits[0, 7], logits[0, 9] = 5.0, 4.0
+    r = make_request(2, temperature=0.0, frequency_penalty=1.0)
+    r.output_token_ids = [7, 7]  # 5 - 2 < 4
+    assert Sampler(CPU).sample(logits, [r])[0] == [9]
+    r = make_request(2, temperature=0.0, presence_penalty=2.0)
+    r.output_token_ids = [7]
+    assert Sampler(CPU).sample(logits, [r])[0] == [9]
+    r = make_request(2, temperature=0.0, repetition_penalty=2.0)
+    r.prompt_token_ids = [7]  # the prompt counts for the repetition penalty: 5 / 2 < 4
+    assert Sampler(CPU).sample(logits, [r])[0] == [9]
+    r = make_request(2, temperature=0.0, logit_bias={3: 100})
+    assert Sampler(CPU).sample(logits, [r])[0] == [3]
+    r = make_request(2, temperature=1.0, seed=1, allowed_token_ids=(11, 12))
+    assert set(draw(Sampler(CPU), logits[0], r, 30)) <= {11, 12}
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.full((1, V), -30.0)
+    logits[0, :3] = torch.tensor([2.0, 1.9, -1.0])  # p(2) / p(0) = e^-3 ~ 0.05
+    r = req(min_p=0.1, seed=3)
+    assert set(draw(Sampler(CPU), logits[0], r, 300)) == {0, 1}
+    r = req(min_p=0.0, seed=3)
+    assert 2 in set(draw(Sampler(CPU), logits[0], r, 300))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("min_p", 1.5), ("presence_penalty", 3), ("frequency_penalty", -2.5),
+     ("repetition_penalty", 0), ("logit_bias", {1: 101}), ("logit_bias", {-1: 1}),
+     ("allowed_token_ids", ()), ("allowed_token_ids", (-3,))],
+)
+def test_bad_penalty_params_name_the_field(field, value):
+    from oneiros.core import InvalidRequestError, SamplingParams
+
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**{field: value})
+    assert e.value.param == field
