@@ -56,6 +56,7 @@ class PrefixCache:
         self._entries: dict[int, CachedBlock] = {}
         # Indexed blocks that no request references, least recently used first.
         self._lru: OrderedDict[int, None] = OrderedDict()
+        self.num_evicted = 0  # entries dropped to give their memory away, since the start
 
     # ---- hashes ----------------------------------------------------------------------------------
     def hashes(self, req: Request, n: int) -> list[bytes]:
@@ -131,6 +132,7 @@ class PrefixCache:
     def _drop(self, block: int) -> None:
         entry = self._entries.pop(block)
         del self._block_of[entry.hash]
+        self.num_evicted += 1
 
     def check_integrity(self, referenced: set[int]) -> None:
         """Every indexed block is referenced or unreferenced (in the LRU), never both; the index
