@@ -2,12 +2,10 @@
 
 Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Memory
 comes in this order, cheapest first:
-  0. (the pool itself, `KVPool.allocate`, before it asks) its free blocks, free arena pages, then
-     its own unreferenced cached blocks, least recently used first: this model's cache goes before
-     anything of another model, and no page changes owner;
-  1. other models' KV pages that no live request references, the least recently run model's first:
-     first the idle pages that hold no cached block (nothing is lost), then the pages holding
-     unreferenced cached blocks, least recently used first (their cache entries are evicted);
+  0. (the pool itself, `KVPool.allocate`, before it asks) its free and unreferenced cached blocks,
+     then free arena pages: this model's prefix cache goes before anything of another model;
+  1. other models' KV pages that no live request references (free or prefix-cached blocks only;
+     the cache entries on them are evicted), the least recently run model's first;
   2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose);
   3. when the asking request is running: a running request of another model that is younger than
      every running request of the asking model (the engine's youngest goes first, whichever model it
@@ -82,16 +80,13 @@ class Arbiter:
         if not self.shares_memory:
             return False
         pool = self.schedulers[requester].pool
-        # The pool's own cached blocks go first (`KVPool.allocate` evicts them): pages are found
-        # for the rest only.
-        need = pool.pages_needed(blocks - pool.num_cached) - pool.arena.num_free
+        need = pool.pages_needed(blocks) - pool.arena.num_free
         freed = 0
-        others = [n for n in reversed(self.store.mru_order()) if n != requester]
-        for evict in (False, True):  # idle pages without cached blocks, then cached ones
-            for name in others:
-                if freed >= need:
-                    break
-                freed += len(self.schedulers[name].pool.shrink(need - freed, evict=evict))
+        for name in reversed(self.store.mru_order()):
+            if freed >= need:
+                break
+            if name != requester:
+                freed += len(self.schedulers[name].pool.shrink(need - freed))
         if freed < need and self.remap is not None:
             # A request being admitted takes parameter pages only with remap_on_admit, so that
             # admission never adds copies to a pass; a running one may take what its model can

@@ -236,14 +236,10 @@ class RemapController:
         ppl = t.residency.pages_per_layer
         pages = t.residency.restore(layer)
         if pages is None:
-            # Idle KV pages go back to the arena: those without cached blocks first, and only if
-            # they are not enough for a run, those of the prefix cache too.
-            for evict in (False, True):
-                for other in self.tenants.values():
-                    other.pool.shrink(evict=evict)
-                pages = t.residency.restore(layer)
-                if pages is not None:
-                    break
+            # Idle KV pages go back to the arena, cached blocks on them too (see memory/kv.py).
+            for other in self.tenants.values():
+                other.pool.shrink()
+            pages = t.residency.restore(layer)
             if pages is None and self._compact(ppl):
                 pages = t.residency.restore(layer)
             if pages is None and displace and self._make_run(t, ppl):

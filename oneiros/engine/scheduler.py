@@ -18,10 +18,11 @@ starts from its longest cached prefix of full blocks (at least its last token is
 samples from it) and prefills only the rest: its block table points at the cached blocks, one more
 reference each, nothing is copied. A block is indexed as soon as a scheduled chunk fills it, so a
 request admitted later in the same step (a sibling with the same prompt) already shares it: within
-a layer every token's K/V is written before any token attends. With shared blocks, a swap-out copies only the
-blocks the request alone references (`host_block_ids` has None for the others); on resume the
-request takes its longest cached prefix again, copies back its own blocks after it, and recomputes
-from the first block it finds in neither place.
+a layer every token's K/V is written before any token attends. With shared blocks, a swap-out
+copies only the blocks the request alone references (`host_block_ids` has None for the others); on
+resume the request takes its longest cached prefix again, copies back its own blocks after it, and
+recomputes from the first block it finds in neither place (a shared block whose memory was reused
+while the request was out).
 Everything the scheduler decides is in the plan it returns; it keeps no counters.
 """
 

@@ -9,10 +9,15 @@ Every block of the pool is in exactly one state:
   - held: referenced by live requests (a reference count; a block shared through the prefix cache
     has several);
   - cached (prefix caching on): full, indexed by its hash in `self.cache`, referenced by no request;
-    kept in LRU order until its memory is needed.
-`allocate` takes free blocks, then grows the pool from free arena pages, then evicts this pool's
-least recently used cached blocks. `shrink` gives back pages holding no referenced block (evicting
-the cache entries on them), which is how KV memory returns to other models or to parameters.
+    its content is kept until its memory is reused.
+A cached block is a free block that remembers its content: `allocate` hands out free and cached
+blocks together, lowest id first (evicting a cached one it hands out), and grows the pool from free
+arena pages only when both are used up; `shrink` gives back pages holding no referenced block,
+highest first, whether they hold cached blocks or not (their entries are evicted). So caching
+changes which tokens are computed (a hit skips them) and never which memory is used: with no hit,
+every block and page decision is the one the pool makes with caching off (the simulator's results,
+and the paper grid, stay the same). Only `shrink(evict=False)`, when the server goes idle, keeps
+the pages of cached blocks.
 """
 
 from __future__ import annotations
@@ -50,10 +55,13 @@ class KVPool:
         self.block_size = block_size
         self.blocks_per_page = arena.page_bytes // block_bytes
         self._pages: set[int] = set()
-        # A min-heap: the lowest block (so the lowest page) goes first. Live blocks gather in low
-        # pages and high pages fall idle, so shrinking leaves long free runs at the top of the arena,
-        # where layer slabs are placed when parameters come back.
-        self._free_blocks: list[int] = []
+        # A min-heap of the free and cached blocks: the lowest block (so the lowest page) goes
+        # first. Live blocks gather in low pages and high pages fall idle, so shrinking leaves long
+        # free runs at the top of the arena, where layer slabs are placed when parameters come
+        # back. Entries go stale (a cached block hit, a page given back) and are skipped when
+        # popped; `_free` is the truth for free blocks, `self.cache` for cached ones.
+        self._heap: list[int] = []
+        self._free: set[int] = set()
         self._refs: dict[int, int] = {}  # held block -> live references (>= 1)
         self.cache = PrefixCache(model, block_size) if prefix_caching else None
         self._resizes: list[ResizeKV] = []  # since the last drain_resizes()
@@ -85,10 +93,25 @@ class KVPool:
         return len(self._pages) - self.num_busy_pages
 
     @property
+    def num_empty_pages(self) -> int:
+        """Pages holding neither a referenced nor a cached block: `shrink(evict=False)` gives
+        them back without losing anything."""
+        bpp = self.blocks_per_page
+        kept = {b // bpp for b in self._refs}
+        if self.cache is not None:
+            kept.update(b // bpp for b in self.cache.lru_order())
+        return len(self._pages) - len(kept)
+
+    @property
     def num_free_blocks(self) -> int:
         """Free blocks in pages the pool already owns (not counting free arena pages or cached
         blocks)."""
-        return len(self._free_blocks)
+        return len(self._free)
+
+    @property
+    def num_reusable(self) -> int:
+        """Blocks `allocate` can hand out without growing: free and cached ones."""
+        return len(self._free) + self.num_cached
 
     def refcount(self, block: int) -> int:
         return self._refs.get(block, 0)
@@ -98,7 +121,7 @@ class KVPool:
         return dict(self._refs)
 
     def can_allocate(self, n: int) -> bool:
-        missing = n - len(self._free_blocks) - self.num_cached
+        missing = n - self.num_reusable
         return missing <= 0 or self.pages_needed(missing) <= self.arena.num_free
 
     def pages_needed(self, blocks: int) -> int:
@@ -112,24 +135,25 @@ class KVPool:
 
     # ---- allocation ----------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int] | None:
-        """n blocks, each with one reference: free blocks first, then pages grown from the free
-        arena pages, then this pool's least recently used cached blocks (evicted). None (and no
-        change) when all of that is not enough."""
+        """n blocks, each with one reference: free and cached blocks, lowest first (a cached one
+        is evicted), growing the pool from free arena pages when they are not enough. None (and
+        no change) when the arena has not the pages either."""
         if n <= 0:
             return []
-        missing = n - len(self._free_blocks)
-        if missing > 0:
-            pages = min(self.pages_needed(missing), self.arena.num_free)
-            if missing > pages * self.blocks_per_page + self.num_cached:
-                return None
-            if pages:
-                self.grow(pages)
-            while len(self._free_blocks) < n:
-                assert self.cache is not None
-                heapq.heappush(self._free_blocks, self.cache.pop_lru())
-        blocks = [heapq.heappop(self._free_blocks) for _ in range(n)]
-        for b in blocks:
+        missing = n - self.num_reusable
+        if missing > 0 and not self.grow(self.pages_needed(missing)):
+            return None
+        blocks = []
+        while len(blocks) < n:
+            b = heapq.heappop(self._heap)
+            if b in self._free:
+                self._free.remove(b)
+            elif self.cache is not None and self.cache.is_unreferenced(b):
+                self.cache.evict(b)
+            else:
+                continue  # stale: held again since, or its page was given back
             self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
     def acquire(self, blocks: list[int]) -> None:
@@ -139,13 +163,20 @@ class KVPool:
             if not refs:
                 if self.cache is None or not self.cache.is_unreferenced(b):
                     raise ValueError(f"block {b} of {self.model!r} is neither held nor cached")
-                self.cache.unpark(b)
+                self.cache.unpark(b)  # its heap entry goes stale
             self._refs[b] = refs + 1
+        if len(self._heap) > 2 * self.num_reusable + 64:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        """Drop stale heap entries."""
+        self._heap = sorted(self._free | set(self.cache.lru_order() if self.cache else ()))
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block. A block left without references stays cached when
         the prefix cache indexes it (the first of `blocks` becomes the most recently used of
-        them), else it goes back to the free list. All or nothing: a bad list changes nothing."""
+        them), else it is free; either way `allocate` may hand it out again. All or nothing: a
+        bad list changes nothing."""
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"duplicate blocks in {blocks}")
         for b in blocks:
@@ -155,10 +186,12 @@ class KVPool:
             refs = self._refs.pop(b) - 1
             if refs:
                 self._refs[b] = refs
-            elif self.cache is not None and b in self.cache:
-                self.cache.park(b)
             else:
-                heapq.heappush(self._free_blocks, b)
+                if self.cache is not None and b in self.cache:
+                    self.cache.park(b)
+                else:
+                    self._free.add(b)
+                heapq.heappush(self._heap, b)
 
     def cache_block(self, block: int, h: bytes, parent: bytes, tokens: list[int]) -> bool:
         """Index a held block that is full with `tokens` under its chain hash `h` (False: caching
@@ -190,33 +223,30 @@ class KVPool:
             self._pages.add(p)
             base = p * self.blocks_per_page
             for b in range(base, base + self.blocks_per_page):
-                heapq.heappush(self._free_blocks, b)
+                self._free.add(b)
+                heapq.heappush(self._heap, b)
 
     def shrink(self, max_pages: int | None = None, evict: bool = True) -> list[int]:
-        """Give back to the arena up to max_pages pages with no referenced block; returns them.
-        Pages without cached blocks go first (highest first), then, with `evict`, pages whose
-        cached blocks were used least recently (those cache entries are evicted)."""
+        """Give back to the arena up to max_pages pages with no referenced block, highest first;
+        returns them. The cache entries on them are evicted; without `evict`, pages holding a
+        cached block are kept."""
         if max_pages is not None and max_pages <= 0:
             return []
         bpp = self.blocks_per_page
-        busy = {b // bpp for b in self._refs}
-        idle = self._pages - busy
-        newest: dict[int, int] = {}  # idle page -> LRU rank of its most recently used cached block
-        if self.cache is not None:
-            for rank, b in enumerate(self.cache.lru_order()):
-                newest[b // bpp] = rank
-        empty = sorted((p for p in idle if p not in newest), reverse=True)
-        cached = sorted((p for p in idle if p in newest), key=lambda p: newest[p]) if evict else []
-        give = (empty + cached)[:max_pages]
+        keep = {b // bpp for b in self._refs}
+        cached = self.cache.lru_order() if self.cache is not None else []
+        if not evict:
+            keep.update(b // bpp for b in cached)
+        give = sorted(self._pages - keep, reverse=True)[:max_pages]
         if not give:
             return []
         gone = set(give)
-        if self.cache is not None:
-            for b in self.cache.lru_order():
-                if b // bpp in gone:
-                    self.cache.evict(b)
-        self._free_blocks = [b for b in self._free_blocks if b // bpp not in gone]
-        heapq.heapify(self._free_blocks)
+        assert self.cache is not None or not cached
+        for b in cached:
+            if b // bpp in gone:
+                self.cache.evict(b)  # type: ignore[union-attr]
+        self._free = {b for b in self._free if b // bpp not in gone}
+        self._rebuild_heap()
         self._pages -= gone
         self.arena.free(give, self.owner)
         self._resizes.append(ResizeKV(self.model, tuple(give), grow=False))
@@ -231,10 +261,10 @@ class KVPool:
         """Pages agree with the arena; every block is free, held or cached, exactly one of them;
         reference counts are positive; the cache index is consistent."""
         ensure(set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view")
-        free = set(self._free_blocks)
+        free = self._free
         held = set(self._refs)
         cached = set(self.cache.lru_order()) if self.cache is not None else set()
-        ensure(len(free) == len(self._free_blocks), "a block is on the free list twice")
+        ensure((free | cached) <= set(self._heap), "a free or cached block is not on the heap")
         ensure(all(r > 0 for r in self._refs.values()), "a held block has no reference")
         ensure(not free & held, "a block is both free and held")
         ensure(not free & cached, "a block is both free and cached")

@@ -6,8 +6,9 @@ equal token prefixes (up to a SHA-256 collision) of the same model, so equal KV 
 blocks are named; a request's partially filled last block is always its own.
 
 The index maps a hash to the one block holding it. Blocks no live request references stay indexed
-("cached") in least-recently-used order until their pages are needed; the pool (memory/kv.py) owns
-the reference counts and asks the index which blocks to give up. Torch-free bookkeeping.
+("cached", kept in the order they were last released) until the pool reuses their memory; the
+pool (memory/kv.py) owns the reference counts and decides which blocks to give up (as it would
+free blocks: caching never changes which memory is used). Torch-free bookkeeping.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class PrefixCache:
         self.root = root_hash(model)
         self._block_of: dict[bytes, int] = {}
         self._entries: dict[int, CachedBlock] = {}
-        # Indexed blocks that no request references, least recently used first.
+        # Indexed blocks that no request references, least recently released first.
         self._lru: OrderedDict[int, None] = OrderedDict()
         self.num_evicted = 0  # entries dropped to give their memory away, since the start
 
@@ -97,7 +98,7 @@ class PrefixCache:
         return out
 
     def lru_order(self) -> list[int]:
-        """Unreferenced blocks, least recently used first."""
+        """Unreferenced blocks, least recently released first."""
         return list(self._lru)
 
     # ---- changes ---------------------------------------------------------------------------------
@@ -117,12 +118,6 @@ class PrefixCache:
     def unpark(self, block: int) -> None:
         """An unreferenced indexed block is referenced again (a cache hit)."""
         del self._lru[block]
-
-    def pop_lru(self) -> int:
-        """Drop the least recently used unreferenced block from the index; returns it."""
-        block, _ = self._lru.popitem(last=False)
-        self._drop(block)
-        return block
 
     def evict(self, block: int) -> None:
         """Drop an unreferenced block from the index (its page is given back)."""

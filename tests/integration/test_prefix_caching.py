@@ -88,7 +88,8 @@ def assert_same_greedy(on, off, what: str) -> None:
     for k, (a, b) in enumerate(zip(on, off, strict=True)):
         if a.prompt_token_ids != b.prompt_token_ids:
             continue  # the next turn of a conversation whose first turn diverged at a tie
-        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+        pairs = enumerate(zip(a.token_ids, b.token_ids, strict=False))
+        n = next((i for i, (x, y) in pairs if x != y), None)
         if n is None:
             assert len(a.token_ids) == len(b.token_ids), f"{what}: request {k} stopped elsewhere"
         upto = len(a.token_ids) if n is None else n
@@ -166,7 +167,7 @@ def test_eviction_preemption_and_remapping_give_the_same_tokens(spec, policy, ex
         assert c.swap_out_bytes > 0 and c.recomputed_tokens <= c.prefix_cache_hits
 
 
-# ---- SmolLM2 ---------------------------------------------------------------------------------------
+# ---- SmolLM2 ------------------------------------------------------------------------------------
 SYSTEM = (
     "You are a careful assistant for a railway museum. Answer in one or two sentences, name the "
     "year when you know it, and say so when you do not know."

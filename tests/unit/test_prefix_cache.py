@@ -5,7 +5,7 @@ order, and a hypothesis machine that checks every request reads the KV of its ow
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -118,22 +118,51 @@ def test_a_duplicate_hash_stays_private():
     check(pool)
 
 
-def test_allocate_grows_before_it_evicts_and_evicts_least_recently_used_tail_first():
+def test_allocate_hands_out_free_and_cached_blocks_lowest_first_before_growing():
     pool = cached_pool(num_pages=2)
-    a = fill(pool, list(range(8)))  # 2 blocks, page 0
-    b = fill(pool, list(range(100, 108)))  # 2 blocks, page 0
+    a = fill(pool, list(range(8)))  # blocks 0, 1 (page 0)
+    b = fill(pool, list(range(100, 108)))  # blocks 2, 3 (page 0)
     pool.free(a)
-    pool.free(b)  # b is the most recently used; in each table the tail is older than the head
-    got = pool.allocate(4)  # a fresh page from the arena: nothing evicted
-    assert pool.num_pages == 2 and pool.num_cached == 4
-    pool.free(got)
-    got = pool.allocate(6)  # 4 free, then 2 evicted: a's tail, then a's head
-    assert pool.num_cached == 2 and set(b) <= set(pool.cache.lru_order())
+    pool.free(b)
+    assert pool.num_cached == 4 and pool.num_free_blocks == 0
+    assert pool.allocate(1) == [0]  # a's first block is evicted: a's prefix is gone, b's stays
     assert pool.cache.lookup(hashes(pool, list(range(8)))) == []
-    assert pool.allocate(3) is None  # 2 cached left: no change
-    assert pool.num_cached == 2
+    assert pool.cache.lookup(hashes(pool, list(range(100, 108)))) == b
+    assert pool.num_pages == 1
+    got = pool.allocate(4)  # a's second block, then b's, then a page grown from the arena
+    assert got == [1, 2, 3, 4] and pool.num_pages == 2 and pool.num_cached == 0
+    assert pool.allocate(4) is None  # 3 free blocks, no arena page: no change
+    assert pool.num_free_blocks == 3
     check(pool)
-    pool.free(got)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "shrink"]), st.integers(1, 6)),
+                max_size=40))
+def test_without_hits_caching_changes_no_memory_decision(ops):
+    """Blocks indexed (full) but never hit: every allocation and shrink returns what it returns
+    with caching off (the simulator's results stay the same when no prefix is shared)."""
+    on, off = cached_pool(num_pages=6), make_pool(num_pages=6, block_bytes=1024, block_size=BS)
+    held: list[list[int]] = []
+    token = 0
+    for op, k in ops:
+        if op == "alloc":
+            got_on, got_off = on.allocate(k), off.allocate(k)
+            assert got_on == got_off
+            if got_on is not None:
+                for blk in got_on[: k // 2]:  # some blocks filled and indexed
+                    token += 1
+                    on.cache_block(blk, chain_hash(on.cache.root, [token] * BS), on.cache.root,
+                                   [token] * BS)
+                held.append(got_on)
+        elif op == "free" and held:
+            blocks = held.pop(k % len(held))
+            on.free(blocks)
+            off.free(blocks)
+        elif op == "shrink":
+            assert on.shrink(k) == off.shrink(k)
+        assert on.num_pages == off.num_pages and on.arena.num_free == off.arena.num_free
+        check(on, off)
 
 
 def test_shrink_gives_empty_pages_first_and_evicts_cached_pages_only_when_asked():
@@ -149,14 +178,15 @@ def test_shrink_gives_empty_pages_first_and_evicts_cached_pages_only_when_asked(
     check(pool, pool.arena)
 
 
-def test_shrink_evicts_the_pages_used_least_recently_first():
+def test_shrink_gives_the_highest_idle_pages_first_cached_or_not():
     pool = cached_pool(num_pages=2)
-    old = fill(pool, list(range(16)))  # page 0
-    new = fill(pool, list(range(100, 116)))  # page 1
-    pool.free(old)
-    pool.free(new)
-    assert pool.shrink(1) == [0]
-    assert pool.cache.lookup(hashes(pool, list(range(100, 116)))) == new
+    low = fill(pool, list(range(16)))  # page 0
+    high = fill(pool, list(range(100, 116)))  # page 1
+    pool.free(high)
+    pool.free(low)
+    assert pool.shrink(1) == [1]  # as with caching off: the top of the arena frees first
+    assert pool.cache.lookup(hashes(pool, list(range(16)))) == low
+    assert pool.cache.lookup(hashes(pool, list(range(100, 116)))) == []
     check(pool, pool.arena)
 
 
@@ -164,7 +194,7 @@ def test_integrity_catches_a_block_in_two_states():
     pool = cached_pool()
     blocks = fill(pool, list(range(4)))
     pool.free(blocks)
-    pool._free_blocks.append(blocks[0])  # cached and free
+    pool._free.add(blocks[0])  # cached and free
     with pytest.raises(IntegrityError):
         pool.check_integrity()
 
@@ -394,7 +424,7 @@ def test_this_models_cache_goes_before_other_models_pages():
     check(a, b, arena)
 
 
-def test_other_models_empty_idle_pages_go_before_their_cached_pages():
+def test_other_models_idle_pages_go_highest_first_their_cache_evicted():
     arena, tenants = cached_tenants({"a": 1, "b": 1}, pages_free=0)
     b = tenants["b"].pool
     _, arbiter, _, _ = make_planning(tenants, remap=False)
