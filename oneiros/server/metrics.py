@@ -43,6 +43,7 @@ def memory_snapshot(engine: Any) -> dict[str, Any]:
             "kv_blocks_free": t.pool.num_free_blocks,
             "kv_blocks_cached": t.pool.num_cached,
             "kv_pages": t.pool.num_pages,
+            "kv_pages_empty": t.pool.num_empty_pages,
             "kv_blocks_per_page": t.pool.blocks_per_page,
             "kv_block_capacity": t.scheduler.max_blocks(),
             "block_size": t.pool.block_size,
@@ -67,7 +68,9 @@ def memory_snapshot(engine: Any) -> dict[str, Any]:
         "pages_by_owner": dict(sorted(arena.usage_by_kind().items())),
         "kv_blocks_used": sum(m["kv_blocks_used"] for m in models.values()),
         "kv_blocks_free": sum(m["kv_blocks_free"] for m in models.values()),
+        "kv_blocks_cached": sum(m["kv_blocks_cached"] for m in models.values()),
         "kv_pages": sum(m["kv_pages"] for m in models.values()),
+        "kv_pages_empty": sum(m["kv_pages_empty"] for m in models.values()),
         "models": models,
     }
 
@@ -135,6 +138,8 @@ class _EngineCollector(Collector):
             ("oneiros_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used", False),
             ("oneiros_kv_blocks_free", "Free KV blocks in pages the pool owns",
              "kv_blocks_free", False),
+            ("oneiros_kv_blocks_cached", "KV blocks no request holds, kept for prefix cache "
+             "hits (the first memory given away)", "kv_blocks_cached", False),
             ("oneiros_kv_pages", "Arena pages owned by the model's KV pool", "kv_pages", False),
             ("oneiros_layers_resident", "Decoder layers whose parameters are in the arena",
              "layers_resident", False),
@@ -193,6 +198,16 @@ class _EngineCollector(Collector):
         for n, m in models.items():
             pre.add_metric([n], m["preemptions"])
         yield pre
+        for field, name, doc in (
+            ("prefix_cache_queries", "vllm:prefix_cache_queries",
+             "Prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hits", "vllm:prefix_cache_hits",
+             "Prompt tokens found in the prefix cache (prefill skipped)"),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["model_name"])
+            for n, m in models.items():
+                fam.add_metric([n], m.get("counters", {}).get(field, 0))
+            yield fam
 
     @staticmethod
     def _gauge(name: str, doc: str, values: dict[str, float], label: str = "model") -> Metric:
