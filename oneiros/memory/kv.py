@@ -174,8 +174,7 @@ class KVPool:
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block. A block left without references stays cached when
-        the prefix cache indexes it (the first of `blocks` becomes the most recently used of
-        them), else it is free; either way `allocate` may hand it out again. All or nothing: a
+        the prefix cache indexes it (the first of `blocks` released last), else it is free; either way `allocate` may hand it out again. All or nothing: a
         bad list changes nothing."""
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"duplicate blocks in {blocks}")
@@ -234,17 +233,18 @@ class KVPool:
             return []
         bpp = self.blocks_per_page
         keep = {b // bpp for b in self._refs}
-        cached = self.cache.lru_order() if self.cache is not None else []
+        cache = self.cache
+        cached = cache.lru_order() if cache is not None else []
         if not evict:
             keep.update(b // bpp for b in cached)
         give = sorted(self._pages - keep, reverse=True)[:max_pages]
         if not give:
             return []
         gone = set(give)
-        assert self.cache is not None or not cached
-        for b in cached:
-            if b // bpp in gone:
-                self.cache.evict(b)  # type: ignore[union-attr]
+        if cache is not None:
+            for b in cached:
+                if b // bpp in gone:
+                    cache.evict(b)
         self._free = {b for b in self._free if b // bpp not in gone}
         self._rebuild_heap()
         self._pages -= gone

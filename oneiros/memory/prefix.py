@@ -47,7 +47,7 @@ class CachedBlock:
 
 
 class PrefixCache:
-    """The hash -> block index of one model, and its unreferenced blocks in LRU order."""
+    """The hash -> block index of one model, and its unreferenced blocks in release order."""
 
     def __init__(self, model: str, block_size: int) -> None:
         self.model = model
@@ -57,7 +57,9 @@ class PrefixCache:
         self._entries: dict[int, CachedBlock] = {}
         # Indexed blocks that no request references, least recently released first.
         self._lru: OrderedDict[int, None] = OrderedDict()
-        self.num_evicted = 0  # entries dropped to give their memory away, since the start
+        # Entries dropped because their block's memory was reused or given back, since the start
+        # (a statistic of this index; the engine's counters are TenantCounters).
+        self.num_evicted = 0
 
     # ---- hashes ----------------------------------------------------------------------------------
     def hashes(self, req: Request, n: int) -> list[bytes]:
@@ -112,7 +114,7 @@ class PrefixCache:
         return True
 
     def park(self, block: int) -> None:
-        """An indexed block lost its last reference: it becomes the most recently used."""
+        """An indexed block lost its last reference: it is cached, released last."""
         self._lru[block] = None
 
     def unpark(self, block: int) -> None:
