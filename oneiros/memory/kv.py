@@ -174,8 +174,9 @@ class KVPool:
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block. A block left without references stays cached when
-        the prefix cache indexes it (the first of `blocks` released last), else it is free; either way `allocate` may hand it out again. All or nothing: a
-        bad list changes nothing."""
+        the prefix cache indexes it (the first of `blocks` released last), else it is free;
+        either way `allocate` may hand it out again. All or nothing: a bad list changes
+        nothing."""
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"duplicate blocks in {blocks}")
         for b in blocks:
