@@ -67,11 +67,13 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--policy",
         default=default_policy,
-        choices=["recompute", "swap", "static", "oneiros"],
+        choices=["recompute", "swap", "pie", "static", "oneiros"],
         help="what to do when KV cache runs out (oneiros: remap parameter memory first)",
     )
     p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
                    help="one model per step, or every model with work in each step")
+    p.add_argument("--turn-steps", type=int, default=8,
+                   help="temporal sharing: steps a model runs before the next model's turn")
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -79,7 +81,7 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
     p.add_argument("--max-remap-fraction", type=float, default=0.9,
                    help="most of a model's layers that may be remapped away")
-    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap"],
+    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap", "pie"],
                    help="policy oneiros: what to do when remapping cannot cover a shortage")
     p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2],
                    help="borrowed slabs per streamed pass")
@@ -114,6 +116,7 @@ def _config(
         max_model_len=args.max_model_len,
         policy=args.policy,
         sharing=args.sharing,
+        turn_steps=args.turn_steps,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,

@@ -58,7 +58,7 @@ class EngineConfig:
     # What to do when KV cache runs out: recompute | swap | static (fixed per-model KV shares) |
     # oneiros (remap parameter memory into KV cache first, then fall back to remap_fallback).
     policy: str = "recompute"
-    remap_fallback: str = "recompute"  # recompute | swap
+    remap_fallback: str = "recompute"  # recompute | swap | pie
     max_remap_fraction: float = 0.9  # a model never has more of its layers non-resident (1: no cap)
     donor_order: str = "mru"  # inactive models give layers most (mru) or least (lru) recently run first
     revert: bool = True  # dynamic reversion: give remapped memory back to parameters when idle
@@ -76,6 +76,9 @@ class EngineConfig:
     # True lets admitting a request also remap layers of models not running (a bigger batch,
     # longer decode steps: measured worse on TPOT in benchmarks/paper.py's grid).
     remap_on_admit: bool = False
+    # A model with work waiting for its turn lends no more layers than its passes hide (with the
+    # fraction cap, the paper's per-model cap); off: it lends up to max_remap_fraction (ablation).
+    cap_waiting: bool = True
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -104,8 +107,9 @@ class EngineConfig:
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
-        if self.remap_fallback not in ("recompute", "swap"):
-            raise ConfigError(f"remap_fallback must be recompute or swap, not {self.remap_fallback!r}")
+        if self.remap_fallback not in ("recompute", "swap", "pie"):
+            raise ConfigError(
+                f"remap_fallback must be recompute, swap or pie, not {self.remap_fallback!r}")
         if not 0.0 <= self.max_remap_fraction <= 1.0:
             raise ConfigError(f"max_remap_fraction must be in [0, 1], got {self.max_remap_fraction}")
         if self.donor_order not in ("mru", "lru"):

@@ -9,7 +9,9 @@ one workload under several policies and `compare` sets their summaries side by s
 
 Every request sends a prompt of random token ids (deterministic per seed and request index, the
 same for every policy) and forces its output length: max_tokens = output_len, ignore_eos, greedy.
-A later turn of a conversation (`WorkItem.follows`, in process only) is sent once the turn before
+In process, a caller may choose each request's prompt and sampling parameters, and keep the
+tokens each request generated (with their log-probabilities) to compare outputs across runs. A
+later turn of a conversation (`WorkItem.follows`, in process only) is sent once the turn before
 it finished, its prompt that turn's prompt and output followed by its own new tokens.
 """
 
@@ -48,9 +50,38 @@ PROMPT_TOKEN_LOW = 100  # below this sit the special tokens of every vocabulary 
 HTTP_VOCAB_SIZE = 512  # over HTTP the vocabulary is unknown: ids below this fit every model
 
 PromptFactory = Callable[[int, WorkItem], list[int]]
+ParamsFactory = Callable[[int, WorkItem], SamplingParams]
 
 
 # ---- results -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class RequestTokens:
+    """What one request generated: its token ids, the log-probability of each, and per token the
+    top alternatives the engine reported ({token id: log-probability}; empty dicts unless the
+    request asked for `SamplingParams.logprobs`)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "token_ids": list(self.token_ids),
+            "logprobs": list(self.logprobs),
+            "top_logprobs": [{str(t): lp for t, lp in top.items()} for top in self.top_logprobs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RequestTokens:
+        return cls(
+            token_ids=[int(t) for t in d["token_ids"]],
+            logprobs=[float(x) for x in d["logprobs"]],
+            top_logprobs=[
+                {int(t): float(lp) for t, lp in top.items()} for top in d["top_logprobs"]
+            ],
+        )
 
 
 @dataclass
@@ -61,7 +92,9 @@ class RunResult:
     by kind (the error class, and the parameter it names); `counters` are each model's engine
     counters accumulated during the run (empty over HTTP); `page_history` is the arena's pages by
     owner ('free', '<model>/kv', '<model>/slab', '<model>/resident') after each busy step. `wall_s`
-    is wall-clock time, `clock_s` engine-clock time (they differ under a simulated clock)."""
+    is wall-clock time, `clock_s` engine-clock time (they differ under a simulated clock).
+    `outputs` holds, by workload index, what each finished request generated (filled only when
+    `run_engine` was asked to keep tokens)."""
 
     records: list[RequestRecord]
     counters: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -75,6 +108,7 @@ class RunResult:
     policy: str | None = None
     target: str = "engine"  # 'engine' or the server's URL
     clipped: int = 0  # requests shortened to fit their model's context window (overlong="clip")
+    outputs: dict[int, RequestTokens] = field(default_factory=dict)
 
     def engine_totals(self) -> dict[str, float]:
         """Counters summed over models (preemptions, remapped_layers, h2d_bytes, ...)."""
@@ -114,6 +148,7 @@ class RunResult:
             "counters": self.counters,
             "page_history": [[t, dict(u)] for t, u in self.page_history],
             "records": [r.to_dict() for r in self.records],
+            "outputs": {str(k): o.to_dict() for k, o in self.outputs.items()},
         }
 
     @classmethod
@@ -132,6 +167,7 @@ class RunResult:
             policy=d.get("policy"),
             target=d.get("target", "engine"),
             clipped=d.get("clipped", 0),
+            outputs={int(k): RequestTokens.from_dict(o) for k, o in d.get("outputs", {}).items()},
         )
 
 
@@ -212,6 +248,8 @@ def run_engine(
     *,
     prompt_seed: int = 0,
     make_prompt: PromptFactory | None = None,
+    make_params: ParamsFactory | None = None,
+    keep_tokens: bool = False,
     progress: bool = True,
     policy: str | None = None,
     max_steps: int | None = None,
@@ -221,7 +259,11 @@ def run_engine(
 
     Arrivals are offsets from the engine clock at the start; each request is added once its time
     has come, with that time as its arrival. Prompts come from `make_prompt(index, item)`, by
-    default `random_prompt` with ids in [100, smallest vocabulary). Requests the engine refuses at
+    default `random_prompt` with ids in [100, smallest vocabulary), and sampling parameters from
+    `make_params(index, item)`, by default `forced_params` (the item as it is sent: after any
+    clipping). With `keep_tokens`, `outputs` keeps each finished request's tokens and
+    log-probabilities by workload index (ask for `logprobs` in the parameters to get the top
+    alternatives too). Requests the engine refuses at
     add time are counted in `rejected`, not raised. `max_steps` bounds the number of engine steps
     (a RuntimeError beyond it) to catch an engine that stops making progress. A request whose
     prompt and output do not fit its model's context window is shortened to fit
@@ -236,7 +278,7 @@ def run_engine(
     before = _counters(engine)
     bar = _progress(len(workload), progress, policy or "run")
     wall0 = time.perf_counter()
-    replay = _Replay(engine, workload, make_prompt, bar, overlong)
+    replay = _Replay(engine, workload, make_prompt, bar, overlong, make_params, keep_tokens)
     try:
         replay.run(max_steps)
     finally:
@@ -254,6 +296,7 @@ def run_engine(
         page_bytes=engine.arena.page_bytes,
         policy=policy if policy is not None else getattr(engine.config, "policy", None),
         clipped=replay.clipped,
+        outputs={k: replay.outputs[k] for k in sorted(replay.outputs)},
     )
 
 
@@ -272,11 +315,16 @@ class _Replay:
         make_prompt: PromptFactory,
         bar: Any,
         overlong: str = "clip",
+        make_params: ParamsFactory | None = None,
+        keep_tokens: bool = False,
     ) -> None:
         self.engine = engine
         self.overlong = overlong
         self.clipped = 0
         self.make_prompt = make_prompt
+        self.make_params = make_params or (lambda k, item: forced_params(item))
+        self.keep_tokens = keep_tokens
+        self.outputs: dict[int, RequestTokens] = {}
         self.bar = bar
         self.t0 = engine.clock.now()
         self.workload = workload
@@ -337,7 +385,9 @@ class _Replay:
             prompt = prompt[:plen]
             self.clipped += 1
         try:
-            req = self.engine.add_request(prompt, forced_params(item), item.model, arrival_time=t)
+            req = self.engine.add_request(
+                prompt, self.make_params(k, item), item.model, arrival_time=t
+            )
         except OneirosError as e:
             self.reject(k, rejection_kind(e), str(e))
             return
@@ -357,6 +407,10 @@ class _Replay:
             if out.finished and out.request_id in self.live:
                 k, item = self.live.pop(out.request_id)
                 self.records[k] = _record(out, item, self.t0)
+                if self.keep_tokens:
+                    self.outputs[k] = RequestTokens(
+                        list(out.token_ids), list(out.logprobs), [dict(d) for d in out.top_logprobs]
+                    )
                 self.bar.update()
                 prompt = self.prompts.pop(out.request_id, None)
                 for j in self.next_turns.pop(k, []):
@@ -636,7 +690,8 @@ def compare(
 
 def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per policy and headline metric, its values over repeated comparisons and their mean, min,
-    max and standard deviation (None where a repeat has no value)."""
+    max and standard deviation, and its ratio to the baseline in each repeat ('ratios') with their
+    min and max (None where a repeat has no value)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name in comparisons[0]["summaries"]:
         out[name] = {}
@@ -645,9 +700,12 @@ def spread(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict
             have = [float(v) for v in values if v is not None]
             mean = sum(have) / len(have) if have else None
             std = (sum((v - mean) ** 2 for v in have) / len(have)) ** 0.5 if have else None
+            ratios = [c["ratios"][name].get(label) for c in comparisons]
+            known = [r for r in ratios if r is not None]
             out[name][label] = {
                 "values": values, "mean": mean, "min": min(have, default=None),
-                "max": max(have, default=None), "std": std,
+                "max": max(have, default=None), "std": std, "ratios": ratios,
+                "ratio_min": min(known, default=None), "ratio_max": max(known, default=None),
             }
     return out
 

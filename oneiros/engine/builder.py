@@ -75,6 +75,7 @@ def build(config: EngineConfig) -> EngineParts:
             tenants, arena, config.sharing, config.max_remap_fraction, config.revert_reserve,
             config.revert_hold_steps, backend.h2d_bytes_per_s(), config.donor_order,
             config.revert, config.prefetch_distance, config.stream_exposure_target,
+            config.cap_waiting,
         )
         arbiter.remap = remap
     tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)

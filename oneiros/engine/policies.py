@@ -7,7 +7,7 @@ the engine asks the entry, never "which policy is this?".
     pie        swap too, but a swapped-out request comes back a step ahead: its swap-in runs on
                the copy stream overlapped with the step before the one it runs in (Pie-like)
     static     fixed, equal KV shares per model, nothing moves between models
-    oneiros    remap parameter memory into KV cache first, then fall back to recompute or swap
+    oneiros    remap parameter memory into KV cache first, then fall back to recompute, swap or pie
 (The MIG-like baseline, memory and compute split between models, is not a policy of one engine but
 one engine per model on a slice of the device: `bench.partition`, simulator only.)
 """
@@ -50,7 +50,10 @@ def _static(cfg: EngineConfig) -> MemoryPolicy:
 
 
 def _oneiros(cfg: EngineConfig) -> MemoryPolicy:
-    return MemoryPolicy("oneiros", cfg.remap_fallback, True, True, False)
+    # The fallback is one of the preemption policies above: pie swaps like swap, a step ahead.
+    preemption = "swap" if cfg.remap_fallback == "pie" else cfg.remap_fallback
+    return MemoryPolicy("oneiros", preemption, True, True, False,
+                        async_swap_in=cfg.remap_fallback == "pie")
 
 
 POLICIES = {

@@ -61,6 +61,7 @@ class RemapController:
         revert: bool = True,
         prefetch_distance: int = 2,
         max_exposed: float = 0.02,
+        cap_waiting: bool = True,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -73,6 +74,7 @@ class RemapController:
         self.prefetch_distance = prefetch_distance  # borrowed slabs per pass (alpha + d copies)
         self.revert = revert
         self.max_exposed = max_exposed  # share of a pass its copies may leave exposed
+        self.cap_waiting = cap_waiting  # models waiting for their turn lend what they hide only
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -134,17 +136,19 @@ class RemapController:
         return max(0, alpha - self._penalty.get(t.name, 0))
 
     def _donor(
-        self, t: Tenant, admitting: bool = False, fraction: float | None = None
+        self, t: Tenant, admitting: bool = False, fraction: float | None = None,
+        capped: bool = True,
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
         work; for a model with work, no more than its passes hide (alpha_max), whether it runs now
-        or waits for its turn (taking more would make its next turn wait for copies); nothing from
-        a running model for an admission."""
+        or waits for its turn (its turn would start by restoring more; with cap_waiting off a
+        waiting model lends up to the fraction); nothing from a running model for an admission.
+        `fraction` 1.0 and `capped` False: the choice without caps (what cap_hits compares with)."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
         if t.state.running and admitting:
             cap = 0
-        elif t.state.active:
+        elif t.state.running or (t.state.active and self.cap_waiting and capped):
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
             t.name, t.state.running, t.state.last_run, n, len(t.residency.missing_layers), cap
@@ -169,7 +173,7 @@ class RemapController:
             donors = [self._donor(t, admitting) for t in self.tenants.values() if t.name != exclude]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
-                self._donor(t, admitting, fraction=1.0)
+                self._donor(t, admitting, fraction=1.0, capped=False)
                 for t in self.tenants.values() if t.name != exclude
             ]
             self._note_decisions(donors, uncapped, name)
@@ -186,7 +190,8 @@ class RemapController:
         self, donors: list[DonorInfo], uncapped: list[DonorInfo], chosen: str | None
     ) -> None:
         """Count what the ablations turn on: a choice MRU and LRU make differently, and a take the
-        per-model fraction cap changed (the choice without it differs)."""
+        caps changed (the per-model fraction, and waiting models lending only what they hide: the
+        choice without them differs)."""
         other = "lru" if self.donor_order == "mru" else "mru"
         if chosen is not None and next_donor(donors, self.sharing, other) != chosen:
             self.step.notes[chosen, "donor_order_decisive"] += 1

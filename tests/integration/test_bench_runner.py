@@ -20,11 +20,19 @@ import httpx
 import pytest
 import torch
 
-from oneiros.bench.metrics import HEADLINE_METRICS
+from oneiros.bench.metrics import HEADLINE_METRICS, RequestRecord
 from oneiros.bench.report import print_table, write_report
-from oneiros.bench.runner import RunResult, compare, run_engine, run_http, run_policies
+from oneiros.bench.runner import (
+    RunResult,
+    compare,
+    run_engine,
+    run_http,
+    run_policies,
+    spread,
+)
 from oneiros.bench.workloads import WorkItem, as_sessions, workload_from_spec
 from oneiros.config import EngineConfig
+from oneiros.core import SamplingParams
 from oneiros.engine.clock import VirtualClock
 from oneiros.engine.engine import LLMEngine
 from oneiros.memory.weights import weight_pages
@@ -160,6 +168,32 @@ def test_refused_requests_are_counted_not_raised(weight_pages_total):
     assert again.page_history[0][0] == 0.0
 
 
+def test_per_request_params_and_kept_tokens(weight_pages_total):
+    """`make_params` sets each request's sampling parameters and `keep_tokens` keeps what each
+    finished request generated, by workload index, with the top alternatives it asked for."""
+    engine = make_engine(weight_pages_total, kv_pages=16)
+    workload = [WorkItem(0.0, "a", 8, 4), WorkItem(0.0, "b", 600, 5), WorkItem(0.0, "b", 9, 3)]
+    asked = []
+
+    def params(k: int, item: WorkItem) -> SamplingParams:
+        asked.append((k, item.prompt_len))
+        return SamplingParams(max_tokens=item.output_len, temperature=0.0, ignore_eos=True,
+                              logprobs=2 if k != 2 else None)
+
+    result = run_engine(engine, workload, progress=False, overlong="reject", make_params=params,
+                        keep_tokens=True)
+    assert sorted(asked) == [(0, 8), (2, 9)]  # the overlong request was refused before
+    assert set(result.outputs) == {0, 2}
+    for k, out in result.outputs.items():
+        assert len(out.token_ids) == len(out.logprobs) == workload[k].output_len
+    for tid, lp, top in zip(*(getattr(result.outputs[0], f)
+                              for f in ("token_ids", "logprobs", "top_logprobs")), strict=True):
+        assert len(top) == 2 and max(top, key=top.get) == tid and top[tid] == pytest.approx(lp)
+    assert not any(result.outputs[2].top_logprobs)  # no alternatives asked for
+    # Without keep_tokens nothing is kept.
+    assert run_engine(engine, workload[:1], progress=False).outputs == {}
+
+
 def test_idle_waits_go_through_the_engine_clock(weight_pages_total):
     """A virtual clock (as the simulator's) jumps over idle time: arrivals 50 s apart take no wall
     time, and the records keep the scheduled arrivals."""
@@ -170,6 +204,23 @@ def test_idle_waits_go_through_the_engine_clock(weight_pages_total):
     check_records(result, workload)
     assert result.clock_s == pytest.approx(100.0)
     assert result.wall_s < 20
+
+
+def test_spread_over_repeats_keeps_each_repeats_ratio():
+    """Per policy and metric: the values over repeats and, against the baseline of each repeat,
+    the ratios and their range (the baseline's own ratios are 1)."""
+
+    def run(tpot: float) -> RunResult:  # one request of three tokens, tpot apart
+        return RunResult([RequestRecord("a", 0.0, [1.0, 1.0 + tpot, 1.0 + 2 * tpot], 4, 3)])
+
+    repeats = [compare({"base": run(0.2), "new": run(0.1)}),
+               compare({"base": run(0.4), "new": run(0.1)})]
+    s = spread(repeats)["new"]["tpot_p99"]
+    assert s["values"] == pytest.approx([0.1, 0.1]) and s["mean"] == pytest.approx(0.1)
+    assert s["ratios"] == pytest.approx([0.5, 0.25])
+    assert (s["ratio_min"], s["ratio_max"]) == pytest.approx((0.25, 0.5))
+    assert spread(repeats)["base"]["tpot_p99"]["ratios"] == [1.0, 1.0]
+    assert spread(repeats)["new"]["preemptions"]["ratio_min"] is None  # no engine counters
 
 
 # ---- over HTTP -----------------------------------------------------------------------------------

@@ -194,6 +194,27 @@ def test_donors_inactive_first_most_recently_run_first_and_lru_reverses_it():
         assert [(op.model, op.layer) for op in step.memory] == [(first, 2)]
 
 
+@pytest.mark.parametrize("cap_waiting", [True, False])
+def test_a_model_waiting_for_its_turn_lends_only_what_its_passes_hide(cap_waiting):
+    arena = PageArena(2 * (1 + 8 * 2), PAGE)
+    tenants = make_tenants(arena, {"a": 8, "b": 8})
+    _, _, controller, _ = make_planning(
+        tenants, h2d_bytes_per_s=2 * PAGE / 1e-3, cap_waiting=cap_waiting)  # 1 ms a layer
+    a, b = tenants["a"], tenants["b"]
+    b.state.active, b.state.running = True, False  # b has work and waits for its turn
+    controller.observe_step("b", 2.5e-3)  # a pass of 2.5 ms hides 2.5 copies: alpha_max = 0
+    assert controller.alpha_max(b) == 0
+    step = Step(0.0)
+    controller.begin(step)
+    freed = controller.take("a", 6 * b.residency.pages_per_layer, exclude="a")
+    if cap_waiting:  # nothing to lend: its next turn would start by restoring it
+        assert freed == 0 and b.residency.missing_layers == []
+        assert step.notes["b", "cap_hits"] > 0  # without the cap b would have lent
+    else:  # up to the per-model fraction (0.9 of 8 layers: 7)
+        assert len(b.residency.missing_layers) == 6 and step.notes["b", "cap_hits"] == 0
+    check(tenants)
+
+
 def test_prepare_restores_what_streaming_cannot_hide_and_notes_the_reactivation():
     arena = PageArena(2 * (1 + 4 * 2) + 4, PAGE)
     tenants = make_tenants(arena, {"a": 4, "b": 4})

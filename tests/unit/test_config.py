@@ -161,3 +161,16 @@ def test_engine_config_defaults_and_budget_parsing():
 def test_engine_config_rejects(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         EngineConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("fallback", "preemption", "ahead"), [
+    ("recompute", "recompute", False), ("swap", "swap", False), ("pie", "swap", True),
+])
+def test_remapping_falls_back_to_any_preemption_policy(fallback, preemption, ahead):
+    from oneiros.engine.policies import memory_policy
+
+    policy = memory_policy(EngineConfig(models={"a": "random:llama-tiny"}, policy="oneiros",
+                                        remap_fallback=fallback))
+    assert (policy.remaps, policy.preemption, policy.async_swap_in) == (True, preemption, ahead)
+    with pytest.raises(ConfigError, match="remap_fallback must be recompute, swap or pie"):
+        EngineConfig(models={"a": "random:llama-tiny"}, remap_fallback="static")

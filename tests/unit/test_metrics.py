@@ -42,7 +42,7 @@ from oneiros.bench.report import (
     table_rows,
     write_report,
 )
-from oneiros.bench.runner import RunResult, compare, rejection_kind
+from oneiros.bench.runner import RequestTokens, RunResult, compare, rejection_kind
 from oneiros.core import InvalidRequestError, UnknownModelError
 
 
@@ -235,6 +235,7 @@ def test_run_result_round_trip_and_http_summary():
         num_pages=4,
         page_bytes=65536,
         policy="swap",
+        outputs={3: RequestTokens([7, 9], [-0.5, -0.2], [{7: -0.5, 8: -1.5}, {9: -0.2, 2: -2.0}])},
     )
     again = RunResult.from_dict(json.loads(json.dumps(r.to_dict())))
     assert again == r
