@@ -55,6 +55,8 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         "default: the weights plus 1 GiB on CPU, 0.9 of free memory on CUDA",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not share or keep KV blocks of equal prompt prefixes (on by default)")
     p.add_argument("--page-bytes", type=int, default=None,
                    help="arena page size (default: 2 MiB, or larger for big KV blocks)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="requests per step per model")
@@ -108,6 +110,7 @@ def _config(
         dtype=args.dtype,
         memory_budget=args.memory_budget,
         block_size=args.block_size,
+        prefix_caching=args.prefix_caching,
         page_bytes=args.page_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -48,6 +48,9 @@ class EngineConfig:
     # largest model (a block holds block_size tokens of every layer: 13 MiB for a 13B model).
     page_bytes: int | None = None
     block_size: int = 16
+    # Automatic prefix caching: full KV blocks are shared by requests with the same prefix (per
+    # model) and kept, unreferenced, until their memory is needed.
+    prefix_caching: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None

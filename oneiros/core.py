@@ -226,7 +226,12 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    host_block_ids: list[int] = field(default_factory=list)  # KV swapped out to host memory
+    # KV swapped out to host memory, per block of the table it had: a host block, or None for a
+    # block shared with other requests when it was swapped out (it is found again in the prefix
+    # cache on resume, or recomputed).
+    host_block_ids: list[int | None] = field(default_factory=list)
+    # Hashes of the first full blocks of prompt + output (prefix caching; computed once, on demand).
+    block_hashes: list[bytes] = field(default_factory=list)
     num_preemptions: int = 0
     stop_reason: str | int | None = None
     output_text: str = ""
@@ -353,6 +358,10 @@ class StepPlan:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     recomputed_tokens: int = 0  # computed tokens the recompute preemptions of this plan dropped
+    # Prefix caching: tokens of the requests admitted without computed tokens (new, or preempted
+    # by recompute), and how many of them were found in the cache (their prefill is skipped).
+    prefix_queries: int = 0
+    prefix_hits: int = 0
     # KV block copies to run before the forward pass, as (device block, host block) pairs.
     # Swap-outs run first: their device blocks may be handed to another request in this step.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
@@ -367,7 +376,13 @@ class StepPlan:
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.seqs if s.start < s.request.num_prompt_tokens)
+        """Tokens of prompt chunks, and of chunks of several tokens anywhere (a recomputed
+        request catching up with its outputs, possibly from a cached prefix); the rest are
+        decodes, one token of one sequence."""
+        return sum(
+            s.num_new_tokens for s in self.seqs
+            if s.start < s.request.num_prompt_tokens or s.num_new_tokens > 1
+        )
 
     @property
     def empty(self) -> bool:

@@ -60,10 +60,11 @@ def make_pool(
     page_bytes: int = 4096,
     block_bytes: int = 1024,
     block_size: int = 4,
+    prefix_caching: bool = False,
 ) -> KVPool:
     """A KV pool on `arena` (a fresh one of num_pages x page_bytes when None)."""
     arena = arena if arena is not None else PageArena(num_pages, page_bytes)
-    return KVPool(model, arena, block_bytes, block_size)
+    return KVPool(model, arena, block_bytes, block_size, prefix_caching)
 
 
 def make_scheduler(
@@ -77,6 +78,7 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_num_batched_tokens: int = 64,
     max_model_len: int = 256,
+    prefix_caching: bool = False,
     **scheduler_kwargs,
 ) -> Scheduler:
     """A scheduler over its own KV pool. With `arena`, the pool shares it (num_pages and page_bytes
@@ -89,6 +91,7 @@ def make_scheduler(
         page_bytes=page_bytes,
         block_bytes=block_bytes,
         block_size=block_size,
+        prefix_caching=prefix_caching,
     )
     return Scheduler(
         model, pool, max_num_seqs, max_num_batched_tokens, max_model_len, **scheduler_kwargs
@@ -152,6 +155,7 @@ def make_tenants(
     max_model_len: int = 256,
     preemption: str = "recompute",
     oversubscribed: bool = False,
+    prefix_caching: bool = False,
 ) -> dict[str, Tenant]:
     """Torch-free tenants on `arena`: model name -> number of decoder layers, each layer a slab of
     `layer_pages` pages, one resident page per model, every parameter placed (in order), or with
@@ -167,7 +171,7 @@ def make_tenants(
     tenants = {}
     for name, n in layers.items():
         res = LayerResidency(name, arena, n, layer_pages * page, page)
-        pool = KVPool(name, arena, block_bytes or page // 4, block_size)
+        pool = KVPool(name, arena, block_bytes or page // 4, block_size, prefix_caching)
         host = HostBlockPool(name, 64, pool.block_bytes) if preemption == "swap" else None
         sched = Scheduler(
             name, pool, max_num_seqs, max_num_batched_tokens, max_model_len,

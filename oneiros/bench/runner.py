@@ -10,7 +10,9 @@ one workload under several policies and `compare` sets their summaries side by s
 Every request sends a prompt of random token ids (deterministic per seed and request index, the
 same for every policy) and forces its output length: max_tokens = output_len, ignore_eos, greedy.
 In process, a caller may choose each request's prompt and sampling parameters, and keep the
-tokens each request generated (with their log-probabilities) to compare outputs across runs.
+tokens each request generated (with their log-probabilities) to compare outputs across runs. A
+later turn of a conversation (`WorkItem.follows`, in process only) is sent once the turn before
+it finished, its prompt that turn's prompt and output followed by its own new tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import heapq
 import json
 import time
 from collections import Counter
@@ -299,7 +302,11 @@ def run_engine(
 
 class _Replay:
     """The state of one in-process replay: requests not yet due, requests in the engine, records
-    of finished ones and rejections. Time t0 is the engine clock when the replay starts."""
+    of finished ones and rejections. Time t0 is the engine clock when the replay starts.
+
+    Requests wait in a heap by due time (engine clock). A later turn of a conversation
+    (`WorkItem.follows`) enters it only when the turn before it finished, due at its own arrival
+    or then, whichever is later; its prompt is that turn's prompt and output, then its own."""
 
     def __init__(
         self,
@@ -319,19 +326,27 @@ class _Replay:
         self.keep_tokens = keep_tokens
         self.outputs: dict[int, RequestTokens] = {}
         self.bar = bar
-        order = sorted(range(len(workload)), key=lambda k: workload[k].arrival_s)
-        self.pending = [(k, workload[k]) for k in order]
-        self.next = 0  # index in pending of the next request to add
+        self.t0 = engine.clock.now()
+        self.workload = workload
+        self.pending: list[tuple[float, int]] = []  # (due time, index), a heap
+        self.next_turns: dict[int, list[int]] = {}  # turn -> the turns that follow it
+        for k, w in enumerate(workload):
+            if w.follows is None:
+                self.pending.append((self.t0 + w.arrival_s, k))
+            elif not 0 <= w.follows < len(workload) or w.follows == k:
+                raise ValueError(f"request {k} follows {w.follows}, which is not another request")
+            else:
+                self.next_turns.setdefault(w.follows, []).append(k)
+        heapq.heapify(self.pending)
+        self.history: dict[int, list[int]] = {}  # a finished turn's prompt + output, while needed
+        self.prompts: dict[str, list[int]] = {}  # prompts of live requests that others follow
         self.live: dict[str, tuple[int, WorkItem]] = {}
         self.records: dict[int, RequestRecord] = {}
         self.rejections = _Rejections()
-        self.t0 = engine.clock.now()
 
     def due(self) -> float | None:
-        """Engine-clock time of the next request to add, None when all were added."""
-        if self.next == len(self.pending):
-            return None
-        return self.t0 + self.pending[self.next][1].arrival_s
+        """Engine-clock time of the next request to add, None when none is waiting to be added."""
+        return self.pending[0][0] if self.pending else None
 
     def run(self, max_steps: int | None) -> None:
         steps = 0
@@ -349,34 +364,43 @@ class _Replay:
                 self.engine.clock.wait_until(t)
 
     def add_due(self, now: float) -> None:
-        """Add every request whose arrival time has come; a refusal is counted, not raised."""
+        """Add every request whose time has come; a refusal is counted, not raised."""
         while (t := self.due()) is not None and t <= now:
-            k, item = self.pending[self.next]
-            self.next += 1
-            window = self.engine.tenants[item.model].max_model_len
-            if item.prompt_len + item.output_len > window:
-                if self.overlong == "reject":
-                    self.rejections.add(
-                        "context", f"{item.prompt_len} + {item.output_len} tokens do not fit the "
-                        f"{window}-token context of model {item.model!r}",
-                    )
-                    self.bar.update()
-                    continue
-                item = replace(item, **dict(zip(
-                    ("prompt_len", "output_len"),
-                    fit_context(item.prompt_len, item.output_len, window), strict=True,
-                )))
-                self.clipped += 1
-            try:
-                req = self.engine.add_request(
-                    self.make_prompt(k, item), self.make_params(k, item), item.model,
-                    arrival_time=t,
-                )
-            except OneirosError as e:
-                self.rejections.add(rejection_kind(e), str(e))
-                self.bar.update()
-                continue
-            self.live[req.request_id] = (k, item)
+            _, k = heapq.heappop(self.pending)
+            self.add(k, self.workload[k], t)
+
+    def add(self, k: int, item: WorkItem, t: float) -> None:
+        prompt = self.make_prompt(k, item)
+        if item.follows is not None:
+            prompt = self.history.pop(k) + prompt
+            item = replace(item, prompt_len=len(prompt))
+        window = self.engine.tenants[item.model].max_model_len
+        if item.prompt_len + item.output_len > window:
+            if self.overlong == "reject":
+                self.reject(k, "context", f"{item.prompt_len} + {item.output_len} tokens do not "
+                            f"fit the {window}-token context of model {item.model!r}")
+                return
+            plen, olen = fit_context(item.prompt_len, item.output_len, window)
+            item = replace(item, prompt_len=plen, output_len=olen)
+            prompt = prompt[:plen]
+            self.clipped += 1
+        try:
+            req = self.engine.add_request(
+                prompt, self.make_params(k, item), item.model, arrival_time=t
+            )
+        except OneirosError as e:
+            self.reject(k, rejection_kind(e), str(e))
+            return
+        self.live[req.request_id] = (k, item)
+        if k in self.next_turns:
+            self.prompts[req.request_id] = prompt
+
+    def reject(self, k: int, kind: str, message: str) -> None:
+        """Count a refused request; the turns that follow it are refused with it."""
+        self.rejections.add(kind, message)
+        self.bar.update()
+        for j in self.next_turns.pop(k, []):
+            self.reject(j, "session", f"request {j} follows request {k}, which was refused")
 
     def step(self) -> None:
         for out in self.engine.step():
@@ -388,6 +412,11 @@ class _Replay:
                         list(out.token_ids), list(out.logprobs), [dict(d) for d in out.top_logprobs]
                     )
                 self.bar.update()
+                prompt = self.prompts.pop(out.request_id, None)
+                for j in self.next_turns.pop(k, []):
+                    self.history[j] = [*prompt, *out.token_ids]  # type: ignore[misc]
+                    t = max(self.t0 + self.workload[j].arrival_s, self.engine.clock.now())
+                    heapq.heappush(self.pending, (t, j))
 
 
 def _record(out: Any, item: WorkItem, t0: float) -> RequestRecord:
@@ -463,6 +492,8 @@ async def run_http_async(
     HTTP errors, error events in the stream and connection failures are counted in `rejected`."""
     import httpx
 
+    if any(w.follows is not None for w in workload):
+        raise ValueError("conversation turns (WorkItem.follows) are replayed in process only")
     if make_prompt is None:
         make_prompt = lambda k, w: random_prompt(k, w.prompt_len, prompt_seed, high=vocab_size)  # noqa: E731
     base = url.rstrip("/")

@@ -22,7 +22,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,12 +35,17 @@ import numpy as np
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     """One request of a workload: sent `arrival_s` seconds after the run starts, to tenant `model`,
-    with a prompt of `prompt_len` tokens and exactly `output_len` generated tokens (EOS ignored)."""
+    with a prompt of `prompt_len` tokens and exactly `output_len` generated tokens (EOS ignored).
+
+    A later turn of a conversation names the workload index of the turn before it (`follows`): it
+    is sent once that turn has finished (at `arrival_s` or then, whichever is later), and its
+    prompt is that turn's prompt and output followed by its own `prompt_len` new tokens."""
 
     arrival_s: float
     model: str
     prompt_len: int
     output_len: int
+    follows: int | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.arrival_s) or self.arrival_s < 0:
@@ -260,6 +265,23 @@ def alpaca_lengths(n: int, seed: int = 0, max_len: int = DEFAULT_MAX_LEN) -> lis
     """Alpaca-like (prompt_len, output_len) pairs: short instructions, mean about 19 prompt and 58
     output tokens before clipping."""
     return sample_lengths("alpaca", n, seed, max_len)
+
+
+def as_sessions(workload: Sequence[WorkItem], turns: int) -> list[WorkItem]:
+    """Group a workload into conversations of `turns` turns: consecutive requests to the same model
+    form one, each turn after the first following the one before it (its prompt_len becomes the
+    length of the new message). Requests keep their order and arrival times."""
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    out: list[WorkItem] = []
+    last: dict[str, tuple[int, int]] = {}  # model -> (index of its open session's last turn, turns)
+    for k, w in enumerate(workload):
+        prev, n = last.get(w.model, (None, turns))
+        if n == turns:
+            prev, n = None, 0
+        out.append(replace(w, follows=prev))
+        last[w.model] = (k, n + 1)
+    return out
 
 
 def fit_context(prompt_len: int, output_len: int, max_total: int) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """The arbiter: every cross-model memory decision of a step, in one torch-free place.
 
-Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Room is made
-in this order, cheapest first:
-  1. idle KV pages (no live block) of other models, the least recently run model's first;
+Each model's `Scheduler` holds the arbiter and asks it when its KV pool is out of blocks. Memory
+comes in this order, cheapest first:
+  0. (the pool itself, `KVPool.allocate`, before it asks) its free and unreferenced cached blocks,
+     then free arena pages: this model's prefix cache goes before anything of another model;
+  1. other models' KV pages that no live request references (free or prefix-cached blocks only;
+     the cache entries on them are evicted), the least recently run model's first;
   2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose);
   3. when the asking request is running: a running request of another model that is younger than
      every running request of the asking model (the engine's youngest goes first, whichever model it

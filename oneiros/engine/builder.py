@@ -161,7 +161,7 @@ def tenant(
     residency = make_residency(name, model, arena)
     itemsize = torch.empty((), dtype=dtype).element_size()
     block_bytes = config.block_size * c.kv_bytes_per_token(itemsize)
-    pool = KVPool(name, arena, block_bytes, config.block_size)
+    pool = KVPool(name, arena, block_bytes, config.block_size, config.prefix_caching)
     max_len = min(config.max_model_len or c.max_position_embeddings, c.max_position_embeddings)
     host_pool = None
     if policy.preemption == "swap":

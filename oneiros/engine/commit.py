@@ -130,6 +130,8 @@ def count(tenants: dict[str, Tenant], step: Step, results: list[StepResult]) -> 
         c = t.state.counters
         c.preemptions += len(plan.preempted)
         c.recomputed_tokens += plan.recomputed_tokens
+        c.prefix_cache_queries += plan.prefix_queries
+        c.prefix_cache_hits += plan.prefix_hits
         c.swap_out_bytes += len(plan.swap_out) * t.pool.block_bytes
         c.swap_in_bytes += len(plan.swap_in) * t.pool.block_bytes
     for op in step.memory:

@@ -293,6 +293,7 @@ class RemapController:
         ppl = t.residency.pages_per_layer
         pages = t.residency.restore(layer)
         if pages is None:
+            # Idle KV pages go back to the arena, cached blocks on them too (see memory/kv.py).
             for other in self.tenants.values():
                 other.pool.shrink()
             pages = t.residency.restore(layer)

@@ -13,13 +13,23 @@ its blocks kept. Preemption:
     (plan.swap_in); recompute is the fallback when the host swap space is full. With
     `swap_in_ahead` (policy pie) a resumed request holds its blocks from the step its swap-in is
     issued in and runs from the next one, so that the copy overlaps a step's compute.
+With prefix caching (the pool has a `PrefixCache`), a request admitted without computed tokens
+starts from its longest cached prefix of full blocks (at least its last token is computed: it
+samples from it) and prefills only the rest: its block table points at the cached blocks, one more
+reference each, nothing is copied. A block is indexed as soon as a scheduled chunk fills it, so a
+request admitted later in the same step (a sibling with the same prompt) already shares it: within
+a layer every token's K/V is written before any token attends. With shared blocks, a swap-out
+copies only the blocks the request alone references (`host_block_ids` has None for the others); on
+resume the request takes its longest cached prefix again, copies back its own blocks after it, and
+recomputes from the first block it finds in neither place (a shared block whose memory was reused
+while the request was out).
 Everything the scheduler decides is in the plan it returns; it keeps no counters.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import TYPE_CHECKING
+from collections import Counter, deque
+from typing import TYPE_CHECKING, NamedTuple
 
 from oneiros.core import (
     InvalidRequestError,
@@ -36,6 +46,15 @@ if TYPE_CHECKING:
     from oneiros.engine.arbiter import Arbiter
 
 PREEMPTION_MODES = ("recompute", "swap")
+
+
+class _Start(NamedTuple):
+    """How an admitted request starts: its computed tokens before admission (to undo), the cached
+    blocks it took, and the host blocks to copy back after them."""
+
+    computed: int
+    hits: int
+    restore: list[int]
 
 
 class Scheduler:
@@ -128,7 +147,7 @@ class Scheduler:
                     continue
                 self.preempt(victim, plan)
                 continue  # retry req (or move on, if req itself was the victim)
-            plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            self._schedule(plan, req, n)
             budget -= n
             i += 1
         if not plan.preempted and not waited:
@@ -138,23 +157,92 @@ class Scheduler:
     def _admit(self, plan: StepPlan, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            start = self._start(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._reserve(req, req.num_computed_tokens + n):
+                self._undo_start(req, start)
                 break
             self.waiting.popleft()
-            ahead = False
-            if req.host_block_ids:  # resume a swapped-out request: copy its KV back first
-                assert self.host_pool is not None
-                plan.swap_in.extend(zip(req.host_block_ids, req.block_ids))
-                self.host_pool.free(req.host_block_ids)
-                req.host_block_ids = []
-                ahead = self.swap_in_ahead
+            ahead = self._resume(req, start, plan)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             if ahead:
                 continue  # it runs from the next step on, once its blocks have landed
-            plan.seqs.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            self._schedule(plan, req, n)
             budget -= n
+
+    def _schedule(self, plan: StepPlan, req: Request, n: int) -> None:
+        """Run n tokens of req in this step; index the blocks they fill."""
+        start = req.num_computed_tokens
+        plan.seqs.append(ScheduledSeq(req, start, n))
+        bs = self.pool.block_size
+        self._cache_blocks(req, start // bs, (start + n) // bs)
+
+    def _cache_blocks(self, req: Request, first: int, last: int) -> None:
+        """Index req's blocks first..last-1 (full once this step ran) in the prefix cache."""
+        cache = self.pool.cache
+        if cache is None or last <= first:
+            return
+        bs = self.pool.block_size
+        hashes = cache.hashes(req, last)
+        for i in range(first, last):
+            self.pool.cache_block(
+                req.block_ids[i], hashes[i], cache.parent(req, i), req.tokens(i * bs, (i + 1) * bs)
+            )
+
+    def _start(self, req: Request) -> _Start:
+        """Before admitting a waiting request: take its longest cached prefix (blocks and computed
+        tokens) and, for a swapped-out one, the host blocks that extend it."""
+        ensure(not req.block_ids, "a waiting request holds blocks")
+        computed, table, cache = req.num_computed_tokens, req.host_block_ids, self.pool.cache
+        ensure(bool(table) or computed == 0, "a waiting request kept computed tokens without KV")
+        bs = self.pool.block_size
+        hits: list[int] = []
+        if cache is not None:
+            # A swapped-out request looks only for its own full blocks: it never skips tokens it
+            # had not computed, so every token is computed once, or again after being dropped.
+            limit = (req.num_tokens - 1) // bs if not table else computed // bs
+            hits = cache.lookup(cache.hashes(req, limit))
+            self.pool.acquire(hits)
+        h = len(hits)
+        restore: list[int] = []
+        ready = h * bs
+        if table:
+            j = h
+            while j < len(table) and table[j] is not None:
+                j += 1
+            restore = [b for b in table[h:j] if b is not None]  # all of them, by the loop
+            ready = max(ready, computed if j == len(table) else j * bs)
+        req.block_ids = hits
+        req.num_computed_tokens = ready
+        return _Start(computed, h, restore)
+
+    def _undo_start(self, req: Request, start: _Start) -> None:
+        self.pool.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = start.computed
+
+    def _resume(self, req: Request, start: _Start, plan: StepPlan) -> bool:
+        """An admission went through: record its cache lookup (a request starting from nothing:
+        new, or preempted by recompute), or copy back its host blocks and count the tokens lost
+        to evicted shared blocks (True: it runs from the next step on, `swap_in_ahead`)."""
+        bs = self.pool.block_size
+        if not req.host_block_ids:
+            if self.pool.cache is not None:
+                plan.prefix_queries += req.num_tokens
+                plan.prefix_hits += start.hits * bs
+            return False
+        assert self.host_pool is not None
+        plan.recomputed_tokens += start.computed - req.num_computed_tokens
+        first = start.hits
+        targets = req.block_ids[first : first + len(start.restore)]
+        plan.swap_in.extend(zip(start.restore, targets, strict=True))
+        self.host_pool.free([b for b in req.host_block_ids if b is not None])
+        req.host_block_ids = []
+        if self.swap_in_ahead:
+            return True  # its blocks land during this step: no one may read them before the next
+        self._cache_blocks(req, first, min(first + len(targets), req.num_computed_tokens // bs))
+        return False
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Make req's block table cover num_tokens tokens. False (and nothing taken) on shortage."""
@@ -180,12 +268,8 @@ class Scheduler:
         """Take req's KV blocks away and requeue it at the front (swap, else recompute); the plan
         records what happened (preempted, swap_out, recomputed_tokens)."""
         self.running.remove(req)
-        host = None
-        if self.preemption == "swap" and req.block_ids:
-            assert self.host_pool is not None
-            host = self.host_pool.allocate(len(req.block_ids))
+        host = self._swap_out(req, plan) if self.preemption == "swap" else None
         if host is not None:
-            plan.swap_out.extend(zip(req.block_ids, host))
             req.host_block_ids = host
         else:
             plan.recomputed_tokens += req.num_computed_tokens
@@ -205,9 +289,26 @@ class Scheduler:
         self._free_blocks(req)
         if req.host_block_ids:
             assert self.host_pool is not None
-            self.host_pool.free(req.host_block_ids)
+            self.host_pool.free([b for b in req.host_block_ids if b is not None])
             req.host_block_ids = []
         req.status = status
+
+    def _swap_out(self, req: Request, plan: StepPlan) -> list[int | None] | None:
+        """Copy to host the blocks holding req's computed tokens that it alone references (a
+        block shared with running requests stays on the device, in the prefix cache: copied at
+        most once, by the last request to leave it). Returns the host table, None when the swap
+        space is full (or nothing is computed)."""
+        assert self.host_pool is not None
+        n = self.pool.blocks_needed(req.num_computed_tokens)
+        own = [i for i in range(n) if self.pool.refcount(req.block_ids[i]) == 1]
+        host = self.host_pool.allocate(len(own)) if n else None
+        if host is None:
+            return None
+        table: list[int | None] = [None] * n
+        for i, h in zip(own, host, strict=True):
+            table[i] = h
+            plan.swap_out.append((req.block_ids[i], h))
+        return table
 
     def abort(self, request_id: str) -> Request | None:
         for req in [*self.running, *self.waiting]:
@@ -227,10 +328,14 @@ class Scheduler:
             req.block_ids = []
 
     def check_integrity(self) -> None:
-        live = [b for r in self.running for b in r.block_ids]
-        ensure(len(live) == len(set(live)), "a KV block is shared by two requests")
-        ensure(len(live) == self.pool.num_used, "blocks in use that no request holds")
+        refs = Counter(b for r in self.running for b in r.block_ids)
+        ensure(
+            all(len(set(r.block_ids)) == len(r.block_ids) for r in self.running),
+            "a block is twice in one block table",
+        )
+        ensure(refs == self.pool.references(), "block references differ from the block tables")
         ensure(all(not r.block_ids for r in self.waiting), "a waiting request holds blocks")
         if self.host_pool is not None:
-            self.host_pool.check_integrity([b for r in self.waiting for b in r.host_block_ids])
-
+            self.host_pool.check_integrity(
+                [b for r in self.waiting for b in r.host_block_ids if b is not None]
+            )

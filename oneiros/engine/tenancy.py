@@ -29,6 +29,11 @@ class TenantCounters:
     recomputed_tokens: int = 0
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
+    # Automatic prefix caching, in tokens as vLLM counts them: the tokens of requests admitted with
+    # nothing computed, new or preempted by recompute (queries), and how many of them were found
+    # in the cache (hits: their prefill was skipped).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
     # Parameter remapping.
     remapped_layers: int = 0  # layer slabs turned into free pages for KV cache (remap events)
     restored_layers: int = 0  # layers copied back into a slab of their own (revert events)

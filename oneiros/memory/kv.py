@@ -2,9 +2,22 @@
 
 A KV block holds `block_size` tokens of every layer of one model (K and V). A page owned by the model's
 KV pool holds `blocks_per_page` blocks; block id = page * blocks_per_page + slot, so a block id names
-its storage directly and pages need not be contiguous. The pool grows a page at a time from the arena's
-free pages when it runs out of blocks, and gives back pages whose blocks are all free (`shrink`), which
-is how KV memory returns to other models or to parameters.
+its storage directly and pages need not be contiguous.
+
+Every block of the pool is in exactly one state:
+  - free: on the free list;
+  - held: referenced by live requests (a reference count; a block shared through the prefix cache
+    has several);
+  - cached (prefix caching on): full, indexed by its hash in `self.cache`, referenced by no request;
+    its content is kept until its memory is reused.
+A cached block is a free block that remembers its content: `allocate` hands out free and cached
+blocks together, lowest id first (evicting a cached one it hands out), and grows the pool from free
+arena pages only when both are used up; `shrink` gives back pages holding no referenced block,
+highest first, whether they hold cached blocks or not (their entries are evicted). So caching
+changes which tokens are computed (a hit skips them) and never which memory is used: with no hit,
+every block and page decision is the one the pool makes with caching off (the simulator's results,
+and the paper grid, stay the same). Only `shrink(evict=False)`, when the server goes idle, keeps
+the pages of cached blocks.
 """
 
 from __future__ import annotations
@@ -13,10 +26,18 @@ import heapq
 
 from oneiros.core import ConfigError, ResizeKV, ensure
 from oneiros.memory.arena import Owner, PageArena
+from oneiros.memory.prefix import PrefixCache
 
 
 class KVPool:
-    def __init__(self, model: str, arena: PageArena, block_bytes: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        arena: PageArena,
+        block_bytes: int,
+        block_size: int,
+        prefix_caching: bool = False,
+    ) -> None:
         if block_bytes <= 0 or block_size <= 0:
             raise ConfigError(
                 f"KV blocks of model {model!r} need a positive size, got {block_bytes} bytes "
@@ -34,11 +55,15 @@ class KVPool:
         self.block_size = block_size
         self.blocks_per_page = arena.page_bytes // block_bytes
         self._pages: set[int] = set()
-        # A min-heap: the lowest block (so the lowest page) goes first. Live blocks gather in low
-        # pages and high pages fall idle, so shrinking leaves long free runs at the top of the arena,
-        # where layer slabs are placed when parameters come back.
-        self._free_blocks: list[int] = []
-        self._used: set[int] = set()
+        # A min-heap of the free and cached blocks: the lowest block (so the lowest page) goes
+        # first. Live blocks gather in low pages and high pages fall idle, so shrinking leaves long
+        # free runs at the top of the arena, where layer slabs are placed when parameters come
+        # back. Entries go stale (a cached block hit, a page given back) and are skipped when
+        # popped; `_free` is the truth for free blocks, `self.cache` for cached ones.
+        self._heap: list[int] = []
+        self._free: set[int] = set()
+        self._refs: dict[int, int] = {}  # held block -> live references (>= 1)
+        self.cache = PrefixCache(model, block_size) if prefix_caching else None
         self._resizes: list[ResizeKV] = []  # since the last drain_resizes()
 
     # ---- queries -------------------------------------------------------------------------------
@@ -48,25 +73,55 @@ class KVPool:
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Blocks referenced by at least one live request."""
+        return len(self._refs)
+
+    @property
+    def num_cached(self) -> int:
+        """Cached blocks no request references (reclaimable, kept for prefix hits)."""
+        return self.cache.num_unreferenced if self.cache is not None else 0
 
     @property
     def num_busy_pages(self) -> int:
-        """Pages holding at least one live block."""
-        return len({b // self.blocks_per_page for b in self._used})
+        """Pages holding at least one referenced block."""
+        return len({b // self.blocks_per_page for b in self._refs})
 
     @property
     def num_idle_pages(self) -> int:
-        """Pages with no live block: `shrink` can give them back at once."""
+        """Pages with no referenced block: `shrink` can give them back at once (evicting the
+        cached blocks on them)."""
         return len(self._pages) - self.num_busy_pages
 
     @property
+    def num_empty_pages(self) -> int:
+        """Pages holding neither a referenced nor a cached block: `shrink(evict=False)` gives
+        them back without losing anything."""
+        bpp = self.blocks_per_page
+        kept = {b // bpp for b in self._refs}
+        if self.cache is not None:
+            kept.update(b // bpp for b in self.cache.lru_order())
+        return len(self._pages) - len(kept)
+
+    @property
     def num_free_blocks(self) -> int:
-        """Free blocks in pages the pool already owns (not counting free arena pages)."""
-        return len(self._free_blocks)
+        """Free blocks in pages the pool already owns (not counting free arena pages or cached
+        blocks)."""
+        return len(self._free)
+
+    @property
+    def num_reusable(self) -> int:
+        """Blocks `allocate` can hand out without growing: free and cached ones."""
+        return len(self._free) + self.num_cached
+
+    def refcount(self, block: int) -> int:
+        return self._refs.get(block, 0)
+
+    def references(self) -> dict[int, int]:
+        """Held block -> live references (a copy)."""
+        return dict(self._refs)
 
     def can_allocate(self, n: int) -> bool:
-        missing = n - len(self._free_blocks)
+        missing = n - self.num_reusable
         return missing <= 0 or self.pages_needed(missing) <= self.arena.num_free
 
     def pages_needed(self, blocks: int) -> int:
@@ -80,26 +135,72 @@ class KVPool:
 
     # ---- allocation ----------------------------------------------------------------------------
     def allocate(self, n: int) -> list[int] | None:
-        """n blocks, growing the pool from free arena pages if needed; None (and no change) if not."""
+        """n blocks, each with one reference: free and cached blocks, lowest first (a cached one
+        is evicted), growing the pool from free arena pages when they are not enough. None (and
+        no change) when the arena has not the pages either."""
         if n <= 0:
             return []
-        missing = n - len(self._free_blocks)
+        missing = n - self.num_reusable
         if missing > 0 and not self.grow(self.pages_needed(missing)):
             return None
-        blocks = [heapq.heappop(self._free_blocks) for _ in range(n)]
-        self._used.update(blocks)
+        blocks = []
+        while len(blocks) < n:
+            b = heapq.heappop(self._heap)
+            if b in self._free:
+                self._free.remove(b)
+            elif self.cache is not None and self.cache.is_unreferenced(b):
+                self.cache.evict(b)
+            else:
+                continue  # stale: held again since, or its page was given back
+            self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
+    def acquire(self, blocks: list[int]) -> None:
+        """One more reference to each of these held or cached blocks (prefix cache hits)."""
+        for b in blocks:
+            refs = self._refs.get(b, 0)
+            if not refs:
+                if self.cache is None or not self.cache.is_unreferenced(b):
+                    raise ValueError(f"block {b} of {self.model!r} is neither held nor cached")
+                self.cache.unpark(b)  # its heap entry goes stale
+            self._refs[b] = refs + 1
+        if len(self._heap) > 2 * self.num_reusable + 64:
+            self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        """Drop stale heap entries."""
+        self._heap = sorted(self._free | set(self.cache.lru_order() if self.cache else ()))
+
     def free(self, blocks: list[int]) -> None:
-        """Return blocks to the pool. All or nothing: a bad list changes nothing."""
+        """Drop one reference to each block. A block left without references stays cached when
+        the prefix cache indexes it (the first of `blocks` released last), else it is free;
+        either way `allocate` may hand it out again. All or nothing: a bad list changes
+        nothing."""
         if len(set(blocks)) != len(blocks):
             raise ValueError(f"duplicate blocks in {blocks}")
         for b in blocks:
-            if b not in self._used:
+            if b not in self._refs:
                 raise ValueError(f"block {b} of {self.model!r} is not allocated")
-        self._used.difference_update(blocks)
-        for b in blocks:
-            heapq.heappush(self._free_blocks, b)
+        for b in reversed(blocks):
+            refs = self._refs.pop(b) - 1
+            if refs:
+                self._refs[b] = refs
+            else:
+                if self.cache is not None and b in self.cache:
+                    self.cache.park(b)
+                else:
+                    self._free.add(b)
+                heapq.heappush(self._heap, b)
+
+    def cache_block(self, block: int, h: bytes, parent: bytes, tokens: list[int]) -> bool:
+        """Index a held block that is full with `tokens` under its chain hash `h` (False: caching
+        is off, or the block or the hash is indexed already)."""
+        if self.cache is None:
+            return False
+        if block not in self._refs:
+            raise ValueError(f"block {block} of {self.model!r} is not held")
+        return self.cache.insert(block, h, parent, tokens)
 
     def grow(self, num_pages: int) -> bool:
         pages = self.arena.alloc(num_pages, self.owner)
@@ -121,25 +222,36 @@ class KVPool:
         for p in pages:
             self._pages.add(p)
             base = p * self.blocks_per_page
-            # Reverse so that pop() hands out the lowest slot of the page first.
             for b in range(base, base + self.blocks_per_page):
-                heapq.heappush(self._free_blocks, b)
+                self._free.add(b)
+                heapq.heappush(self._heap, b)
 
-    def shrink(self, max_pages: int | None = None) -> list[int]:
-        """Give back to the arena every page (up to max_pages) with no live block; returns them."""
+    def shrink(self, max_pages: int | None = None, evict: bool = True) -> list[int]:
+        """Give back to the arena up to max_pages pages with no referenced block, highest first;
+        returns them. The cache entries on them are evicted; without `evict`, pages holding a
+        cached block are kept."""
         if max_pages is not None and max_pages <= 0:
             return []
-        busy = {b // self.blocks_per_page for b in self._used}
-        idle = sorted(self._pages - busy, reverse=True)[:max_pages]
-        if not idle:
+        bpp = self.blocks_per_page
+        keep = {b // bpp for b in self._refs}
+        cache = self.cache
+        cached = cache.lru_order() if cache is not None else []
+        if not evict:
+            keep.update(b // bpp for b in cached)
+        give = sorted(self._pages - keep, reverse=True)[:max_pages]
+        if not give:
             return []
-        idle_set = set(idle)
-        self._free_blocks = [b for b in self._free_blocks if b // self.blocks_per_page not in idle_set]
-        heapq.heapify(self._free_blocks)
-        self._pages -= idle_set
-        self.arena.free(idle, self.owner)
-        self._resizes.append(ResizeKV(self.model, tuple(idle), grow=False))
-        return idle
+        gone = set(give)
+        if cache is not None:
+            for b in cached:
+                if b // bpp in gone:
+                    cache.evict(b)
+        self._free = {b for b in self._free if b // bpp not in gone}
+        self._rebuild_heap()
+        self._pages -= gone
+        self.arena.free(give, self.owner)
+        self._resizes.append(ResizeKV(self.model, tuple(give), grow=False))
+        return give
 
     def drain_resizes(self) -> list[ResizeKV]:
         """The pages taken and given back since the last call, as memory actions of the step."""
@@ -147,9 +259,19 @@ class KVPool:
         return out
 
     def check_integrity(self) -> None:
+        """Pages agree with the arena; every block is free, held or cached, exactly one of them;
+        reference counts are positive; the cache index is consistent."""
         ensure(set(self.arena.pages_of(self.owner)) == self._pages, "pool pages != arena's view")
-        free = set(self._free_blocks)
-        ensure(len(free) == len(self._free_blocks), "a block is on the free list twice")
-        ensure(not free & self._used, "a block is both free and used")
-        every = {p * self.blocks_per_page + s for p in self._pages for s in range(self.blocks_per_page)}
-        ensure(free | self._used == every, "blocks lost or invented")
+        free = self._free
+        held = set(self._refs)
+        cached = set(self.cache.lru_order()) if self.cache is not None else set()
+        ensure((free | cached) <= set(self._heap), "a free or cached block is not on the heap")
+        ensure(all(r > 0 for r in self._refs.values()), "a held block has no reference")
+        ensure(not free & held, "a block is both free and held")
+        ensure(not free & cached, "a block is both free and cached")
+        ensure(not held & cached, "a block is both held and cached")
+        bpp = self.blocks_per_page
+        every = {p * bpp + s for p in self._pages for s in range(bpp)}
+        ensure(free | held | cached == every, "blocks lost or invented")
+        if self.cache is not None:
+            self.cache.check_integrity(held)

@@ -564,9 +564,10 @@ class AsyncLLMEngine(EngineClient):
         return True
 
     def _release_idle(self) -> None:
-        """No request anywhere: KV pages without a live block go back to the arena (their pools
-        grow again on demand; the static policy keeps its fixed shares), then remapped layers are
-        restored from the free pages. Once per idle period."""
+        """No request anywhere: KV pages without a live or cached block go back to the arena
+        (their pools grow again on demand; the static policy keeps its fixed shares), then
+        remapped layers are restored from the free pages (evicting cached blocks only when a
+        layer needs their pages). Once per idle period: the prefix cache outlives idle time."""
         if self._idle_released:
             return
         self._idle_released = True
@@ -574,7 +575,7 @@ class AsyncLLMEngine(EngineClient):
         try:
             if not e.policy.partitions_kv:
                 for t in e.tenants.values():
-                    t.pool.shrink()
+                    t.pool.shrink(evict=False)
             e.revert_idle()
         except StepFailure as f:  # a restore failed: put the bytes back as the accounting says
             self.num_step_errors += 1

@@ -29,6 +29,8 @@ class DashboardModel(BaseModel):
     running: int
     waiting: int
     kv_usage: float
+    kv_blocks_cached: int
+    prefix_hit_rate: float | None
     remap_events: int
     restore_events: int
     preemptions: int
@@ -81,6 +83,9 @@ def dashboard_data(state: Any, snap: dict[str, Any]) -> dict[str, Any]:
             "running": info["running"],
             "waiting": info["waiting"],
             "kv_usage": info["kv_blocks_used"] / cap if cap else 0.0,
+            "kv_blocks_cached": info.get("kv_blocks_cached", 0),
+            "prefix_hit_rate": (c["prefix_cache_hits"] / c["prefix_cache_queries"]
+                                if c.get("prefix_cache_queries") else None),
             "remap_events": c.get("remapped_layers", 0),
             "restore_events": c.get("restored_layers", 0),
             "preemptions": info["preemptions"],

@@ -41,7 +41,9 @@ def memory_snapshot(engine: Any) -> dict[str, Any]:
             "layers_resident": sum(p is not None for p in slabs),
             "kv_blocks_used": t.pool.num_used,
             "kv_blocks_free": t.pool.num_free_blocks,
+            "kv_blocks_cached": t.pool.num_cached,
             "kv_pages": t.pool.num_pages,
+            "kv_pages_empty": t.pool.num_empty_pages,
             "kv_blocks_per_page": t.pool.blocks_per_page,
             "kv_block_capacity": t.scheduler.max_blocks(),
             "block_size": t.pool.block_size,
@@ -66,7 +68,9 @@ def memory_snapshot(engine: Any) -> dict[str, Any]:
         "pages_by_owner": dict(sorted(arena.usage_by_kind().items())),
         "kv_blocks_used": sum(m["kv_blocks_used"] for m in models.values()),
         "kv_blocks_free": sum(m["kv_blocks_free"] for m in models.values()),
+        "kv_blocks_cached": sum(m["kv_blocks_cached"] for m in models.values()),
         "kv_pages": sum(m["kv_pages"] for m in models.values()),
+        "kv_pages_empty": sum(m["kv_pages_empty"] for m in models.values()),
         "models": models,
     }
 
@@ -95,8 +99,9 @@ def merge_snapshots(replicas: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for r in ok:
         for owner, n in r["pages_by_owner"].items():
             owners[owner] = owners.get(owner, 0) + n
-    total = {k: sum(r[k] for r in ok) for k in ("num_pages", "free_pages", "kv_blocks_used",
-                                                "kv_blocks_free", "kv_pages")}
+    total = {k: sum(r.get(k, 0) for r in ok) for k in (
+        "num_pages", "free_pages", "kv_blocks_used", "kv_blocks_free", "kv_blocks_cached",
+        "kv_pages", "kv_pages_empty")}
     return {
         "page_bytes": max((r["page_bytes"] for r in ok), default=0),
         **total,
@@ -195,6 +200,8 @@ def _engine_families(
         ("oneiros_kv_blocks_used", "KV cache blocks in use", "kv_blocks_used", False),
         ("oneiros_kv_blocks_free", "Free KV blocks in pages the pool owns",
          "kv_blocks_free", False),
+        ("oneiros_kv_blocks_cached", "KV blocks no request holds, kept for prefix cache "
+         "hits (the first memory given away)", "kv_blocks_cached", False),
         ("oneiros_kv_pages", "Arena pages owned by the model's KV pool", "kv_pages", False),
         ("oneiros_layers_resident", "Decoder layers whose parameters are in the arena",
          "layers_resident", False),
@@ -255,6 +262,14 @@ def _engine_families(
         yield per_model(GaugeMetricFamily, name, doc, value, "model_name")
     yield per_model(CounterMetricFamily, "vllm:num_preemptions", "Requests preempted",
                     lambda m: m["preemptions"], "model_name")
+    for field, name, doc in (
+        ("prefix_cache_queries", "vllm:prefix_cache_queries",
+         "Prompt tokens looked up in the prefix cache"),
+        ("prefix_cache_hits", "vllm:prefix_cache_hits",
+         "Prompt tokens found in the prefix cache (prefill skipped)"),
+    ):
+        yield per_model(CounterMetricFamily, name, doc,
+                        lambda m, field=field: m.get("counters", {}).get(field, 0), "model_name")
     if extra:
         up = GaugeMetricFamily("oneiros_replica_up",
                                "1 when the replica answered the last scrape", labels=extra)

@@ -372,7 +372,11 @@ class MemoryResponse(BaseModel):
     pages_by_owner: dict[str, int]
     kv_blocks_used: int
     kv_blocks_free: int
+    kv_blocks_cached: int = Field(0, description="blocks kept for prefix cache hits, held by no "
+                                  "request (the first memory given away)")
     kv_pages: int
+    kv_pages_empty: int = Field(0, description="KV pages holding no held or cached block (given "
+                                "back to the arena once the engine is idle)")
     models: dict[str, dict[str, Any]]
     in_flight: int
     integrity: str | None = None

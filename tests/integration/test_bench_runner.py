@@ -30,7 +30,7 @@ from oneiros.bench.runner import (
     run_policies,
     spread,
 )
-from oneiros.bench.workloads import WorkItem, workload_from_spec
+from oneiros.bench.workloads import WorkItem, as_sessions, workload_from_spec
 from oneiros.config import EngineConfig
 from oneiros.core import SamplingParams
 from oneiros.engine.clock import VirtualClock
@@ -102,10 +102,10 @@ def test_two_policies_on_a_poisson_workload(weight_pages_total, tmp_path):
         # A request's preemption count and the models' preemption counters count the same events.
         assert sum(r.preemptions for r in result.records) == totals["preemptions"]
         # Every prompt token and every output token but the last is computed once, plus what
-        # recompute preemption threw away.
+        # recompute preemption threw away, less what the prefix cache held.
         work = sum(w.prompt_len + w.output_len - 1 for w in workload)
         computed = totals["prefill_tokens"] + totals["decode_tokens"]
-        assert computed == work + totals["recomputed_tokens"]
+        assert computed == work + totals["recomputed_tokens"] - totals["prefix_cache_hits"]
         history = result.page_history
         assert history[0][0] == 0.0 and len(history) > 1
         assert all(sum(u.values()) == result.num_pages for _, u in history)
@@ -298,3 +298,42 @@ def test_http_stream_edge_cases():
     assert r.output_len == 5 and len(r.token_times) == 5
     assert r.token_times[2:] == [r.token_times[-1]] * 3
     assert r.finish_reason == "length"
+
+
+def test_conversation_turns_carry_their_history_and_hit_the_prefix_cache(weight_pages_total):
+    """Three conversations of three turns: each later turn is sent after the turn before it
+    finished, with that turn's prompt and output before its own tokens. A conversation alone
+    finds every full block of its history that was computed (all but the last output token) in
+    the prefix cache; one refused turn refuses the rest of its conversation."""
+    items = [WorkItem(0.001 * k, "a", 9 + k, 5 + k % 3) for k in range(9)]
+    workload = as_sessions(items, turns=3)
+    assert [w.follows for w in workload] == [None, 0, 1, None, 3, 4, None, 6, 7]
+    for sessions in (workload, workload[:3]):
+        e = make_engine(weight_pages_total, kv_pages=16)
+        result = run_engine(e, sessions, progress=False, policy="recompute")
+        assert result.rejected == {} and len(result.records) == len(sessions)
+        recs = result.records
+        cached = 0
+        for k, w in enumerate(sessions):
+            r = recs[k]
+            assert r.output_len == w.output_len
+            if w.follows is None:
+                assert r.prompt_len == w.prompt_len
+                continue
+            before = recs[w.follows]
+            history = before.prompt_len + before.output_len
+            assert r.prompt_len == history + w.prompt_len
+            assert r.arrival >= before.token_times[-1]  # sent after the turn it follows
+            cached += (history - 1) // 4 * 4  # full blocks of 4 computed tokens
+        hits = result.counters["a"]["prefix_cache_hits"]
+        if len(sessions) == 3:
+            assert hits == cached
+        else:  # other conversations' blocks may reuse a finished turn's meanwhile
+            assert 0 < hits <= cached
+        e.check_integrity()
+
+    long = [WorkItem(0.0, "a", 10, 4), WorkItem(0.0, "a", 2000, 4, follows=0),
+            WorkItem(0.0, "a", 3, 4, follows=1)]
+    result = run_engine(make_engine(weight_pages_total, kv_pages=16), long, progress=False,
+                        overlong="reject")
+    assert len(result.records) == 1 and result.rejected == {"context": 1, "session": 1}

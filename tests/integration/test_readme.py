@@ -69,6 +69,7 @@ def test_every_readme_example_runs(tmp_path: Path) -> None:
         for kind, text in found:
             text = text.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
             text = text.replace(".venv/bin/", bin_dir)
+            text = text.replace(" benchmarks/", f" {ROOT}/benchmarks/")
             if kind == "python":
                 r = subprocess.run([sys.executable, "-c", text], cwd=tmp_path, env=env,
                                    capture_output=True, text=True, timeout=600)
@@ -95,6 +96,7 @@ def test_every_readme_example_runs(tmp_path: Path) -> None:
         log.close()
     assert (tmp_path / "results" / "bench.json").is_file()
     assert (tmp_path / "results" / "profile.json").is_file()
+    assert (tmp_path / "results" / "prefix.json").is_file()
 
 
 def wait_up(proc: subprocess.Popen, port: int, log: Path) -> None:

@@ -181,7 +181,8 @@ class KVMachine(RuleBasedStateMachine):
     def _snapshot(self):
         return (
             [self.arena.owner(p) for p in range(self.arena.num_pages)],
-            {m: (set(p._pages), list(p._free_blocks), set(p._used)) for m, p in self.pools.items()},
+            {m: (set(p._pages), set(p._free), p.references())
+             for m, p in self.pools.items()},
         )
 
     def _pool(self, data) -> KVPool:

@@ -170,6 +170,9 @@ def test_calibration_refuses_a_trace_without_enough_steps(tmp_path):
 
 # ---- the engine in simulation -------------------------------------------------------------------
 def _simulate(hardware, policy="oneiros", budget=0.9, n=60, seed=0, **kw):
+    # Every prompt repeats one token, so with prefix caching they would all share one prefix:
+    # these checks are about memory pressure, which needs each request's KV to be its own.
+    kw.setdefault("prefix_caching", False)
     e = LLMEngine(EngineConfig(
         models=C1, executor="sim", hardware=hardware, policy=policy, memory_budget=budget, **kw
     ))
@@ -231,3 +234,56 @@ def test_every_profile_says_its_host_memory_and_cold_tier():
     h200 = load_profile("H200")
     assert (h200.memory_bytes, h200.mem_bw, h200.h2d_bw, h200.d2h_bw) == (141e9, 4.8e12, 55e9, 55e9)
     assert h200.mixed_bw < h200.h2d_bw
+
+
+# ---- prefix caching in simulation ---------------------------------------------------------------
+def _simulate_prompts(prompt, policy: str, caching: bool, n: int = 40, budget: float = 0.9):
+    """n requests of C1 whose prompts come from prompt(i, rng): per request, its token times and
+    preemptions; the engine's counters."""
+    e = LLMEngine(EngineConfig(models=C1, executor="sim", hardware="gh200", policy=policy,
+                               memory_budget=budget, prefix_caching=caching))
+    rng = random.Random(1)
+    reqs = [
+        e.add_request(prompt(i, rng), SamplingParams(max_tokens=rng.randint(50, 400),
+                                                     ignore_eos=True),
+                      rng.choice(list(C1)), arrival_time=i * 0.02)
+        for i in range(n)
+    ]
+    while e.has_unfinished():
+        e.step()
+    e.check_integrity()
+    times = [(list(r.token_times), r.num_preemptions) for r in reqs]
+    return times, {m: s.counters for m, s in e.store.states.items()}
+
+
+def test_caching_changes_no_simulated_time_when_no_prefix_repeats():
+    """Prompts that differ in their first token share no block: with caching on, every token comes
+    at the same simulated time as with it off, under memory pressure (layers remapped). (A request
+    preempted by recompute or swap may find its own blocks still cached when it comes back: that
+    is a hit, and changes the run.)"""
+    def prompt(i, rng):
+        return [1000 + i] + [100] * rng.randint(200, 2000)
+
+    on, c_on = _simulate_prompts(prompt, "oneiros", True)
+    off, c_off = _simulate_prompts(prompt, "oneiros", False)
+    assert sum(c.remapped_layers for c in c_off.values()) > 0  # under memory pressure
+    assert on == off
+    for m in c_on:
+        assert c_on[m].prefix_cache_hits == 0 and c_on[m].prefix_cache_queries > 0
+        assert c_on[m].prefill_tokens == c_off[m].prefill_tokens
+
+
+def test_a_shared_prefix_is_priced_as_skipped_prefill():
+    """Requests sharing a 1,500-token system prompt: with caching the hits are prefill the cost
+    model never charges, so first tokens come sooner."""
+    def prompt(i, rng):
+        return [100] * 1500 + [1000 + i] * rng.randint(20, 80)
+
+    on, c_on = _simulate_prompts(prompt, "oneiros", True, budget=1.0)
+    off, c_off = _simulate_prompts(prompt, "oneiros", False, budget=1.0)
+    hits = sum(c.prefix_cache_hits for c in c_on.values())
+    assert hits >= (40 - 3) * 1488  # every request but each model's first: 93 blocks of 16
+    assert sum(c.prefill_tokens for c in c_on.values()) == sum(
+        c.prefill_tokens for c in c_off.values()) - hits
+    ttft = [sorted(t[0][0] for t in run) for run in (on, off)]
+    assert ttft[0][len(ttft[0]) // 2] < ttft[1][len(ttft[1]) // 2]

@@ -26,6 +26,7 @@ TORCH_FREE = [
     "oneiros.memory.arena",
     "oneiros.memory.kv",
     "oneiros.memory.passplan",
+    "oneiros.memory.prefix",
     "oneiros.memory.remap",
     "oneiros.memory.residency",
     "oneiros.memory.swap",

@@ -20,6 +20,7 @@ from oneiros.bench.workloads import (
     MIXES,
     WorkItem,
     alpaca_lengths,
+    as_sessions,
     assign_models,
     build_workload,
     fit_context,
@@ -397,3 +398,14 @@ def test_bad_spec_shapes():
     assert parse_spec({"kind": "gamma", "rate": 2, "cv": 1.5, "n": 4.0}) == {
         "kind": "gamma", "rate": 2.0, "cv": 1.5, "n": 4
     }
+
+
+def test_sessions_chain_consecutive_requests_of_each_model():
+    items = [WorkItem(float(k), m, 5, 3) for k, m in enumerate("aabab" "aa")]
+    out = as_sessions(items, turns=2)
+    # a: 0, 1 | 3, 5 | 6 ; b: 2, 4
+    assert [w.follows for w in out] == [None, 0, None, None, 2, 3, None]
+    assert [(w.arrival_s, w.prompt_len) for w in out] == [(w.arrival_s, 5) for w in items]
+    assert all(w.follows is None for w in as_sessions(items, turns=1))
+    with pytest.raises(ValueError, match="turns"):
+        as_sessions(items, turns=0)

@@ -37,6 +37,8 @@ function renderTable(d) {
     cell(row, m.pages.kv);
     cell(row, `${m.layers_resident} / ${m.num_layers}`);
     cell(row, `${(m.kv_usage * 100).toFixed(1)}%`);
+    cell(row, m.kv_blocks_cached);
+    cell(row, m.prefix_hit_rate === null ? "-" : `${(m.prefix_hit_rate * 100).toFixed(1)}%`);
     cell(row, m.waiting);
     cell(row, m.running);
     cell(row, `${ms(m.ttft_p50)} / ${ms(m.ttft_p99)} ms`);
