@@ -28,6 +28,8 @@ from typing import Any
 
 import httpx
 
+from oneiros.server.launch import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -131,26 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if url is None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         tmp = tempfile.mkdtemp(prefix="oneiros-fuzz-")
         proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE.format(root=str(ROOT)),
                                  str(port), tmp + "/tiny"])
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print("the server did not start", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+        try:
+            wait_healthy(url, proc, 300, poll_s=0.5)
+        except RuntimeError as e:
+            print(f"the server did not start: {e}", file=sys.stderr)
+            return 1
     try:
         report = fuzz(url, args.max_time, args.seed, args.workers, args.api_key)
     finally:

@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
 import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+
+from oneiros.bench.metrics import percentile
+from oneiros.server.launch import free_port, wait_healthy
 
 PROMPTS = [
     "The capital of France is",
@@ -71,19 +72,9 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return round(v[lo] + (v[hi] - v[lo]) * (k - lo), 4)
+    v = percentile(values, q)
+    return None if v is None else round(v, 4)
 
 
 # ---- the server under test -----------------------------------------------------------------------
@@ -99,7 +90,7 @@ serve(EngineConfig(**json.loads(sys.argv[1])), "127.0.0.1", {port}, None, {max_q
 
 class LocalServer:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         models = dict(kv.split("=", 1) for kv in args.models.split(","))
         cfg = {
@@ -124,17 +115,7 @@ class LocalServer:
         )
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}; see {self.log_path}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout:.0f}s; see {self.log_path}")
+        wait_healthy(self.url, self.proc, timeout, self.log_path, poll_s=0.5)
 
     def stop(self, timeout: float = 60) -> dict[str, Any]:
         """SIGTERM (graceful drain), then wait; returns how it went."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
@@ -26,10 +25,9 @@ class ServerThread:
         import uvicorn
 
         from oneiros.server.app import H11JSONErrors
+        from oneiros.server.launch import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         cfg = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
             http=H11JSONErrors,

@@ -88,6 +88,13 @@ class RequestRecord:
         return cls(**d)
 
 
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-quantile (0 <= q <= 1) of `values`, linear between samples as numpy's; None when
+    there are none."""
+    x = np.asarray(list(values), dtype=float)
+    return float(np.percentile(x, 100 * q)) if x.size else None
+
+
 def distribution(values: Iterable[float], percentiles: Sequence[int] = PERCENTILES) -> dict:
     """{'count', 'mean', 'p50', 'p90', 'p99', 'max'} of `values` (numpy linear percentiles);
     every statistic is None when there are no values."""

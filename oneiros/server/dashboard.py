@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict
 
+from oneiros.bench.metrics import percentile
 from oneiros.server.errors import ErrorJSON, error_body
 
 STATIC = resources.files("oneiros.server") / "static"
@@ -48,16 +49,6 @@ class DashboardResponse(BaseModel):
     free_pages: int
     in_flight: int
     models: dict[str, DashboardModel]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def dashboard_data(state: Any, snap: dict[str, Any]) -> dict[str, Any]:

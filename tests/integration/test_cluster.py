@@ -11,7 +11,6 @@ same models. The last test kills r1's actor in the middle of a stream.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +22,7 @@ from oneiros.config import EngineConfig
 from oneiros.engine.engine import LLMEngine
 from oneiros.server.app import build_app
 from oneiros.server.async_engine import AsyncLLMEngine
+from oneiros.server.launch import free_port
 from tests.helpers import ServerThread, tiny_llama_dir
 
 ray = pytest.importorskip("ray")
@@ -72,9 +72,7 @@ def cluster(tok_dir: str, tok1_dir: str) -> Iterator[str]:
     config = parse_cluster(cluster_file(tok_dir, tok1_dir))
     placement, demands = plan(config)
     assert placement.holders("tok") == ["r0", "r1"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from oneiros.memory import remap
 from oneiros.models.loader import CONFIG_DIR
 from oneiros.server.async_engine import AsyncLLMEngine
 from oneiros.server.engine_client import EngineDeadError, EngineStepError
+from oneiros.server.launch import free_port, wait_healthy
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -197,9 +197,7 @@ sys.exit(serve(EngineConfig(models={"t": "random:llama-tiny"}, memory_budget="64
 def test_serve_exits_nonzero_when_the_engine_dies(tmp_path: Path) -> None:
     """A crashed engine loop: the request in flight gets a clean error, /health says the engine is
     dead, and the process exits with status 1 for its supervisor instead of hanging."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     env = {"ONEIROS_FAULTS": "crash:1*1", "PYTHONUNBUFFERED": "1"}
@@ -209,16 +207,7 @@ def test_serve_exits_nonzero_when_the_engine_dies(tmp_path: Path) -> None:
         proc = subprocess.Popen([sys.executable, "-c", SERVE_CODE, str(port)], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, proc, 120, log, poll_s=0.2)
         r = httpx.post(url + "/v1/completions", json={"model": "t", "prompt": [1, 2, 3],
                                                       "max_tokens": 4}, timeout=60)
         assert r.status_code in (500, 503), r.text

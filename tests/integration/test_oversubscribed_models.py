@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -22,6 +21,7 @@ import torch
 from oneiros.config import EngineConfig
 from oneiros.core import ConfigError, SamplingParams
 from oneiros.engine.engine import LLMEngine
+from oneiros.server.launch import free_port, wait_healthy
 from tests.integration.test_multitenancy import assert_no_leaks
 from tests.integration.test_remapping import weights_pages
 
@@ -189,8 +189,10 @@ def test_four_smollm2_tenants_in_room_for_two(smollm2_llm, caplog, tmp_path):
 
 # ---- the command line ----------------------------------------------------------------------------
 def test_serve_starts_oversubscribed_with_a_warning(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "oneiros.cli", "serve", "--page-bytes", str(PAGE),
-            "--threads", "1", "--port", "18437"]
+            "--threads", "1", "--port", str(port)]
     for name, src in TINY.items():
         args += ["--model", f"{name}={src}"]
     one = weights_pages({"x": TINY["m0"]})
@@ -203,18 +205,9 @@ def test_serve_starts_oversubscribed_with_a_warning(tmp_path):
         proc = subprocess.Popen(args + ["--memory-budget", str((2 * one + 4) * PAGE)],
                                 stdout=f, stderr=subprocess.STDOUT)
     try:
-        body = None
-        for _ in range(120):
-            try:
-                body = urllib.request.urlopen("http://127.0.0.1:18437/health", timeout=1).read()
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.5)
-        assert body is not None, log.read_text()
+        wait_healthy(url, proc, 180, log, poll_s=0.5)
         req = urllib.request.Request(
-            "http://127.0.0.1:18437/v1/completions",
+            url + "/v1/completions",
             data=b'{"model": "m3", "prompt": [1, 2, 3], "max_tokens": 4}',
             headers={"content-type": "application/json"},
         )

@@ -11,15 +11,14 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import httpx
 import pytest
+
+from oneiros.server.launch import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 TRACE = "AzureLLMInferenceTrace_conv.csv"
@@ -44,12 +43,6 @@ def sample_trace(path: Path, n: int = 300, seed: int = 0) -> None:
             t += timedelta(seconds=rng.expovariate(1 / 0.25) * (5 if rng.random() < 0.1 else 1))
             w.writerow([t.strftime("%Y-%m-%d %H:%M:%S.%f0"), rng.randint(200, 2500),
                         rng.randint(20, 450)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_every_readme_example_runs(tmp_path: Path) -> None:
@@ -81,7 +74,7 @@ def test_every_readme_example_runs(tmp_path: Path) -> None:
                 command = text.replace("\\\n", " ").strip() + f" --port {port}"
                 server = subprocess.Popen(["bash", "-c", "exec " + command], cwd=tmp_path,
                                           env=env, stdout=log, stderr=subprocess.STDOUT)
-                wait_up(server, port, tmp_path / "serve.log")
+                wait_healthy(f"http://127.0.0.1:{port}", server, 300, tmp_path / "serve.log")
                 continue
             r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + text], cwd=tmp_path,
                                env=env, capture_output=True, text=True, timeout=600)
@@ -97,19 +90,6 @@ def test_every_readme_example_runs(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "bench.json").is_file()
     assert (tmp_path / "results" / "profile.json").is_file()
     assert (tmp_path / "results" / "prefix.json").is_file()
-
-
-def wait_up(proc: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the README's server did not come up"
-        time.sleep(0.3)
 
 
 def test_make_targets_of_the_readme_exist() -> None:

@@ -21,6 +21,7 @@ from oneiros.config import EngineConfig
 from oneiros.core import ConfigError
 from oneiros.server.app import build_app
 from oneiros.server.async_engine import AsyncLLMEngine
+from oneiros.server.launch import free_port, wait_healthy
 
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -616,25 +617,14 @@ def test_serve_drains_on_sigterm(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-c", SERVE_CODE, str(port)], stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_healthy(url, proc, 120, tmp_path / "serve.log", poll_s=0.2)
         # No tokenizer, so no text: logprobs make every step send a chunk.
         body = {
             "model": "t",

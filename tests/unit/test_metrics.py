@@ -303,3 +303,12 @@ def test_write_report_json_without_a_figure(tmp_path):
     assert set(data["runs"]) == {"recompute", "oneiros"}
     assert report["comparison"]["ratios"] == data["comparison"]["ratios"]
     assert load_results(path)["recompute"] == results["recompute"]
+
+
+def test_percentile_is_the_distributions_and_none_when_empty():
+    from oneiros.bench.metrics import distribution, percentile
+
+    values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4]
+    d = distribution(values)
+    assert percentile(values, 0.5) == d["p50"] and percentile(values, 0.99) == d["p99"]
+    assert percentile(values, 1.0) == 0.9 and percentile([], 0.5) is None
