@@ -101,6 +101,17 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(msgs) + more, param
 
 
+# What an engine error becomes, on a response and in a stream: (class, status, type, code,
+# response headers), the subclasses before EngineError.
+ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str, str, dict[str, str] | None], ...] = (
+    (EngineShutdownError, 503, "service_unavailable", "server_shutting_down", None),
+    (EngineDeadError, 503, "service_unavailable", "engine_dead", None),
+    (EngineUnavailableError, 503, "service_unavailable", "engine_unavailable",
+     {"Retry-After": "1"}),
+    (EngineError, 500, "internal_error", "engine_error", None),
+)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Every exception a route can raise -> its OpenAI-style error response."""
 
@@ -128,31 +139,8 @@ def install_handlers(app: FastAPI) -> None:
             request_id(request), 404, str(exc), "invalid_request_error", "model", "model_not_found"
         )
 
-    @app.exception_handler(EngineShutdownError)
-    async def _shutting_down(request: Request, exc: EngineShutdownError) -> ErrorJSON:
-        return error_response(
-            request_id(request), 503, str(exc), "service_unavailable", None,
-            "server_shutting_down",
-        )
-
-    @app.exception_handler(EngineDeadError)
-    async def _dead(request: Request, exc: EngineDeadError) -> ErrorJSON:
-        return error_response(
-            request_id(request), 503, str(exc), "service_unavailable", None, "engine_dead"
-        )
-
-    @app.exception_handler(EngineUnavailableError)
-    async def _unavailable(request: Request, exc: EngineUnavailableError) -> ErrorJSON:
-        return error_response(
-            request_id(request), 503, str(exc), "service_unavailable", None,
-            "engine_unavailable", {"Retry-After": "1"},
-        )
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError) -> ErrorJSON:
-        return error_response(
-            request_id(request), 500, str(exc), "internal_error", None, "engine_error"
-        )
+    for cls, status, kind, code, headers in ENGINE_ERRORS:
+        app.add_exception_handler(cls, _engine_handler(status, kind, code, headers))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> ErrorJSON:
@@ -163,14 +151,16 @@ def install_handlers(app: FastAPI) -> None:
         )
 
 
+def _engine_handler(status: int, kind: str, code: str, headers: dict[str, str] | None) -> Any:
+    async def handle(request: Request, exc: Exception) -> ErrorJSON:
+        return error_response(request_id(request), status, str(exc), kind, None, code, headers)
+
+    return handle
+
+
 def stream_error(exc: BaseException) -> dict:
     """The SSE error event for an exception that ended a stream."""
-    if isinstance(exc, EngineShutdownError):
-        return error_body(str(exc), "service_unavailable", None, "server_shutting_down")
-    if isinstance(exc, EngineDeadError):
-        return error_body(str(exc), "service_unavailable", None, "engine_dead")
-    if isinstance(exc, EngineUnavailableError):
-        return error_body(str(exc), "service_unavailable", None, "engine_unavailable")
-    if isinstance(exc, EngineError):
-        return error_body(str(exc), "internal_error", None, "engine_error")
+    for cls, _, kind, code, _ in ENGINE_ERRORS:
+        if isinstance(exc, cls):
+            return error_body(str(exc), kind, None, code)
     return error_body(f"internal error: {type(exc).__name__}", "internal_error")
