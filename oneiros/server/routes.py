@@ -101,6 +101,16 @@ class ServerState:
             )
         return self.names[name], name
 
+    def admit(self, body: Any) -> tuple[str, str]:
+        """The checks every generation request passes before any work: the engine is alive, the
+        model exists, the fields are supported and their token ids in its vocabulary. Returns
+        (engine model, the name responses report)."""
+        self.check_available()
+        model, display = self.resolve(body.model)
+        body.check_supported()
+        self.check_token_ids(model, body)
+        return model, display
+
     def check_token_ids(self, model: str, body: Any) -> None:
         """Token ids in sampling fields must be in the model's vocabulary."""
         m = self.pre.loop[model]
@@ -255,10 +265,7 @@ def build_router(state: ServerState) -> APIRouter:
     @r.post("/v1/completions", response_model=CompletionResponse,
             responses={200: {"content": SSE}, **_errors(400, 401, 404, 413, 429, 500, 503)})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        state.check_available()
-        model, display = state.resolve(body.model)
-        body.check_supported()
-        state.check_token_ids(model, body)
+        model, display = state.admit(body)
         n = body.num_choices
         max_tokens = (
             body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
@@ -303,10 +310,7 @@ def build_router(state: ServerState) -> APIRouter:
     @r.post("/v1/chat/completions", response_model=ChatCompletionResponse,
             responses={200: {"content": SSE}, **_errors(400, 401, 404, 413, 429, 500, 503)})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        state.check_available()
-        model, display = state.resolve(body.model)
-        body.check_supported()
-        state.check_token_ids(model, body)
+        model, display = state.admit(body)
         n = body.num_choices
         requested = body.requested_max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
