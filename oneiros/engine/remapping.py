@@ -151,19 +151,18 @@ class RemapController:
         return max(0, alpha - self._penalty.get(t.name, 0))
 
     def _donor(
-        self, t: Tenant, admitting: bool = False, fraction: float | None = None,
-        capped: bool = True, stuck: bool = False,
+        self, t: Tenant, admitting: bool = False, capped: bool = True, stuck: bool = False
     ) -> DonorInfo:
         """What the donor choice needs of t. Its cap: the per-model fraction for a model without
         work (every layer when oversubscribed: an idle model goes fully off the device); for a
         model with work, no more than its passes hide (alpha_max), whether it runs now or waits
         for its turn (its turn would start by restoring more; with cap_waiting off a waiting
         model lends up to the fraction); nothing from a running model for an admission.
-        `fraction` 1.0 and `capped` False: the choice without caps (what cap_hits compares with).
+        `capped` False: the choice without either cap (what cap_hits compares with).
         `stuck` (oversubscribed, nothing runs anywhere): every model with work down to its
         fraction cap, since no page would ever be freed otherwise."""
         n = t.num_layers
-        cap = alpha_cap(n, self.max_remap_fraction if fraction is None else fraction)
+        cap = alpha_cap(n, self.max_remap_fraction if capped else 1.0)
         if self.whole_models:
             cap = 0 if t.state.active else n
         elif stuck and self.oversubscribed and t.state.active:
@@ -220,7 +219,7 @@ class RemapController:
             ]
             name = next_donor(donors, self.sharing, self.donor_order)
             uncapped = [
-                self._donor(t, admitting, fraction=1.0, capped=False)
+                self._donor(t, admitting, capped=False)
                 for t in self.tenants.values() if t.name != exclude
             ]
             self._note_decisions(donors, uncapped, name)
