@@ -324,6 +324,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
     ]
     for row in rows:
         ours = row.results["ours"]
+        where = f"{row.id.split('/')[0]}: {row.title}"
         for base in row.baselines:
             b = row.results[base]
             for metric in SHOWN:
@@ -343,7 +344,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
                     lo, hi = paper
                     ptxt = f"{lo:+.1%}" if lo == hi else f"{hi:+.1%} to {lo:+.1%}"
                 lines.append(
-                    f"| {row.id.split('/')[0]}: {row.title} | {base} | {metric} | {fmt_value(metric, b[metric])} | "
+                    f"| {where} | {base} | {metric} | {fmt_value(metric, b[metric])} | "
                     f"{fmt_value(metric, ours[metric])} | {'-' if c is None else f'{c:+.1%}'} | "
                     f"{ptxt} | {mark} |"
                 )
@@ -351,7 +352,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
                                       "prefetched_layers", "donor_order_decisive", "cap_hits")}
         base_pre = ", ".join(f"{k} {row.results[k]['preemptions']}" for k in row.baselines)
         notes = f"clipped {ours['clipped']}, rejected {ours['rejected']}" if ours["clipped"] else ""
-        lines.append(f"| {row.id.split('/')[0]}: {row.title} | counts | oneiros: {extra}; preemptions of {base_pre} "
+        lines.append(f"| {where} | counts | oneiros: {extra}; preemptions of {base_pre} "
                      f"{notes} | | | | | |")
     lines += ["", "## Explained exceptions", ""]
     lines += [f"- `{k}`: {v}" for k, v in sorted(explained.items())] or ["(none)"]
@@ -415,7 +416,8 @@ def main() -> int:
     if not args.only and args.requests == p.get_default("requests"):
         Path(args.out).write_text(render(rows, args.requests, wall, explained, failures, counts))
         print(f"wrote {args.out}")
-    print(f"{counts} in {wall:.0f} s; wrote {args.json}")
+    print(f"{counts} in {wall:.0f} s; " + (
+        f"checked {args.json}" if saved is not None else f"wrote {args.json}"))
     return 1 if failures else 0
 
 
