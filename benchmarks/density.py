@@ -73,6 +73,7 @@ def config(policy: str, n: int, args: argparse.Namespace) -> EngineConfig:
         hardware=args.hardware, memory_budget=args.memory_fraction, policy=POLICIES[policy],
         max_num_seqs=256, max_num_batched_tokens=4096, max_model_len=args.max_total,
         sharing="temporal", turn_steps=args.turn_steps, page_bytes=args.page_mib << 20,
+        turn_reload=args.turn_reload,
     )
 
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-fraction", type=float, default=0.9)
     ap.add_argument("--max-total", type=int, default=4096, help="tokens per request at most")
     ap.add_argument("--turn-steps", type=int, default=8)
+    ap.add_argument("--turn-reload", default="on", choices=("auto", "on", "off"),
+                    help="oneiros: waiting models lend every layer and come back ahead of their "
+                         "turn (auto: only when the weights do not all fit)")
     ap.add_argument("--page-mib", type=int, default=32,
                     help="arena page (fewer pages: faster planning; 14 pages a layer at 32)")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="P99 TTFT bound, seconds")

@@ -75,6 +75,10 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
                    help="one model per step, or every model with work in each step")
     p.add_argument("--turn-steps", type=int, default=8,
                    help="temporal sharing: steps a model runs before the next model's turn")
+    p.add_argument("--turn-reload", default="auto", choices=["auto", "on", "off"],
+                   help="temporal sharing, policy oneiros: models waiting for a later turn lend "
+                   "every layer and are copied back during the turn before theirs (auto: when "
+                   "the weights do not all fit)")
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -118,6 +122,7 @@ def _config(
         policy=args.policy,
         sharing=args.sharing,
         turn_steps=args.turn_steps,
+        turn_reload=args.turn_reload,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,

@@ -79,6 +79,11 @@ class EngineConfig:
     # A model with work waiting for its turn lends no more layers than its passes hide (with the
     # fraction cap, the paper's per-model cap); off: it lends up to max_remap_fraction (ablation).
     cap_waiting: bool = True
+    # Temporal sharing: models waiting for a turn that is not next lend every layer (most recently
+    # run first), the next model's layers come back on the copy stream during the current turn, and
+    # the turn lasts until they are back (at least turn_steps). auto: on when the weights do not all
+    # fit the arena; on: also when they do (parameter memory of waiting models becomes KV cache).
+    turn_reload: str = "auto"
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -132,6 +137,8 @@ class EngineConfig:
             )
         if self.revert_reserve < 0 or self.revert_hold_steps < 1:
             raise ConfigError("revert_reserve must be >= 0 and revert_hold_steps >= 1")
+        if self.turn_reload not in ("auto", "on", "off"):
+            raise ConfigError(f"turn_reload must be auto, on or off, not {self.turn_reload!r}")
         if self.sharing not in ("temporal", "spatial"):
             raise ConfigError(f"sharing must be temporal or spatial, not {self.sharing!r}")
         swap = parse_bytes(self.swap_space)

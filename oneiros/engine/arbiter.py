@@ -98,10 +98,13 @@ class Arbiter:
                 freed += self.remap.take(
                     requester, need - freed, admitting=admitting, stuck=idle
                 )
-            elif self.remap.oversubscribed:
-                # Oversubscribed, the layers of models without work are the free memory: an
-                # admission takes them (no pass of any running model gets a copy more).
-                freed += self.remap.take(requester, need - freed, admitting=True, idle_only=True)
+            elif self.remap.oversubscribed or self.remap.turn_reload:
+                # Oversubscribed, the layers of models without work are the free memory, and with
+                # turn reloads those of models whose turn is not next: an admission takes them
+                # (no pass of any running model gets a copy more).
+                freed += self.remap.take(
+                    requester, need - freed, admitting=True, idle_only=not self.remap.turn_reload
+                )
         if freed < need:
             freed += self._preempt_younger(requester, req, need - freed)
         return freed > 0

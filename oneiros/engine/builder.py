@@ -84,6 +84,9 @@ def build(config: EngineConfig) -> EngineParts:
             config.revert_hold_steps, backend.h2d_bytes_per_s(), config.donor_order,
             config.revert, config.prefetch_distance, config.stream_exposure_target,
             config.cap_waiting, oversubscribed, policy.whole_models,
+            turn_reload=config.sharing == "temporal" and not policy.whole_models and (
+                config.turn_reload == "on" or (config.turn_reload == "auto" and oversubscribed)
+            ),
         )
         arbiter.remap = remap
     tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)

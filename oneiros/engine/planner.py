@@ -7,6 +7,8 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
                                        (a model runs only when the controller finds it runnable:
                                        layer 0 resident and, oversubscribed, no more layers missing
                                        than its passes hide; if none is, the first with layer 0)
+                                       (turn reloads: the turn lasts the next model's copy time
+                                       and holds while its copies are on the link)
     fold preemptions made for another model into that model's plan; note each plan's streamed
     layers; collect the KV pools' resizes
 After the step ran, `observe` folds measured step times into the controller and plans dynamic
@@ -47,7 +49,11 @@ class Planner:
         self.arbiter.begin()
         if self.remap is not None:
             self.remap.begin(step)
-        queue = self.tenancy.order(self.store, now)
+        hold = False
+        if self.remap is not None and self.remap.turn_reload:
+            hold = self.remap.reloading(self.tenancy.next_up(self.store, now), now)
+            self.tenancy.turn_s = self.remap.turn_quantum()
+        queue = self.tenancy.order(self.store, now, hold)
         fallback: list[str] = []  # could run, but only by streaming more than its passes hide
         lenient = False
         while True:
@@ -60,6 +66,7 @@ class Planner:
             self.tenancy.ran(self.store, name, now)
             self._set_running(name)
             if self.remap is not None:
+                self.remap.next_up = self.tenancy.next_up(self.store, now)
                 if not lenient:
                     self.remap.prepare(t)
                 if not self.remap.runnable(t, strict=not lenient):
@@ -79,7 +86,7 @@ class Planner:
                 step.idle.append(plan)
         self._merge_foreign(step)
         if self.remap is not None and not self.tenancy.spatial and step.plans:
-            self._prefetch(step.plans[-1].model)
+            self._prefetch(step.plans[-1].model, now)
         for plan in step.plans:
             plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
         self._collect_resizes(step)
@@ -97,11 +104,11 @@ class Planner:
             t.state.reactivating = True
         t.state.running = True
 
-    def _prefetch(self, running: str) -> None:
+    def _prefetch(self, running: str, now: float) -> None:
         """Temporal: when the turn ends within the time it takes to copy the next model's missing
         layers (one step at least), they start coming back now, overlapped with this turn."""
         assert self.remap is not None
-        nxt = self.tenancy.next_up(self.store)
+        nxt = self.tenancy.next_up(self.store, now)
         if nxt is None or nxt == running or not self.tenants[nxt].residency.missing_layers:
             return
         if self.tenancy.steps_left() <= self.remap.prefetch_lead_steps(

@@ -18,6 +18,14 @@ may give every layer (it is then fully off the device but for its resident run);
 its layer 0 is back and no more is missing than its passes hide (`runnable`); admissions and the
 next model's prefetch take idle models' layers. `whole_models` is the offload baseline: idle models
 go whole, a model is loaded whole before it runs.
+Turn reloads (temporal sharing; on by default when oversubscribed, `turn_reload`): a model waiting
+for a turn that is not the next one lends every layer, layer 0 included (most recently run first:
+its turn is furthest away), to the running model's KV cache, to admissions and to the next model's
+prefetch; the next model keeps its layers. The planner makes each turn last the time it takes to
+copy back the largest deficit of a waiting model (`turn_quantum`) and holds it while the next
+model's copies are still on the link (`reloading`), so that the copies hide under the turn before:
+the weights of the models with work need not fit at once, only those of the running and the next
+one, and the rest of the memory is KV cache.
 It changes residency in the accounting and records each change as a memory action of the step
 (`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
 
@@ -71,6 +79,7 @@ class RemapController:
         cap_waiting: bool = True,
         oversubscribed: bool = False,
         whole_models: bool = False,
+        turn_reload: bool = False,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -90,6 +99,12 @@ class RemapController:
         # The offload baseline: only idle models give, all their layers; a model runs with every
         # layer resident; no streaming, no loading ahead, no reversion.
         self.whole_models = whole_models
+        # Temporal turns that reload: a model waiting for a turn that is not the next one lends
+        # every layer (it gets them back ahead of its turn, see `prefetch` and `reloading`).
+        self.turn_reload = turn_reload
+        self.next_up: str | None = None  # whose turn comes next (the planner sets it)
+        self._link_free = 0.0  # when the copies issued so far are expected to be done
+        self._ready: dict[str, float] = {}  # per model: when its last restore should land
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -171,6 +186,11 @@ class RemapController:
             cap = 0
         elif self.oversubscribed and not t.state.active:
             cap = n
+        elif (
+            self.turn_reload and capped and t.state.active and not t.state.running
+            and t.name != self.next_up
+        ):
+            cap = n  # its turn is not next: it is reloaded ahead of it
         elif t.state.running or (t.state.active and self.cap_waiting and capped):
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
@@ -186,7 +206,7 @@ class RemapController:
     def remappable_pages(self, model: str | None = None) -> int:
         """Pages that remapping could still free, every model at its cap (for admission checks
         of `model`'s requests)."""
-        if self.oversubscribed and model is not None:
+        if (self.oversubscribed or self.turn_reload) and model is not None:
             # Every other model's slabs could go (idle, it gives them all); its own beyond what
             # it must keep to run (every layer but its fraction cap).
             total = 0
@@ -304,7 +324,40 @@ class RemapController:
                 self.step.notes[t.name, "restore_failures"] += 1
                 return False
         self.step.memory.append(RestoreLayer(t.name, layer, tuple(pages)))
+        self._note_copy(t)
         return True
+
+    def _note_copy(self, t: Tenant) -> None:
+        """A layer of t goes on the host link: when it should land (the copies before it first)."""
+        start = max(self.step.now, self._link_free)
+        self._link_free = start + t.residency.layer_bytes / self.h2d_bytes_per_s
+        self._ready[t.name] = self._link_free
+
+    def turn_quantum(self) -> float:
+        """Turn reloads: how long a turn lasts at least, the time to copy in the largest deficit
+        of a model waiting for its turn (0 when none misses a layer), so that every model's turn
+        is long enough to hide the next one's reload."""
+        return max(
+            (
+                len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s
+                for t in self.tenants.values() if t.state.active and not t.state.running
+            ),
+            default=0.0,
+        )
+        if mode == "max":
+            return max(xs)
+        if mode == "mean":
+            return sum(xs) / len(xs)
+        if mode == "half":
+            return max(xs) / 2
+        if mode == "next":
+            t = self.tenants.get(self.next_up) if self.next_up else None
+            return len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s if t else 0.0
+        return 0.0
+
+    def reloading(self, name: str | None, now: float) -> bool:
+        """Layers restored for `name` are still expected on the link at `now`."""
+        return name is not None and self._ready.get(name, 0.0) > now
 
     def prepare(self, t: Tenant) -> None:
         """Before a model with non-resident layers runs: restore layers while streaming would not
@@ -340,7 +393,7 @@ class RemapController:
             return not t.residency.missing_layers
         if not t.residency.is_resident(0):
             return False
-        if self.oversubscribed and strict:
+        if (self.oversubscribed or self.turn_reload) and strict:
             return len(t.residency.missing_layers) <= self.alpha_max(t)
         return True
 
@@ -413,9 +466,10 @@ class RemapController:
         while t.residency.missing_layers:
             if not should_revert(self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve):
                 # Oversubscribed, the next model's layers also come from idle models (whole,
-                # the coldest first): its turn would otherwise start with the copies exposed.
-                if not self.oversubscribed or self.take(
-                    t.name, ppl, exclude=t.name, admitting=True, idle_only=True
+                # the coldest first), and with turn reloads from models whose turn comes later:
+                # its turn would otherwise start with the copies exposed.
+                if not (self.oversubscribed or self.turn_reload) or self.take(
+                    t.name, ppl, exclude=t.name, admitting=True, idle_only=not self.turn_reload
                 ) < ppl:
                     break
             if not self._restore_one(t):
@@ -486,6 +540,7 @@ class RemapController:
             t = self.tenants[owner.model]
             old = t.residency.move(owner.layer, dest)
             self.step.memory.append(MoveLayer(t.name, owner.layer, tuple(old), tuple(dest)))
+            self._note_copy(t)
         return True
 
     # ---- helpers --------------------------------------------------------------------------------

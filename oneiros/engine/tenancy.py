@@ -5,6 +5,7 @@ steps (or until it has nothing to run), then the turn passes to the next model w
 round-robin order, except that a model which has not been offered a step for `max_wait_s` goes
 first. Models out of their turn are not running: they are the first to give parameter memory (the
 one that ran most recently is needed last), and the next one gets its layers back before its turn.
+With turn reloads (see `engine/remapping.py`) a turn lasts until those layers have landed.
 Spatial sharing runs every model with work in the same step.
 """
 
@@ -94,16 +95,22 @@ class TenancyPolicy:
         self.turn_steps = turn_steps
         self.turn: str | None = None  # temporal: the model whose turn it is
         self.turn_used = 0  # steps offered to it in this turn
+        self.turn_start = 0.0  # when this turn began
+        # A turn lasts at least this long too (turn reloads: long enough to copy the next model
+        # in while it runs, so that every model's turn pays for a reload the same way).
+        self.turn_s = 0.0
         self._next = 0  # round-robin position
 
     @property
     def spatial(self) -> bool:
         return self.sharing == "spatial"
 
-    def order(self, store: MetadataStore, now: float) -> list[str]:
+    def order(self, store: MetadataStore, now: float, hold: bool = False) -> list[str]:
         """Active models in the order they should be offered this step. Spatial sharing runs all of
         them; temporal sharing runs the first one that has something to run (see `ran`): the turn
-        holder while its turn lasts and no other model starves, else the next in rotation."""
+        holder while its turn lasts and no other model starves, else the next in rotation. `hold`:
+        the next model's layers are still on their way, so the holder's turn goes on (starved
+        models included: the next one could not run before its copies land anyway)."""
         names = list(store.states)
         rotated = names[self._next :] + names[: self._next]
         active = [n for n in rotated if store.states[n].active]
@@ -112,8 +119,10 @@ class TenancyPolicy:
         order = starved + [n for n in active if n not in starved]
         holder = self.turn
         if (
-            not self.spatial and holder in active and self.turn_used < self.turn_steps
-            and not any(n != holder for n in starved)
+            not self.spatial and holder in active and (
+                hold or now - self.turn_start < self.turn_s
+                or (self.turn_used < self.turn_steps and not any(n != holder for n in starved))
+            )
         ):
             order = [holder] + [n for n in order if n != holder]
         return order
@@ -125,7 +134,7 @@ class TenancyPolicy:
         if name == self.turn:
             self.turn_used += 1
         else:
-            self.turn, self.turn_used = name, 1
+            self.turn, self.turn_used, self.turn_start = name, 1, now
         names = list(store.states)
         self._next = (names.index(name) + 1) % len(names)
 
@@ -133,8 +142,11 @@ class TenancyPolicy:
         """Steps left in the current turn (temporal)."""
         return max(0, self.turn_steps - self.turn_used)
 
-    def next_up(self, store: MetadataStore) -> str | None:
-        """The model whose turn comes after the current one: the next with work in rotation."""
+    def next_up(self, store: MetadataStore, now: float | None = None) -> str | None:
+        """The model whose turn comes after the current one: the next with work in rotation, or
+        (given `now`) the one starved longest."""
+        if now is not None:
+            return next((n for n in self.order(store, now) if n != self.turn), None)
         names = list(store.states)
         rotated = names[self._next :] + names[: self._next]
         return next((n for n in rotated if n != self.turn and store.states[n].active), None)

@@ -313,6 +313,26 @@ def test_oneiros_remaps_instead_of_preempting_and_reverts(solo_outputs, sharing)
             assert torch.equal(region.view(torch.int64), host.view(torch.int64))
 
 
+def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs):
+    """All three bursts at once, in turns of two steps, with turn reloads on (the weights fit,
+    the KV does not): a model waiting for a later turn gives every layer, layer 0 too, and is
+    copied back during the turn before its own. Same tokens as each model alone (turns follow
+    measured step times here, so the exact schedule, and a rare fallback preemption, vary)."""
+    e = workload_engine("oneiros", turn_reload="on", turn_steps=2)
+    assert e.planner.remap.turn_reload and not e.oversubscribed
+    ids = {}
+    for name in TENANTS:
+        for p in burst(name):
+            req = e.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
+            ids[req.request_id] = (name, tuple(p))
+    outs = {ids[rid]: out.token_ids for rid, out in run_all(e).items()}
+    assert outs == solo_outputs
+    assert total(e, "prefetched_layers") > 0  # copied back ahead of a turn
+    gone = [n for n in TENANTS if min(h[1].get(f"{n}/slab", 0) for h in e.store.page_history) == 0]
+    assert gone, "no model with work went fully off the device"
+    e.check_integrity()
+
+
 def test_reversion_restores_every_layer_once_the_load_falls():
     e = make_engine(
         TENANTS, extra_pages=1, policy="oneiros", revert_hold_steps=2, max_num_seqs=16,

@@ -5,10 +5,12 @@ arrivals, turns and steps."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oneiros.core import EvictLayer, RestoreLayer
+from oneiros.core import EvictLayer, RestoreLayer, Step
 from oneiros.memory.arena import OwnerKind, PageArena
 from oneiros.memory.remap import DonorInfo, heat, next_donor, next_to_evict
 from tests.factories import make_planning, make_request, make_tenants
@@ -112,16 +114,19 @@ EVENTS = st.lists(
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     EVENTS, st.integers(1, 2), st.integers(3, 5), st.sampled_from(["temporal", "spatial"]),
-    st.sampled_from([float("inf"), 2 * PAGE / 1e-3]), st.booleans(),
+    st.sampled_from([float("inf"), 2 * PAGE / 1e-3]), st.sampled_from(["layers", "whole", "reload"]),
 )
-def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d, whole):
+def test_random_arrivals_and_turns_keep_every_invariant(events, fit, extra, sharing, h2d, mode):
     """Arrivals on four models in an arena that holds the layers of one or two (and KV pages
     for the longest request, 36 tokens: 3 pages): after every step the accounting is exact, a
     model runs only with its layer 0 resident, a model that gave its layer 0 had no work (whole
     models: a model runs with every layer); every request finishes; once idle, every page is
-    free, resident or a layer slab (no KV page and no page lost)."""
+    free, resident or a layer slab (no KV page and no page lost). Turn reloads (temporal): a
+    model waiting for a later turn may give its layer 0 too, never while it runs."""
+    whole = mode == "whole"
     arena, tenants, (store, _, _, planner) = oversubscribed(
-        "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d, whole_models=whole
+        "abcd", fit, extra, sharing=sharing, h2d_bytes_per_s=h2d, whole_models=whole,
+        turn_reload=mode == "reload" and sharing == "temporal",
     )
     reqs = []
     now = 0.0
@@ -170,3 +175,54 @@ def test_offload_moves_whole_models_and_runs_only_loaded_ones():
     assert tenants[gave.pop()].residency.missing_layers == [0, 1, 2, 3]  # all of it went
     assert controller.prefetch(tenants["a"]) == 0
     check(tenants)
+
+
+# ---- turn reloads --------------------------------------------------------------------------------
+def test_with_turn_reloads_a_model_whose_turn_is_not_next_lends_every_layer():
+    arena, tenants, (_, _, controller, _) = oversubscribed(
+        "abc", models_that_fit=3, extra=1, turn_reload=True, h2d_bytes_per_s=2 * PAGE / 1e-3
+    )
+    for t in tenants.values():  # all three have work; a runs, b is next, c ran last before a
+        t.state.active = True
+        controller.observe_step(t.name, 2.5e-3)  # a pass hides no copy: alpha_max = 0
+    tenants["a"].state.running = True
+    tenants["c"].state.last_run, tenants["b"].state.last_run = 2.0, 1.0
+    controller.next_up = "b"
+    step = Step(3.0)
+    controller.begin(step)
+    freed = controller.take("a", 5 * 2)  # more than one model's layers (4 x 2 pages)
+    assert freed == 8  # c gave all it had, layer 0 too; b (next) and a (running) nothing
+    assert tenants["c"].residency.missing_layers == [0, 1, 2, 3]
+    assert tenants["b"].residency.missing_layers == [] == tenants["a"].residency.missing_layers
+    check(tenants)
+
+
+def test_the_next_model_comes_back_during_the_turn_and_turns_last_long_enough_to_hide_it():
+    # Room for two models' layers and some KV: three models with work take turns; the next
+    # model's layers are restored during the turn before its own, and a turn lasts (at least)
+    # the time those copies take.
+    arena, tenants, (_, _, controller, planner) = oversubscribed(
+        "abc", models_that_fit=2, extra=6, turn_reload=True, h2d_bytes_per_s=2 * PAGE / 2e-3,
+    )  # 2 ms a layer copy, 1 ms a step: a whole model takes 8 steps to come back
+    for name in "abc":
+        tenants[name].scheduler.add(make_request(4, max_tokens=60, model=name))
+    now, runs, cold_starts = 0.0, [], 0
+    for _ in range(400):
+        step = run_step(planner, now)
+        for p in step.plans:
+            assert tenants[p.model].residency.is_resident(0)
+            if (not runs or runs[-1] != p.model) and any(
+                isinstance(op, RestoreLayer) and op.model == p.model for op in step.memory
+            ):
+                cold_starts += 1  # a turn that began by restoring (the copies not hidden)
+            runs.append(p.model)
+        check(tenants)
+        now += 1e-3
+        if not any(t.scheduler.has_work for t in tenants.values()):
+            break
+    assert not any(t.scheduler.has_work for t in tenants.values())
+    turns = [(m, len(list(g))) for m, g in itertools.groupby(runs)]
+    assert len(turns) >= 9 and {m for m, _ in turns} == {"a", "b", "c"}
+    lengths = sorted(n for _, n in turns)
+    assert lengths[len(lengths) // 2] >= 6  # not turn_steps (1): the copies of the next model
+    assert cold_starts <= len(turns) // 2  # most turns start with their layers already back
