@@ -48,6 +48,11 @@ TRACE = ROOT.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 POLICIES = {"static": "static", "all-resident": "recompute", "offload": "offload",
             "oneiros": "oneiros"}
 FLEET = 32  # models whose GPU count the table reports
+# Shipped geometries of each model set, assigned in popularity order (m0, m1, ...) cyclically.
+MODEL_SETS = {
+    "8b": ("llama-3-8b",),
+    "mixed": ("llama-3-8b", "llama-3.2-3b", "llama-3.2-1b"),  # 16, 6.4 and 2.5 GB in bf16
+}
 
 
 def zipf_weights(n: int, s: float) -> np.ndarray:
@@ -69,12 +74,20 @@ def workload(rows: list, n: int, s: float, seed: int, max_total: int) -> list[Wo
 
 def config(policy: str, n: int, args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        models={f"m{k}": f"random:{args.model}" for k in range(n)}, executor="sim",
+        models={f"m{k}": f"random:{model_of(args, k)}" for k in range(n)}, executor="sim",
         hardware=args.hardware, memory_budget=args.memory_fraction, policy=POLICIES[policy],
         max_num_seqs=256, max_num_batched_tokens=4096, max_model_len=args.max_total,
         sharing="temporal", turn_steps=args.turn_steps, page_bytes=args.page_mib << 20,
         turn_reload=args.turn_reload,
     )
+
+
+def model_of(args: argparse.Namespace, k: int) -> str:
+    """The geometry of model m<k>: --model, or the k-th of --model-set (cyclically)."""
+    if args.model_set is None:
+        return args.model
+    models = MODEL_SETS[args.model_set]
+    return models[k % len(models)]
 
 
 def run_one(policy: str, n: int, rows: list, args: argparse.Namespace) -> dict[str, Any]:
@@ -139,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="2: the trace twice as fast; 0.25 (default): a quarter of its rate")
     ap.add_argument("--zipf", type=float, default=1.0, help="popularity exponent s")
     ap.add_argument("--model", default="llama-3-8b", help="shipped config of every model")
+    ap.add_argument("--model-set", choices=sorted(MODEL_SETS), default=None,
+                    help="instead of --model: geometries assigned by popularity rank, cyclically "
+                         "(mixed: 8B, 3B, 1B, 8B, ...)")
     ap.add_argument("--hardware", default="h200")
     ap.add_argument("--memory-fraction", type=float, default=0.9)
     ap.add_argument("--max-total", type=int, default=4096, help="tokens per request at most")
@@ -168,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_azure_trace(args.trace, args.time_scale, args.requests, args.start_s)
     hw = load_profile(args.hardware)
     span = rows[-1].arrival_s if rows else 0.0
+    models = args.model if args.model_set is None else "+".join(MODEL_SETS[args.model_set])
     print(f"{len(rows)} requests over {span:.0f}s ({len(rows) / max(span, 1e-9):.2f}/s) on "
-          f"{hw.name}; Zipf s={args.zipf}; SLO P99 TTFT <= {args.slo_ttft}s, P99 TPOT <= "
+          f"{hw.name}; models {models}; Zipf s={args.zipf}; SLO P99 TTFT <= {args.slo_ttft}s, P99 TPOT <= "
           f"{args.slo_tpot * 1e3:.0f}ms", flush=True)
     results = {p: largest_n(p, rows, args) for p in policies}
     print(f"\n{'policy':>12}  {'models/GPU':>10}  {'GPUs for 32':>11}")

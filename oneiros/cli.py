@@ -84,6 +84,10 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA (graphs are captured by default)")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
+    p.add_argument("--host-memory-budget", default=None, metavar="BYTES",
+                   help="host memory for pinned weight copies; models beyond it (in --model order) "
+                   "keep theirs in a memory-mapped file, the cold tier (default: no limit; "
+                   "simulate: the hardware profile's)")
     p.add_argument("--max-remap-fraction", type=float, default=0.9,
                    help="most of a model's layers that may be remapped away")
     p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap", "pie"],
@@ -126,6 +130,7 @@ def _config(
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,
+        host_memory_budget=args.host_memory_budget,
         max_remap_fraction=args.max_remap_fraction,
         remap_fallback=args.remap_fallback,
         prefetch_distance=args.prefetch_distance,

@@ -84,6 +84,11 @@ class EngineConfig:
     # the turn lasts until they are back (at least turn_steps). auto: on when the weights do not all
     # fit the arena; on: also when they do (parameter memory of waiting models becomes KV cache).
     turn_reload: str = "auto"
+    # Host bytes for pinned master copies of the weights; models beyond it (in config order) keep
+    # theirs in a memory-mapped file, the cold tier, read at cold_bytes_per_s when a layer comes
+    # back. None: the hardware profile's host memory (sim), unlimited (torch).
+    host_memory_budget: int | str | None = None
+    cold_bytes_per_s: float | None = None  # None: the profile's cold tier (sim), the host link
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -141,6 +146,14 @@ class EngineConfig:
             raise ConfigError(f"turn_reload must be auto, on or off, not {self.turn_reload!r}")
         if self.sharing not in ("temporal", "spatial"):
             raise ConfigError(f"sharing must be temporal or spatial, not {self.sharing!r}")
+        if self.host_memory_budget is not None:
+            host = parse_bytes(self.host_memory_budget)
+            if not isinstance(host, int) or host < 0:
+                raise ConfigError(
+                    f"host_memory_budget must be a byte count, got {self.host_memory_budget!r}")
+            object.__setattr__(self, "host_memory_budget", host)
+        if self.cold_bytes_per_s is not None and not self.cold_bytes_per_s > 0:
+            raise ConfigError(f"cold_bytes_per_s must be positive, got {self.cold_bytes_per_s}")
         swap = parse_bytes(self.swap_space)
         if not isinstance(swap, int) or swap < 0:
             raise ConfigError(f"swap_space must be a byte count, got {self.swap_space!r}")

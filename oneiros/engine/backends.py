@@ -54,6 +54,14 @@ class Backend(ABC):
     def h2d_bytes_per_s(self) -> float:
         """Host-to-device copy bandwidth (the remapping controller's T_T)."""
 
+    def host_memory_bytes(self) -> int | None:
+        """Host bytes for pinned weight copies (None: no limit); beyond them, the cold tier."""
+        return self.config.host_memory_budget  # type: ignore[attr-defined]
+
+    def cold_bytes_per_s(self) -> float:
+        """Bandwidth of a layer copy from the cold tier (memory-mapped file) to the device."""
+        return self.config.cold_bytes_per_s or self.h2d_bytes_per_s()  # type: ignore[attr-defined]
+
     @abstractmethod
     def prepare_models(self, models: dict[str, Any]) -> None:
         """Attach what the models need to run (the attention backend), if they run."""

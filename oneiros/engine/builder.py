@@ -14,7 +14,7 @@ from oneiros.engine.arbiter import Arbiter
 from oneiros.engine.backends import Backend, Executor, create_backend
 from oneiros.engine.executor import torch_dtype
 from oneiros.engine.planner import Planner
-from oneiros.engine.placement import place
+from oneiros.engine.placement import host_tiers, place
 from oneiros.engine.policies import MemoryPolicy, memory_policy
 from oneiros.engine.remapping import RemapController
 from oneiros.engine.scheduler import Scheduler
@@ -67,6 +67,18 @@ def build(config: EngineConfig) -> EngineParts:
         for n, m in models.items()
     }
     schedulers.update({n: t.scheduler for n, t in tenants.items()})
+    cold = host_tiers(
+        {n: t.num_layers * t.residency.layer_bytes for n, t in tenants.items()},
+        backend.host_memory_bytes(),
+    )
+    for n in cold:
+        tenants[n].cold = True
+    if cold:
+        logger.warning(
+            "host memory budget holds the pinned copies of %d of %d models; %s read from the "
+            "cold tier (a memory-mapped file) when their layers come back",
+            len(tenants) - len(cold), len(tenants), ", ".join(sorted(cold)),
+        )
     place(list(tenants.values()), oversubscribed)
     weights: dict[str, ModelWeights] = {}
     storage = None
@@ -74,7 +86,7 @@ def build(config: EngineConfig) -> EngineParts:
         storage = DeviceArena(arena.num_pages, page, backend.device)
         for n, t in tenants.items():
             weights[n] = ModelWeights(t.residency, models[n], storage)
-            weights[n].load(sources[n])
+            weights[n].load(sources[n], cold=t.cold)
     if policy.partitions_kv:
         split_kv(tenants, arena)
     remap = None
@@ -84,6 +96,7 @@ def build(config: EngineConfig) -> EngineParts:
             config.revert_hold_steps, backend.h2d_bytes_per_s(), config.donor_order,
             config.revert, config.prefetch_distance, config.stream_exposure_target,
             config.cap_waiting, oversubscribed, policy.whole_models,
+            copy_bytes_per_s={n: backend.cold_bytes_per_s() for n in cold},
             turn_reload=config.sharing == "temporal" and not policy.whole_models and (
                 config.turn_reload == "on" or (config.turn_reload == "auto" and oversubscribed)
             ),

@@ -10,6 +10,18 @@ if TYPE_CHECKING:
     from oneiros.engine.tenant import Tenant
 
 
+def host_tiers(weight_bytes: dict[str, int], budget: int | None) -> set[str]:
+    """The models whose host copies go to the cold tier: in config order, each model's copy is
+    pinned if it still fits `budget` (None: every one fits), else memory-mapped from a file."""
+    cold, used = set(), 0
+    for name, nbytes in weight_bytes.items():
+        if budget is not None and used + nbytes > budget:
+            cold.add(name)
+        else:
+            used += nbytes
+    return cold
+
+
 def place(tenants: list[Tenant], oversubscribed: bool) -> None:
     """Start-up placement, in config order. When everything fits, each model's resident run and
     layers, model by model. Oversubscribed: every resident run first, then whole models' layers

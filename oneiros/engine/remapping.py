@@ -80,6 +80,7 @@ class RemapController:
         oversubscribed: bool = False,
         whole_models: bool = False,
         turn_reload: bool = False,
+        copy_bytes_per_s: dict[str, float] | None = None,
     ) -> None:
         self.tenants = tenants
         self.arena = arena
@@ -88,6 +89,8 @@ class RemapController:
         self.revert_reserve = revert_reserve
         self.hysteresis = Hysteresis(revert_hold_steps)
         self.h2d_bytes_per_s = h2d_bytes_per_s
+        # Models whose host copies are in the cold tier copy layers in at this rate instead.
+        self.copy_bytes_per_s = dict(copy_bytes_per_s or {})
         self.donor_order = donor_order
         self.prefetch_distance = prefetch_distance  # borrowed slabs per pass (alpha + d copies)
         self.revert = revert
@@ -122,7 +125,12 @@ class RemapController:
         sharers = sum(
             1 for x in self.tenants.values() if x.state.running and x.residency.missing_layers
         )
-        return t.residency.layer_bytes * max(1, sharers) / self.h2d_bytes_per_s
+        return self.copy_s(t) * max(1, sharers)
+
+    def copy_s(self, t: Tenant) -> float:
+        """One layer of t copied in alone: from pinned host memory, or from the cold tier."""
+        bw = min(self.h2d_bytes_per_s, self.copy_bytes_per_s.get(t.name, self.h2d_bytes_per_s))
+        return t.residency.layer_bytes / bw
 
     def observe_step(
         self, name: str, compute_s: float, decode_only: bool = True, exposed_s: float = 0.0
@@ -330,7 +338,7 @@ class RemapController:
     def _note_copy(self, t: Tenant) -> None:
         """A layer of t goes on the host link: when it should land (the copies before it first)."""
         start = max(self.step.now, self._link_free)
-        self._link_free = start + t.residency.layer_bytes / self.h2d_bytes_per_s
+        self._link_free = start + self.copy_s(t)
         self._ready[t.name] = self._link_free
 
     def turn_quantum(self) -> float:
@@ -339,21 +347,11 @@ class RemapController:
         is long enough to hide the next one's reload."""
         return max(
             (
-                len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s
+                len(t.residency.missing_layers) * self.copy_s(t)
                 for t in self.tenants.values() if t.state.active and not t.state.running
             ),
             default=0.0,
         )
-        if mode == "max":
-            return max(xs)
-        if mode == "mean":
-            return sum(xs) / len(xs)
-        if mode == "half":
-            return max(xs) / 2
-        if mode == "next":
-            t = self.tenants.get(self.next_up) if self.next_up else None
-            return len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s if t else 0.0
-        return 0.0
 
     def reloading(self, name: str | None, now: float) -> bool:
         """Layers restored for `name` are still expected on the link at `now`."""
@@ -481,7 +479,7 @@ class RemapController:
     def prefetch_lead_steps(self, t: Tenant, running: str) -> int:
         """Steps of the running model it takes to copy t's missing layers (at least one)."""
         step = self._step_s.get((running, True)) or self._step_s.get((running, False))
-        copies = len(t.residency.missing_layers) * t.residency.layer_bytes / self.h2d_bytes_per_s
+        copies = len(t.residency.missing_layers) * self.copy_s(t)
         return 1 + (int(copies / step) if step else 0)
 
     def restore_all(self, next_to_run: list[str]) -> int:
@@ -516,7 +514,7 @@ class RemapController:
         ok = should_revert(self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve)
         if not self.hysteresis.update(ok):
             return
-        copy_s = t.residency.layer_bytes / self.h2d_bytes_per_s
+        copy_s = self.copy_s(t)
         budget = max(1, int(step_s / copy_s)) if copy_s > 0 else t.num_layers
         for name in order:
             t = self.tenants[name]

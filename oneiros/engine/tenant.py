@@ -27,6 +27,7 @@ class Tenant:
     eos_token_ids: frozenset[int] = frozenset()
     source: Any = None  # models.loader.ModelSource
     model: Any = None  # models.base.DecoderModel (the executor's; on the meta device in the sim)
+    cold: bool = False  # its host copy is in the cold tier (a memory-mapped file), not pinned
 
     @property
     def num_layers(self) -> int:

@@ -4,11 +4,14 @@
 resident set) lies inside a run of pages; `views` turns a byte region into typed tensors without a copy,
 so the model reads its weights from whichever pages currently hold them. `kv_view` sees every page as
 `blocks_per_page` KV blocks of one model's geometry; only pages that model's pool owns are ever indexed.
+`ColdFile` holds master copies that do not fit the host budget (the cold tier).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +101,35 @@ def host_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device="meta")
     pin = device.type == "cuda" and torch.cuda.is_available()
     return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+class ColdFile:
+    """The cold tier of master copies: byte buffers appended to an unnamed temporary file (in
+    $ONEIROS_COLD_DIR, else the system's temporary directory) and read back as views of one
+    memory map. The file is unlinked once mapped: the mapping keeps its pages until the process
+    ends, and nothing is left behind. Reads go through the page cache, so a layer copied in from
+    here costs a disk read when the OS has dropped its pages."""
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(
+            prefix="oneiros-cold-", dir=os.environ.get("ONEIROS_COLD_DIR") or None
+        )
+        self._file = os.fdopen(fd, "wb")
+        self.nbytes = 0
+
+    def write(self, buf: torch.Tensor) -> None:
+        self._file.write(memoryview(buf.numpy()))
+        self.nbytes += buf.numel()
+
+    def map(self, sizes: list[int]) -> list[torch.Tensor]:
+        """Views of the file, one per buffer written (`sizes`, in order)."""
+        self._file.close()
+        try:
+            mapped = torch.from_file(self.path, shared=True, size=self.nbytes, dtype=torch.uint8)
+        finally:
+            os.unlink(self.path)
+        out, offset = [], 0
+        for n in sizes:
+            out.append(mapped[offset:offset + n])
+            offset += n
+        return out

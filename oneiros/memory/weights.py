@@ -12,7 +12,7 @@ import torch
 from oneiros.core import EvictLayer, MemoryOp, MoveLayer, RestoreLayer
 from oneiros.engine import faults
 from oneiros.memory.residency import LayerResidency
-from oneiros.memory.storage import DeviceArena, SlabLayout, host_buffer
+from oneiros.memory.storage import ColdFile, DeviceArena, SlabLayout, host_buffer
 from oneiros.models.base import DecoderModel
 from oneiros.models.loader import ModelSource
 
@@ -46,27 +46,37 @@ class ModelWeights:
         self.layer_layout, self.resident_layout = layouts(model)
         self.host: list[torch.Tensor] = []  # master copy of each layer slab
 
-    def load(self, source: ModelSource | None) -> None:
+    def load(self, source: ModelSource | None, cold: bool = False) -> None:
         """Read every tensor from the source into host master copies, then into the pages the
         residency placed (synchronously: start-up). With no source (the simulator, on the meta
-        device) only views are bound."""
+        device) only views are bound. `cold`: the master copies go to the cold tier, a file
+        read back by memory map (`ColdFile`), instead of pinned memory: one layer's bytes in RAM
+        at a time while loading, none after."""
         m, res = self.model, self.residency
+        spill = ColdFile() if cold and self.storage.device.type != "meta" else None
         region = self.storage.region(res.resident_pages[0], self.resident_layout.nbytes)
         if source is not None:
             tensors = {k: source.tensor(hf) for k, hf in m.resident_names.items()}
             self.resident_layout.pack(tensors, region)
         m.bind_resident(self.resident_layout.views(region))
         for i in range(m.cfg.num_layers):
-            host = host_buffer(self.layer_layout.nbytes, self.storage.device)
+            nbytes = self.layer_layout.nbytes
+            host = host_buffer(nbytes, torch.device("cpu") if spill else self.storage.device)
             if source is not None:
                 prefix = m.layer_prefix.format(i=i)
                 tensors = {k: source.tensor(prefix + k) for k in m.layer_shapes()}
                 self.layer_layout.pack(tensors, host)
+            if spill is not None:
+                spill.write(host)
             self.host.append(host)
             pages = res.slab_pages[i]
             if pages is not None:
                 self.region_at(pages[0]).copy_(host)
                 self.bind_at(i, pages[0])
+            if spill is not None:
+                self.host[i] = torch.empty(0, dtype=torch.uint8)  # freed; mapped below
+        if spill is not None:
+            self.host = spill.map([self.layer_layout.nbytes] * m.cfg.num_layers)
 
     def apply(
         self, op: MemoryOp, copy_in: Callable[[int, torch.Tensor], None] | None = None

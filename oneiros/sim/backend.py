@@ -35,6 +35,15 @@ class SimBackend(Backend):
     def h2d_bytes_per_s(self) -> float:
         return self.config.h2d_bytes_per_s or self.hardware.h2d_bw
 
+    def host_memory_bytes(self) -> int | None:
+        if self.config.host_memory_budget is not None:
+            return self.config.host_memory_budget
+        return self.hardware.host_memory_bytes or None
+
+    def cold_bytes_per_s(self) -> float:
+        bw = self.config.cold_bytes_per_s or self.hardware.cold_bw or self.h2d_bytes_per_s()
+        return min(bw, self.h2d_bytes_per_s())
+
     def prepare_models(self, models: dict[str, Any]) -> None:
         """Nothing runs: the cost model reads only the models' geometry."""
 
@@ -46,7 +55,8 @@ class SimBackend(Backend):
     ) -> Executor:
         sims = {
             n: SimTenant(
-                ModelCost.of(t.model), t.residency.layer_bytes, t.pool.block_bytes, t.vocab_size
+                ModelCost.of(t.model), t.residency.layer_bytes, t.pool.block_bytes, t.vocab_size,
+                self.cold_bytes_per_s() if t.cold else None,
             )
             for n, t in tenants.items()
         }

@@ -19,10 +19,12 @@ class SimTenant:
     """What the simulated executor reads of one model: its geometry."""
 
     def __init__(
-        self, cost: ModelCost, layer_bytes: int, block_bytes: int, vocab_size: int
+        self, cost: ModelCost, layer_bytes: int, block_bytes: int, vocab_size: int,
+        cold_bw: float | None = None,
     ) -> None:
         self.cost = cost
         self.layer_bytes = layer_bytes
+        self.cold_bw = cold_bw  # its host copy is in the cold tier: layer copies at this rate
         self.block_bytes = block_bytes
         self.vocab_size = vocab_size
 
@@ -60,7 +62,7 @@ class SimExecutor(Executor):
         blocking = t0  # compute starts once the step's blocking copies are done
         for op in step.memory:
             if isinstance(op, LAYER_COPIES):
-                end = self.link.copy("h2d", self.tenants[op.model].layer_bytes, t0)
+                end = self.link.copy("h2d", self._link_bytes(self.tenants[op.model]), t0)
                 self._layer_ready[op.model, op.layer] = end
                 if not hw.async_copies:
                     blocking = max(blocking, end)
@@ -118,7 +120,14 @@ class SimExecutor(Executor):
                 else:
                     del self._layer_ready[plan.model, layer]
         stream = plan_pass(n, plan.stream, self.prefetch_distance) if plan.stream else None
-        return PassRun(n, compute / n, t.layer_bytes, stream, wait)
+        return PassRun(n, compute / n, self._link_bytes(t), stream, wait)
+
+    def _link_bytes(self, t: SimTenant) -> float:
+        """A layer copy as bytes on the host link: from the cold tier it takes the link as long
+        as the slower read does (staged through a pinned buffer, one layer at a time)."""
+        if t.cold_bw is None or t.cold_bw >= self.hw.h2d_bw:
+            return t.layer_bytes
+        return t.layer_bytes * self.hw.h2d_bw / t.cold_bw
 
     def _result(self, plan: StepPlan, run: PassRun | None, offset: float) -> StepResult:
         """`elapsed`: the plan's pass (from the end of the blocking copies) plus the overheads."""

@@ -112,6 +112,30 @@ def test_four_random_models_where_two_fit(policy, sharing, caplog):
     assert_no_leaks(e)
 
 
+def test_models_in_the_cold_tier_answer_the_same(tmp_path, monkeypatch, caplog):
+    """Host memory for the pinned copies of two of the four models: the other two keep theirs in
+    the cold tier (a memory-mapped file, unlinked at once) and are loaded from it when used."""
+    monkeypatch.setenv("ONEIROS_COLD_DIR", str(tmp_path))
+    one = weights_pages({"x": TINY["m0"]})
+    phases = tiny_phases(4)
+    ref = reference(TINY, phases, 10, page_bytes=PAGE, block_size=4)
+    e0 = LLMEngine(EngineConfig(models={"x": TINY["m0"]}, page_bytes=PAGE, block_size=4))
+    host = e0.tenants["x"].num_layers * e0.tenants["x"].residency.layer_bytes
+    del e0
+    with caplog.at_level(logging.WARNING, logger="oneiros.engine"):
+        e = LLMEngine(EngineConfig(
+            models=TINY, page_bytes=PAGE, memory_budget=(2 * one + 4) * PAGE, block_size=4,
+            policy="oneiros", turn_steps=2, host_memory_budget=2 * host,
+        ))
+    assert "cold tier" in caplog.text and list(tmp_path.iterdir()) == []
+    assert [t.cold for t in e.tenants.values()] == [False, False, True, True]
+    assert not e.weights["m3"].host[0].is_pinned()
+    tokens, slabs = run_phases(e, phases, 10)
+    assert tokens == ref
+    assert came_and_went(slabs, "m3")
+    assert_no_leaks(e)
+
+
 def test_streamed_from_layer_zero_alone_is_exact():
     """A model brought back with only layer 0 resident streams the rest through its slab."""
     e = LLMEngine(EngineConfig(

@@ -226,3 +226,13 @@ def test_the_next_model_comes_back_during_the_turn_and_turns_last_long_enough_to
     lengths = sorted(n for _, n in turns)
     assert lengths[len(lengths) // 2] >= 6  # not turn_steps (1): the copies of the next model
     assert cold_starts <= len(turns) // 2  # most turns start with their layers already back
+
+
+def test_host_tiers_pin_each_model_in_config_order_that_still_fits():
+    from oneiros.engine.placement import host_tiers
+
+    sizes = {"a": 10, "b": 30, "c": 5, "d": 20}
+    assert host_tiers(sizes, None) == set()
+    assert host_tiers(sizes, 40) == {"c", "d"}  # a and b pinned: 40
+    assert host_tiers(sizes, 45) == {"d"}
+    assert host_tiers(sizes, 9) == {"a", "b", "d"}  # c, smaller, still fits

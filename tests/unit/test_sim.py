@@ -236,6 +236,31 @@ def test_every_profile_says_its_host_memory_and_cold_tier():
     assert h200.mixed_bw < h200.h2d_bw
 
 
+def test_models_past_the_host_memory_copy_in_from_the_cold_tier_slower():
+    """Host memory for one model's pinned copy: the second is in the cold tier, and the same
+    restore of all its layers takes the link h2d_bw / cold_bw times as long."""
+    two = {"a": "random:llama-3-8b", "b": "random:llama-3-8b"}
+    e = LLMEngine(EngineConfig(models=two, executor="sim", hardware="h200", policy="oneiros",
+                               host_memory_budget=20 * 10**9, page_bytes=32 << 20))
+    a, b = e.tenants["a"], e.tenants["b"]
+    assert not a.cold and b.cold
+    remap = e.planner.remap
+    hw = load_profile("h200")
+    assert remap.copy_s(b) / remap.copy_s(a) == pytest.approx(hw.h2d_bw / hw.cold_bw)
+    took = {}
+    for t in (a, b):
+        layers = list(range(1, t.num_layers))
+        e.evict_layers(t.name, layers)
+        start = e.clock.now()
+        assert e.restore_layers(t.name, layers)
+        e.add_request([1, 2, 3], SamplingParams(max_tokens=1, ignore_eos=True), t.name)
+        while e.has_unfinished():
+            e.step()  # the pass waits for the restores in flight
+        took[t.name] = e.clock.now() - start
+    assert took["b"] > 3 * took["a"]
+    e.check_integrity()
+
+
 # ---- prefix caching in simulation ---------------------------------------------------------------
 def _simulate_prompts(prompt, policy: str, caching: bool, n: int = 40, budget: float = 0.9):
     """n requests of C1 whose prompts come from prompt(i, rng): per request, its token times and

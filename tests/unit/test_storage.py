@@ -175,3 +175,16 @@ def test_region_is_a_view_of_the_buffer():
     assert r.numel() == 100 and r.data_ptr() == dev.buffer.data_ptr() + 2 * 4096
     r.fill_(7)
     assert dev.buffer[2 * 4096 : 2 * 4096 + 100].eq(7).all()
+
+
+def test_a_cold_file_maps_back_what_was_written_and_leaves_no_file(tmp_path, monkeypatch):
+    from oneiros.memory.storage import ColdFile
+
+    monkeypatch.setenv("ONEIROS_COLD_DIR", str(tmp_path))
+    bufs = [torch.randint(0, 256, (n,), dtype=torch.uint8) for n in (4096, 100, 8192)]
+    cold = ColdFile()
+    for b in bufs:
+        cold.write(b)
+    views = cold.map([b.numel() for b in bufs])
+    assert list(tmp_path.iterdir()) == []  # unlinked once mapped
+    assert all(torch.equal(v, b) for v, b in zip(views, bufs, strict=True))
