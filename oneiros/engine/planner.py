@@ -6,9 +6,10 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
                                        asking the arbiter for room)
                                        (a model runs only when the controller finds it runnable:
                                        layer 0 resident and, oversubscribed, no more layers missing
-                                       than its passes hide; if none is, the first with layer 0)
-                                       (turn reloads: the turn lasts the next model's copy time
-                                       and holds while its copies are on the link)
+                                       than its passes hide; if none is, those with layer 0,
+                                       models with requests running first)
+                                       (turn reloads: a turn lasts the steps that hide a reload
+                                       and holds while the next model's copies are on the link)
     fold preemptions made for another model into that model's plan; note each plan's streamed
     layers; collect the KV pools' resizes
 After the step ran, `observe` folds measured step times into the controller and plans dynamic
@@ -52,15 +53,17 @@ class Planner:
         hold = False
         if self.remap is not None and self.remap.turn_reload:
             hold = self.remap.reloading(self.tenancy.next_up(self.store, now), now)
-            self.tenancy.turn_s = self.remap.turn_quantum()
+            self.tenancy.turn_min_steps = self.remap.turn_quantum()
         queue = self.tenancy.order(self.store, now, hold)
         fallback: list[str] = []  # could run, but only by streaming more than its passes hide
         lenient = False
         while True:
-            if not queue:  # nothing could run otherwise: the first of those runs anyway
+            if not queue:  # nothing could run otherwise: those run anyway (streaming), the
+                # ones with requests running first (they make progress without new KV cache)
                 if step.plans or lenient or not fallback:
                     break
-                queue, lenient = fallback[:1], True
+                queue = sorted(fallback, key=lambda n: not self.tenants[n].scheduler.running)
+                lenient = True
             name = queue.pop(0)
             t = self.tenants[name]
             self.tenancy.ran(self.store, name, now)

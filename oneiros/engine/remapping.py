@@ -19,9 +19,11 @@ its layer 0 is back and no more is missing than its passes hide (`runnable`); ad
 next model's prefetch take idle models' layers. `whole_models` is the offload baseline: idle models
 go whole, a model is loaded whole before it runs.
 Turn reloads (temporal sharing; on by default when oversubscribed, `turn_reload`): a model waiting
-for a turn that is not the next one lends every layer, layer 0 included (most recently run first:
-its turn is furthest away), to the running model's KV cache, to admissions and to the next model's
-prefetch; the next model keeps its layers. The planner makes each turn last the time it takes to
+for a turn that is not the next one lends every layer (most recently run first: its turn is
+furthest away), layer 0 too unless requests of it are running (then it can always run by streaming:
+a model holding KV cache but not a single layer could keep every model from loading), to the
+running model's KV cache, to admissions and to the next model's prefetch; the next model, and a
+model offered in this step that could not run, keep theirs. The planner makes each turn last the time it takes to
 copy back the largest deficit of a waiting model (`turn_quantum`) and holds it while the next
 model's copies are still on the link (`reloading`), so that the copies hide under the turn before:
 the weights of the models with work need not fit at once, only those of the running and the next
@@ -35,6 +37,8 @@ exposure (copy time a pass waited for) above the target lowers alpha until it fa
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import TYPE_CHECKING
 
@@ -108,6 +112,7 @@ class RemapController:
         self.next_up: str | None = None  # whose turn comes next (the planner sets it)
         self._link_free = 0.0  # when the copies issued so far are expected to be done
         self._ready: dict[str, float] = {}  # per model: when its last restore should land
+        self._offered: set[str] = set()  # models prepared in this step (see `_donor`)
         self._backoff: dict[str, int] = {}  # prepare() calls to skip restoring, per model
         self._step_s: dict[tuple[str, bool], float] = {}  # EMA per (model, decode-only step)
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
@@ -118,6 +123,7 @@ class RemapController:
     def begin(self, step: Step) -> None:
         """Memory actions decided from now on belong to `step`."""
         self.step = step
+        self._offered = set()
 
     # ---- measurements ---------------------------------------------------------------------------
     def layer_copy_s(self, t: Tenant) -> float:
@@ -196,9 +202,14 @@ class RemapController:
             cap = n
         elif (
             self.turn_reload and capped and t.state.active and not t.state.running
-            and t.name != self.next_up
+            and t.name != self.next_up and t.name not in self._offered
         ):
-            cap = n  # its turn is not next: it is reloaded ahead of it
+            # Its turn is not next: it is reloaded ahead of it. A model offered this step that
+            # could not run keeps what it got back: it may run leniently when none can run
+            # strictly (else models that cannot all fit would take each other's layers forever).
+            # Layer 0 goes only with no request running: KV cache held by a model that could
+            # not run even by streaming could keep every model from loading.
+            cap = n - 1 if t.scheduler.running else n
         elif t.state.running or (t.state.active and self.cap_waiting and capped):
             cap = min(cap, self.alpha_max(t))
         return DonorInfo(
@@ -341,17 +352,27 @@ class RemapController:
         self._link_free = start + self.copy_s(t)
         self._ready[t.name] = self._link_free
 
-    def turn_quantum(self) -> float:
-        """Turn reloads: how long a turn lasts at least, the time to copy in the largest deficit
-        of a model waiting for its turn (0 when none misses a layer), so that every model's turn
-        is long enough to hide the next one's reload."""
-        return max(
+    def turn_quantum(self) -> int:
+        """Turn reloads: the steps a turn lasts at least, enough for the slowest decode step of a
+        model with work to hide the copy of the largest deficit of a model waiting for its turn
+        (0 when none misses a layer, or before a step was measured). Turns of equal steps give
+        every request the same share of the device (its TPOT is about one step of each model
+        with work), where turns of equal time would slow the requests of the busiest models;
+        a faster model's turn is held until the next model's copies land (`reloading`)."""
+        deficit = max(
             (
                 len(t.residency.missing_layers) * self.copy_s(t)
                 for t in self.tenants.values() if t.state.active and not t.state.running
             ),
             default=0.0,
         )
+        steps = [
+            s for (name, decode), s in self._step_s.items()
+            if decode and s > 0 and self.tenants[name].state.active
+        ]
+        if deficit <= 0 or not steps:
+            return 0
+        return math.ceil(deficit / max(steps))
 
     def reloading(self, name: str | None, now: float) -> bool:
         """Layers restored for `name` are still expected on the link at `now`."""
@@ -361,6 +382,7 @@ class RemapController:
         """Before a model with non-resident layers runs: restore layers while streaming would not
         hide under its compute and there is memory to do it; record which way it went; then move
         one misplaced layer if that pays for its copy."""
+        self._offered.add(t.name)
         missing = len(t.residency.missing_layers)
         if not missing:
             return

@@ -95,10 +95,9 @@ class TenancyPolicy:
         self.turn_steps = turn_steps
         self.turn: str | None = None  # temporal: the model whose turn it is
         self.turn_used = 0  # steps offered to it in this turn
-        self.turn_start = 0.0  # when this turn began
-        # A turn lasts at least this long too (turn reloads: long enough to copy the next model
-        # in while it runs, so that every model's turn pays for a reload the same way).
-        self.turn_s = 0.0
+        # Turn reloads: a turn lasts at least this many steps (long enough to copy the next model
+        # in while it runs), starving models or not.
+        self.turn_min_steps = 0
         self._next = 0  # round-robin position
 
     @property
@@ -120,7 +119,7 @@ class TenancyPolicy:
         holder = self.turn
         if (
             not self.spatial and holder in active and (
-                hold or now - self.turn_start < self.turn_s
+                hold or self.turn_used < self.turn_min_steps
                 or (self.turn_used < self.turn_steps and not any(n != holder for n in starved))
             )
         ):
@@ -134,7 +133,7 @@ class TenancyPolicy:
         if name == self.turn:
             self.turn_used += 1
         else:
-            self.turn, self.turn_used, self.turn_start = name, 1, now
+            self.turn, self.turn_used = name, 1
         names = list(store.states)
         self._next = (names.index(name) + 1) % len(names)
 

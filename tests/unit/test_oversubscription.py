@@ -236,3 +236,23 @@ def test_host_tiers_pin_each_model_in_config_order_that_still_fits():
     assert host_tiers(sizes, 40) == {"c", "d"}  # a and b pinned: 40
     assert host_tiers(sizes, 45) == {"d"}
     assert host_tiers(sizes, 9) == {"a", "b", "d"}  # c, smaller, still fits
+
+
+def test_with_turn_reloads_a_waiting_model_with_requests_running_keeps_layer_zero():
+    arena, tenants, (_, _, controller, _) = oversubscribed(
+        "abc", models_that_fit=3, extra=1, turn_reload=True, h2d_bytes_per_s=2 * PAGE / 1e-3
+    )
+    c = tenants["c"]
+    c.scheduler.add(make_request(4, max_tokens=8, model="c"))
+    c.scheduler.schedule()  # admitted: it holds KV cache
+    assert c.scheduler.running
+    for t in tenants.values():
+        t.state.active = True
+    tenants["a"].state.running = True
+    controller.next_up = "b"
+    step = Step(1.0)
+    controller.begin(step)
+    controller.take("a", 5 * 2)
+    assert c.residency.missing_layers == [1, 2, 3]  # it can still run, streaming through layer 0
+    assert controller.runnable(c, strict=False)
+    check(tenants)
