@@ -13,11 +13,14 @@ requests, none rejected) is reported, with the GPUs 32 such models need at that 
                   policy recompute): N stops where the weights no longer fit the memory budget
     offload       idle models leave the device whole and a model is loaded whole before it runs,
                   KV shared as above (vLLM sleep mode level 1-like; policy offload)
-    oneiros       oversubscribed arena: idle models give layers (coldest, then MRU), a model with
-                  work restores or streams what it misses, the next model's layers come back ahead
-                  of its turn, idle layers become KV cache (policy oneiros)
+    oneiros       idle models give layers (coldest, then MRU), and with turn reloads (--turn-reload,
+                  on here) so do models waiting for a later turn: the next model is copied back
+                  during the turn before its own, so only the running and the next model's weights
+                  need the device and the rest is KV cache (policy oneiros)
 
-    .venv/bin/python benchmarks/density.py                      # writes results/density.json
+--model-set mixed assigns 8B, 3B and 1B geometries (Llama-3 / Llama-3.2) by popularity rank.
+
+    .venv/bin/python benchmarks/density.py --time-scale 1    # writes results/density.json
     .venv/bin/python benchmarks/density.py --requests 40 --max-models 3 --out /tmp/d.json  # smoke
 """
 

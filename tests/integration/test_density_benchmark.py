@@ -46,6 +46,18 @@ def test_density_smoke(tmp_path):
         assert all(x["completed"] == x["requests"] for x in found["runs"] if x["fits"]), name
 
 
+def test_density_mixed_model_set(tmp_path):
+    out = tmp_path / "mixed.json"
+    trace = sample_trace(tmp_path / "trace.csv")
+    r = run("--trace", str(trace), "--requests", "24", "--time-scale", "1", "--max-models", "3",
+            "--model-set", "mixed", "--policies", "oneiros", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "llama-3-8b+llama-3.2-3b+llama-3.2-1b" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["args"]["model_set"] == "mixed"
+    assert all(x["completed"] == 24 for x in report["results"]["oneiros"]["runs"])
+
+
 def test_density_bad_arguments(tmp_path):
     r = run("--policies", "nope", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "unknown policy 'nope'" in r.stderr
