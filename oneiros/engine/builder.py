@@ -103,6 +103,7 @@ def build(config: EngineConfig) -> EngineParts:
         )
         arbiter.remap = remap
     tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)
+    tenancy.fresh_first = remap is not None and remap.turn_reload
     planner = Planner(tenants, store, tenancy, arbiter, remap)
     executor = backend.executor(tenants, weights, policy)
     return EngineParts(

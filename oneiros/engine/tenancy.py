@@ -5,7 +5,9 @@ steps (or until it has nothing to run), then the turn passes to the next model w
 round-robin order, except that a model which has not been offered a step for `max_wait_s` goes
 first. Models out of their turn are not running: they are the first to give parameter memory (the
 one that ran most recently is needed last), and the next one gets its layers back before its turn.
-With turn reloads (see `engine/remapping.py`) a turn lasts until those layers have landed.
+With turn reloads (see `engine/remapping.py`) a turn lasts at least the steps that hide a reload
+and until the next model's layers have landed, and a model whose oldest request has waited
+`max_wait_s` for its first token goes before the others.
 Spatial sharing runs every model with work in the same step.
 """
 
@@ -61,6 +63,7 @@ class TenantState:
     active: bool = False  # has running or waiting requests
     running: bool = False  # runs in this step (temporal: holds the turn; spatial: has work)
     reactivating: bool = False  # became active with layers missing; cleared once decided
+    first_waiting: float | None = None  # arrival of its oldest request without a token yet
     popularity: float = 0.0  # arrivals, decayed with POPULARITY_HALF_LIFE_S (as of last_arrival)
     last_arrival: float = 0.0
     counters: TenantCounters = field(default_factory=TenantCounters)
@@ -98,6 +101,10 @@ class TenancyPolicy:
         # Turn reloads: a turn lasts at least this many steps (long enough to copy the next model
         # in while it runs), starving models or not.
         self.turn_min_steps = 0
+        # ... and then a model whose oldest request without a token has waited max_wait_s goes
+        # next, oldest first (with turns that long, a new request could otherwise wait a whole
+        # cycle of them for its first token while models offered less recently go first).
+        self.fresh_first = False
         self._next = 0  # round-robin position
 
     @property
@@ -116,6 +123,13 @@ class TenancyPolicy:
         starved = [n for n in active if now - store.states[n].last_offer > self.max_wait_s]
         starved.sort(key=lambda n: store.states[n].last_offer)
         order = starved + [n for n in active if n not in starved]
+        if self.fresh_first:  # a request kept from its first token goes before all of those
+            fresh = sorted(
+                (n for n in active if store.states[n].first_waiting is not None
+                 and now - store.states[n].first_waiting >= self.max_wait_s),
+                key=lambda n: store.states[n].first_waiting,
+            )
+            order = fresh + [n for n in order if n not in fresh]
         holder = self.turn
         if (
             not self.spatial and holder in active and (

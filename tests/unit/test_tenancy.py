@@ -233,3 +233,28 @@ def test_page_history_is_bounded():
     for t in range(5):
         store.page_history.append((float(t), {"free": t}))
     assert [t for t, _ in store.page_history] == [2.0, 3.0, 4.0]
+
+
+# ---- turn reloads --------------------------------------------------------------------------------
+def test_turn_reloads_hold_a_turn_for_its_minimum_and_while_the_next_model_loads():
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=0.5, turn_steps=2)
+    policy.turn_min_steps = 5  # the steps that hide a reload
+    ran = [offer(policy, store, k * 1.0) for k in range(6)]  # everyone starves after 0.5 s
+    assert ran == ["a"] * 5 + ["b"]  # the minimum holds against starving models
+    policy.turn_min_steps = 0
+    assert policy.order(store, 6.0)[0] == "c"  # starving since 0 s: it cuts b's turn short
+    assert policy.order(store, 6.0, hold=True)[0] == "b"  # unless the next model's copies fly
+
+
+def test_with_turn_reloads_a_request_kept_from_its_first_token_goes_first():
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1.0, turn_steps=1)
+    policy.fresh_first = True
+    for n, t in (("a", 0.1), ("b", 0.2), ("c", 0.3)):
+        store.states[n].last_offer = t
+    store.states["c"].first_waiting = 5.0  # c's oldest request arrived at 5 s, no token yet
+    assert policy.order(store, 5.5)[0] == "a"  # waited 0.5 s: rotation and starvation decide
+    assert policy.order(store, 6.0)[0] == "c"  # waited max_wait_s: it goes first
+    policy.fresh_first = False
+    assert policy.order(store, 6.0)[0] == "a"
