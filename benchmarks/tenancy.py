@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from oneiros.bench.metrics import distribution  # noqa: E402
 from oneiros.config import EngineConfig, MiB  # noqa: E402
 from oneiros.core import InvalidRequestError, SamplingParams  # noqa: E402
 from oneiros.engine.engine import LLMEngine  # noqa: E402
@@ -111,18 +112,6 @@ def make_workload(args: argparse.Namespace, models: dict[str, str]) -> list[dict
 
 
 # ---- one policy ----------------------------------------------------------------------------------
-def percentiles(xs: list[float]) -> dict[str, float | None]:
-    if not xs:
-        return {"p50": None, "p99": None, "mean": None, "max": None}
-    a = np.asarray(xs, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(a, 50)),
-        "p99": float(np.percentile(a, 99)),
-        "mean": float(a.mean()),
-        "max": float(a.max()),
-    }
-
-
 def counters_of(engine: LLMEngine) -> dict[str, dict[str, Any]]:
     return {n: dataclasses.asdict(t.state.counters) for n, t in engine.tenants.items()}
 
@@ -227,9 +216,9 @@ def run_policy(
         "wall_s": wall,
         "output_tokens": out_tokens,
         "throughput_tok_s": out_tokens / span if span > 0 else None,
-        "ttft_s": percentiles(ttft),
-        "ttft_s_by_model": {n: percentiles(v) for n, v in ttft_by_model.items()},
-        "tbt_s": percentiles(tbt),
+        "ttft_s": distribution(ttft),
+        "ttft_s_by_model": {n: distribution(v) for n, v in ttft_by_model.items()},
+        "tbt_s": distribution(tbt),
         "preemptions": total["preemptions"],
         "recomputed_tokens": total["recomputed_tokens"],
         "swap_out_bytes": total["swap_out_bytes"],

@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from oneiros.bench.metrics import distribution  # noqa: E402
 from oneiros.core import SamplingParams  # noqa: E402
 from oneiros.engine.llm import LLM  # noqa: E402
 from oneiros.models.loader import resolve  # noqa: E402
@@ -94,19 +95,6 @@ def make_workload(args: argparse.Namespace, vocab_size: int, excluded: set[int])
         ids = rng.choice(allowed, size=plen).tolist()
         work.append({"prompt": [int(t) for t in ids], "output_len": olen})
     return work
-
-
-def percentiles(xs: list[float]) -> dict[str, float | None]:
-    if not xs:
-        return {"p50": None, "p90": None, "p99": None, "mean": None, "max": None}
-    a = np.asarray(xs, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-        "mean": float(a.mean()),
-        "max": float(a.max()),
-    }
 
 
 def loadavg() -> list[float] | None:
@@ -351,8 +339,8 @@ def bench_oneiros(args: argparse.Namespace, work: list[dict]) -> dict[str, Any]:
         "tokens_per_s": sum(gen) / wall,
         "total_tokens_per_s": (sum(gen) + prompt_tokens) / wall,
         "all_lengths_exact": gen == want,
-        "ttft_s": percentiles(ttft),
-        "tbt_s": percentiles(tbt),
+        "ttft_s": distribution(ttft),
+        "tbt_s": distribution(tbt),
         "num_preemptions": preempt,
         "arena_pages": getattr(getattr(engine, "arena", None), "num_pages", None),
         "page_bytes": getattr(cfg, "page_bytes", None),
