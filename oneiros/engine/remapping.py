@@ -23,9 +23,10 @@ for a turn that is not the next one lends every layer (most recently run first: 
 furthest away), layer 0 too unless requests of it are running (then it can always run by streaming:
 a model holding KV cache but not a single layer could keep every model from loading), to the
 running model's KV cache, to admissions and to the next model's prefetch; the next model, and a
-model offered in this step that could not run, keep theirs. The planner makes each turn last the time it takes to
-copy back the largest deficit of a waiting model (`turn_quantum`) and holds it while the next
-model's copies are still on the link (`reloading`), so that the copies hide under the turn before:
+model offered in this step that could not run, keep theirs. The planner makes each turn last the
+steps it takes to copy back the largest deficit of a waiting model (`turn_quantum`) and holds it
+while the next model's copies are still on the link (`reloading`), so that the copies hide under
+the turn before:
 the weights of the models with work need not fit at once, only those of the running and the next
 one, and the rest of the memory is KV cache.
 It changes residency in the accounting and records each change as a memory action of the step

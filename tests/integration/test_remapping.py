@@ -316,8 +316,9 @@ def test_oneiros_remaps_instead_of_preempting_and_reverts(solo_outputs, sharing)
 def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs):
     """All three bursts at once, in turns of two steps, with turn reloads on (the weights fit,
     the KV does not): a model waiting for a later turn gives every layer but layer 0 (its
-    requests are running) and is copied back during the turn before its own. Same tokens as each model alone (turns follow
-    measured step times here, so the exact schedule, and a rare fallback preemption, vary)."""
+    requests are running) and is copied back during the turn before its own. Same tokens as
+    each model alone (turns follow measured step times here, so the exact schedule, and a rare
+    fallback preemption, vary)."""
     e = workload_engine("oneiros", turn_reload="on", turn_steps=2)
     assert e.planner.remap.turn_reload and not e.oversubscribed
     ids = {}
@@ -332,7 +333,8 @@ def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs)
     # running keeps: it can always run, streaming the rest).
     lent = [
         n for n, t in e.tenants.items()
-        if min(h[1].get(f"{n}/slab", 0) for h in e.store.page_history) == t.residency.pages_per_layer
+        if min(h[1].get(f"{n}/slab", 0) for h in e.store.page_history)
+        == t.residency.pages_per_layer
     ]
     assert lent, "no model with work lent all but its layer 0"
     e.check_integrity()
