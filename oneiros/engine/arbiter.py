@@ -98,7 +98,7 @@ class Arbiter:
                 freed += self.remap.take(
                     requester, need - freed, admitting=admitting, stuck=idle
                 )
-            elif self.remap.oversubscribed or self.remap.turn_reload:
+            elif self.remap.loads_on_demand:
                 # Oversubscribed, the layers of models without work are the free memory, and with
                 # turn reloads those of models whose turn is not next: an admission takes them
                 # (no pass of any running model gets a copy more).

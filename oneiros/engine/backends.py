@@ -39,6 +39,7 @@ class Executor(ABC):
 class Backend(ABC):
     """What differs between running the models and simulating them."""
 
+    config: EngineConfig
     device: Any  # torch.device
     clock: Clock
 
@@ -56,11 +57,11 @@ class Backend(ABC):
 
     def host_memory_bytes(self) -> int | None:
         """Host bytes for pinned weight copies (None: no limit); beyond them, the cold tier."""
-        return self.config.host_memory_budget  # type: ignore[attr-defined]
+        return self.config.host_memory_budget  # type: ignore[return-value]  # an int once parsed
 
     def cold_bytes_per_s(self) -> float:
         """Bandwidth of a layer copy from the cold tier (memory-mapped file) to the device."""
-        return self.config.cold_bytes_per_s or self.h2d_bytes_per_s()  # type: ignore[attr-defined]
+        return self.config.cold_bytes_per_s or self.h2d_bytes_per_s()
 
     @abstractmethod
     def prepare_models(self, models: dict[str, Any]) -> None:

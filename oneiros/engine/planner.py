@@ -155,10 +155,11 @@ class Planner:
         """The metadata store's view of each model: whether it has work. A model without work
         does not run."""
         for t in self.tenants.values():
-            t.state.first_waiting = min(
-                (r.arrival_time for r in t.scheduler.waiting if not r.output_token_ids),
-                default=None,
-            )
+            if self.tenancy.fresh_first:  # read by the tenancy order only then
+                t.state.first_waiting = min(
+                    (r.arrival_time for r in t.scheduler.waiting if not r.output_token_ids),
+                    default=None,
+                )
             t.state.active = t.scheduler.has_work
             if not t.state.active:
                 t.state.running = False

@@ -110,6 +110,10 @@ class RemapController:
         # Temporal turns that reload: a model waiting for a turn that is not the next one lends
         # every layer (it gets them back ahead of its turn, see `prefetch` and `reloading`).
         self.turn_reload = turn_reload
+        # Either way a model's weights come and go with its work: a model runs only with what its
+        # passes hide missing, and admissions and prefetches take the layers of models not using
+        # them (see `runnable`, `prefetch` and the arbiter).
+        self.loads_on_demand = oversubscribed or turn_reload
         self.next_up: str | None = None  # whose turn comes next (the planner sets it)
         self._link_free = 0.0  # when the copies issued so far are expected to be done
         self._ready: dict[str, float] = {}  # per model: when its last restore should land
@@ -226,7 +230,7 @@ class RemapController:
     def remappable_pages(self, model: str | None = None) -> int:
         """Pages that remapping could still free, every model at its cap (for admission checks
         of `model`'s requests)."""
-        if (self.oversubscribed or self.turn_reload) and model is not None:
+        if self.loads_on_demand and model is not None:
             # Every other model's slabs could go (idle, it gives them all); its own beyond what
             # it must keep to run (every layer but its fraction cap).
             total = 0
@@ -414,7 +418,7 @@ class RemapController:
             return not t.residency.missing_layers
         if not t.residency.is_resident(0):
             return False
-        if (self.oversubscribed or self.turn_reload) and strict:
+        if self.loads_on_demand and strict:
             return len(t.residency.missing_layers) <= self.alpha_max(t)
         return True
 
@@ -489,7 +493,7 @@ class RemapController:
                 # Oversubscribed, the next model's layers also come from idle models (whole,
                 # the coldest first), and with turn reloads from models whose turn comes later:
                 # its turn would otherwise start with the copies exposed.
-                if not (self.oversubscribed or self.turn_reload) or self.take(
+                if not self.loads_on_demand or self.take(
                     t.name, ppl, exclude=t.name, admitting=True, idle_only=not self.turn_reload
                 ) < ppl:
                     break

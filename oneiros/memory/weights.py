@@ -66,15 +66,14 @@ class ModelWeights:
                 prefix = m.layer_prefix.format(i=i)
                 tensors = {k: source.tensor(prefix + k) for k in m.layer_shapes()}
                 self.layer_layout.pack(tensors, host)
-            if spill is not None:
-                spill.write(host)
-            self.host.append(host)
             pages = res.slab_pages[i]
             if pages is not None:
                 self.region_at(pages[0]).copy_(host)
                 self.bind_at(i, pages[0])
-            if spill is not None:
-                self.host[i] = torch.empty(0, dtype=torch.uint8)  # freed; mapped below
+            if spill is None:
+                self.host.append(host)
+            else:
+                spill.write(host)  # and the buffer is dropped: the file holds it
         if spill is not None:
             self.host = spill.map([self.layer_layout.nbytes] * m.cfg.num_layers)
 
