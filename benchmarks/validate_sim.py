@@ -110,11 +110,12 @@ def main() -> int:
     runs = {}
     for name, kw in RUNS.items():
         print(f"validation run {name} (real) ...", flush=True)
-        real_summary, h2d = run(config(**kw), VALIDATE)
+        real_summary, h2d = run(config(trace_steps=str(tmp / f"{name}_real.jsonl"), **kw), VALIDATE)
         prof_path = tmp / f"cpu-calibrated-{name}.json"
         prof_path.write_text(replace(prof, h2d_bw=h2d).to_json())
         print(f"validation run {name} (simulated) ...", flush=True)
-        sim_summary, _ = run(config(executor="sim", hardware=str(prof_path), **kw), VALIDATE)
+        sim_summary, _ = run(config(executor="sim", hardware=str(prof_path),
+                                    trace_steps=str(tmp / f"{name}_sim.jsonl"), **kw), VALIDATE)
         real, sim = headline(real_summary), headline(sim_summary)
         error = {k: (sim[k] - real[k]) / real[k] if real[k] else None for k in real}
         runs[name] = {
@@ -136,7 +137,7 @@ def main() -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}; step traces in {tmp}")
     return 0
 
 

@@ -3,15 +3,21 @@
 The trace is the engine's `trace_steps` JSONL (one line per step: plans with token counts, attention
 pairs, context reads, copies, and the step's wall time). Peak numbers stay those of the base profile;
 what is fitted is how much of them the engine reaches:
-    dt = overhead + per_token x tokens + max(tf, tb) + overlap x min(tf, tb)
+    dt = overhead + per_token x tokens + per_seq x sequences + max(tf, tb) + overlap x min(tf, tb)
     tf = FLOPs / (peak x compute_eff),  tb = bytes / (bandwidth x mem_eff)
-by a grid over (compute_eff, mem_eff, overlap) with the two linear terms solved by non-negative least
-squares at each point, minimising the squared relative error (short decode steps count as much as
-long prefills). Steps that swapped KV or streamed layers are left out: their copies are not compute.
+by a grid over (compute_eff, mem_eff, overlap) with the three linear terms solved by non-negative
+least squares at each point, minimising the squared relative error (short decode steps count as much
+as long prefills). The per-sequence term is what lets one fit serve both kinds of step: without it a
+CPU's decode steps (many sequences, one token each: an attention call and a sampled row apiece) pull
+the compute efficiency down, and prefills of a few hundred tokens came out 30% to 50% too slow, which
+is what TTFT is made of. Efficiencies may come out above 1 when the base profile's nominal peak is
+below what the machine reaches. Steps that swapped KV or streamed layers are left out: their copies
+are not compute.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -37,8 +43,8 @@ def read_steps(path: str | Path) -> list[dict]:
 
 def step_features(
     steps: list[dict], costs: dict[str, ModelCost], dtype_bytes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per usable step: FLOPs, bytes, tokens, measured seconds."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per usable step: FLOPs, bytes, tokens, sequences, measured seconds."""
     rows = []
     for rec in steps:
         plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
@@ -46,36 +52,38 @@ def step_features(
             p.get("swap_out_blocks") or p.get("swap_in_blocks") or p.get("h2d_bytes") for p in plans
         ):
             continue
-        f = b = tok = 0.0
+        f = b = tok = seqs = 0.0
         for p in plans:
             if p["model"] not in costs:
                 raise ConfigError(f"the trace has model {p['model']!r}; pass its source too")
             if "attn_pairs" not in p:
                 raise ConfigError("the trace lacks attn_pairs: record it with this version")
             tokens = p["prefill_tokens"] + p["decode_tokens"]
-            w = StepWork(tokens, p["sampled"], p["attn_pairs"], p["context_tokens"])
+            w = StepWork(tokens, p["sampled"], p["attn_pairs"], p["context_tokens"], p["batch"])
             df, db = flops_bytes(costs[p["model"]], w, dtype_bytes)
-            f, b, tok = f + df, b + db, tok + tokens
-        rows.append((f, b, tok, rec["dt"]))
+            f, b, tok, seqs = f + df, b + db, tok + tokens, seqs + p["batch"]
+        rows.append((f, b, tok, seqs, rec["dt"]))
     if len(rows) < 8:
         raise ConfigError(f"only {len(rows)} usable steps in the trace; calibrate needs at least 8")
     a = np.array(rows, dtype=np.float64)
-    return a[:, 0], a[:, 1], a[:, 2], a[:, 3]
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
 
 
-def _nnls2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with two non-negative coefficients (tries the four active sets)."""
-    best, best_err = np.zeros(2), float("inf")
-    for cols in ((0, 1), (0,), (1,), ()):
-        coef = np.zeros(2)
-        if cols:
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients, for a few columns: the best of every set of
+    free columns whose unconstrained solution is non-negative (the others held at zero)."""
+    k = x.shape[1]
+    best, best_err = np.zeros(k), float((y**2).sum())
+    for r in range(1, k + 1):
+        for cols in itertools.combinations(range(k), r):
             sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
             if (sol < 0).any():
                 continue
+            coef = np.zeros(k)
             coef[list(cols)] = sol
-        err = float(((x @ coef - y) ** 2).sum())
-        if err < best_err:
-            best, best_err = coef, err
+            err = float(((x @ coef - y) ** 2).sum())
+            if err < best_err:
+                best, best_err = coef, err
     return best
 
 
@@ -83,19 +91,19 @@ def fit(
     base: HardwareProfile, steps: list[dict], costs: dict[str, ModelCost], name: str | None = None
 ) -> tuple[HardwareProfile, dict[str, float]]:
     """The base profile with fitted efficiencies and overheads, and fit statistics."""
-    flops, nbytes, tokens, dt = step_features(steps, costs, base.dtype_bytes)
+    flops, nbytes, tokens, seqs, dt = step_features(steps, costs, base.dtype_bytes)
     w = 1.0 / dt  # relative error
+    x = np.stack([np.ones_like(dt), tokens, seqs], axis=1) * w[:, None]
     best = None
-    for ce in np.geomspace(0.01, 1.0, 41):
+    for ce in np.geomspace(0.01, 2.0, 47):
         tf = flops / (base.peak_flops * ce)
-        for me in np.geomspace(0.01, 1.0, 41):
+        for me in np.geomspace(0.01, 2.0, 47):
             tb = nbytes / (base.mem_bw * me)
             hi, lo = np.maximum(tf, tb), np.minimum(tf, tb)
             for ov in (0.0, 0.25, 0.5, 0.75, 1.0):
                 resid = dt - hi - ov * lo
-                x = np.stack([np.ones_like(dt), tokens], axis=1) * w[:, None]
-                coef = _nnls2(x, resid * w)
-                pred = hi + ov * lo + coef[0] + coef[1] * tokens
+                coef = _nnls(x, resid * w)
+                pred = hi + ov * lo + coef[0] + coef[1] * tokens + coef[2] * seqs
                 err = float((((pred - dt) / dt) ** 2).mean())
                 if best is None or err < best[0]:
                     best = (err, ce, me, ov, coef)
@@ -104,7 +112,7 @@ def fit(
     prof = replace(
         base, name=name or f"{base.name}-calibrated", compute_eff=float(ce), mem_eff=float(me),
         overlap=float(ov), step_overhead_s=float(coef[0]), layer_overhead_s=0.0,
-        token_overhead_s=float(coef[1]),
+        token_overhead_s=float(coef[1]), seq_overhead_s=float(coef[2]),
         source=f"{base.source}; efficiencies fitted to {len(dt)} measured steps",
     )
     stats = {"steps": int(len(dt)), "rms_relative_error": err**0.5}

@@ -5,6 +5,8 @@ context, the LM head on sampled rows) and bytes (weights read once per step, eac
 once per layer, new KV written). Time is a roofline with efficiencies:
     compute = FLOPs / (peak x compute_eff),  memory = bytes / (bandwidth x mem_eff)
     step    = overheads + max(compute, memory) + overlap x min(compute, memory)
+    overheads = per step + per layer + per token + per sequence (a decode step of many short
+                sequences pays per sequence what a prefill of as many tokens pays once)
 Copies (KV swaps, restores, streamed layers) are priced by `sim/executor.py` on one host link
 (`memory/passplan.py`: HostLink and the pass replay).
 """
@@ -45,6 +47,7 @@ class StepWork:
     sampled: int  # rows through the LM head
     attn_pairs: int  # sum over sequences of (query, key) pairs attended
     kv_read_tokens: int  # sum over sequences of context tokens whose KV is read
+    seqs: int = 0  # sequences in the step
 
     @staticmethod
     def of(plan: StepPlan) -> StepWork:
@@ -53,6 +56,7 @@ class StepWork:
             sum(s.samples for s in plan.seqs),
             sum(s.attn_pairs for s in plan.seqs),
             sum(s.context_len for s in plan.seqs),
+            len(plan.seqs),
         )
 
 
@@ -71,5 +75,8 @@ def compute_time(hw: HardwareProfile, flops: float, nbytes: float) -> float:
     return max(tf, tb) + hw.overlap * min(tf, tb)
 
 
-def overhead_time(hw: HardwareProfile, num_layers: int, tokens: int) -> float:
-    return hw.step_overhead_s + hw.layer_overhead_s * num_layers + hw.token_overhead_s * tokens
+def overhead_time(hw: HardwareProfile, num_layers: int, w: StepWork) -> float:
+    return (
+        hw.step_overhead_s + hw.layer_overhead_s * num_layers + hw.token_overhead_s * w.tokens
+        + hw.seq_overhead_s * w.seqs
+    )

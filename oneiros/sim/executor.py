@@ -91,7 +91,7 @@ class SimExecutor(Executor):
             flops, nbytes = flops_bytes(t.cost, work, hw.dtype_bytes)
             total_flops += flops
             total_bytes += nbytes
-            overhead = max(overhead, overhead_time(hw, t.cost.num_layers, work.tokens))
+            overhead = max(overhead, overhead_time(hw, t.cost.num_layers, work))
             works[id(plan)] = work
         compute = compute_time(hw, total_flops, total_bytes)
         passes = [self._pass(plan, compute, blocking) for plan in runs]

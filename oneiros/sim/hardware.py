@@ -52,7 +52,8 @@ class HardwareProfile:
     overlap: float = 0.0  # 0: compute and memory time overlap fully (roofline max); 1: they add up
     step_overhead_s: float = 2e-4  # per step (scheduling, launches, sampling)
     layer_overhead_s: float = 1e-5  # per decoder layer per step (kernel launches)
-    token_overhead_s: float = 0.0  # per token in the step (metadata, sampling)
+    token_overhead_s: float = 0.0  # per token in the step (metadata, embeddings)
+    seq_overhead_s: float = 0.0  # per sequence in the step (attention calls, sampling, bookkeeping)
     dtype_bytes: int = 2  # bytes per parameter and KV element
     async_copies: bool = True  # copies overlap compute (a copy stream); False: they add up
     host_memory_bytes: int = 0  # host DRAM for pinned master copies (0: unknown)

@@ -13,7 +13,7 @@ from oneiros.core import ConfigError, SamplingParams
 from oneiros.engine.engine import LLMEngine
 from oneiros.sim.calibrate import fit, read_steps
 from oneiros.memory.passplan import HostLink, PassRun, exposed_fraction, plan_pass, replay
-from oneiros.sim.cost import ModelCost, StepWork, compute_time, flops_bytes
+from oneiros.sim.cost import ModelCost, StepWork, compute_time, flops_bytes, overhead_time
 from oneiros.sim.hardware import PROFILES, load_profile
 
 GH200 = PROFILES["gh200"]
@@ -131,7 +131,7 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
     m = _cost(24)
     truth = replace(
         PROFILES["cpu"], compute_eff=0.5, mem_eff=0.25, overlap=1.0, step_overhead_s=3e-3,
-        layer_overhead_s=0.0, token_overhead_s=1e-5,
+        layer_overhead_s=0.0, token_overhead_s=1e-5, seq_overhead_s=2e-3,
     )
     rng = random.Random(0)
     lines = []
@@ -146,9 +146,9 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
             p = {"prefill_tokens": q, "decode_tokens": 0, "sampled": 1,
                  "attn_pairs": q * (q + 1) // 2, "context_tokens": q, "batch": 1}
         w = StepWork(p["prefill_tokens"] + p["decode_tokens"], p["sampled"], p["attn_pairs"],
-                     p["context_tokens"])
+                     p["context_tokens"], p["batch"])
         f, nb = flops_bytes(m, w, truth.dtype_bytes)
-        dt = compute_time(truth, f, nb) + truth.step_overhead_s + truth.token_overhead_s * w.tokens
+        dt = compute_time(truth, f, nb) + overhead_time(truth, m.num_layers, w)
         lines.append(json.dumps({"t": 0, "dt": dt, "plans": [{"model": "m", **p}]}))
     path = tmp_path / "steps.jsonl"
     path.write_text("\n".join(lines))
@@ -156,6 +156,7 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
     assert stats["rms_relative_error"] < 0.05
     assert prof.compute_eff == pytest.approx(0.5, rel=0.15)
     assert prof.mem_eff == pytest.approx(0.25, rel=0.15)
+    assert prof.seq_overhead_s == pytest.approx(2e-3, rel=0.2)
 
 
 def test_calibration_refuses_a_trace_without_enough_steps(tmp_path):
