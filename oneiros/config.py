@@ -89,6 +89,11 @@ class EngineConfig:
     # back. None: the hardware profile's host memory (sim), unlimited (torch).
     host_memory_budget: int | str | None = None
     cold_bytes_per_s: float | None = None  # None: the profile's cold tier (sim), the host link
+    # Admissions (new requests, and preempted ones resuming) leave this share of the KV cache (its
+    # size at start-up) free while requests run, as vLLM V0's block manager does (default 0.01
+    # there): a request admitted into the last free blocks is preempted by the next steps' growth.
+    # 0 here: the paper grid (docs/paper_reproduction.md) is measured without it.
+    kv_watermark: float = 0.0
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -120,6 +125,8 @@ class EngineConfig:
         if self.remap_fallback not in ("recompute", "swap", "pie"):
             raise ConfigError(
                 f"remap_fallback must be recompute, swap or pie, not {self.remap_fallback!r}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if not 0.0 <= self.max_remap_fraction <= 1.0:
             raise ConfigError(f"max_remap_fraction must be in [0, 1], got {self.max_remap_fraction}")
         if self.donor_order not in ("mru", "lru"):

@@ -89,6 +89,9 @@ def build(config: EngineConfig) -> EngineParts:
             weights[n].load(sources[n], cold=t.cold)
     if policy.partitions_kv:
         split_kv(tenants, arena)
+    for t in tenants.values():  # of the KV cache at start-up: its partition, or the shared pages
+        pages = t.pool.num_pages if policy.partitions_kv else arena.num_free
+        t.scheduler.watermark_blocks = int(config.kv_watermark * pages * t.pool.blocks_per_page)
     remap = None
     if policy.remaps:
         remap = RemapController(

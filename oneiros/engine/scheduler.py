@@ -2,7 +2,9 @@
 
 Scheduling is by token budget (vLLM v1 style): every live request's computed tokens catch up with its
 known tokens, a decode being the case of one new token. Running requests go first, oldest first.
-Waiting requests are admitted only in steps without preemption and while blocks and the budget last.
+Waiting requests are admitted only in steps without preemption and while blocks and the budget last,
+leaving `watermark_blocks` free while requests run (vLLM V0's watermark: a request admitted into the
+last free blocks would only be preempted by the next decode step's growth).
 
 When the pool has no block for a request, the scheduler asks its `Arbiter` (engine/arbiter.py: every
 cross-model memory decision) to make room; failing that it preempts its own youngest running request,
@@ -84,6 +86,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # Blocks an admission leaves free while requests run (the builder sets it from
+        # kv_watermark and the KV cache's size at start-up).
+        self.watermark_blocks = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_in_schedule: list[Request] = []
@@ -159,7 +164,7 @@ class Scheduler:
             req = self.waiting[0]
             start = self._start(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._reserve(req, req.num_computed_tokens + n):
+            if not self._reserve(req, req.num_computed_tokens + n) or self._below_watermark():
                 self._undo_start(req, start)
                 break
             self.waiting.popleft()
@@ -256,6 +261,22 @@ class Scheduler:
             return False
         req.block_ids.extend(blocks)
         return True
+
+    def _below_watermark(self) -> bool:
+        """After an admission took its blocks: fewer than `watermark_blocks` are left for this
+        model (its reusable blocks, free arena pages and, memory being shared, other models' idle
+        KV pages) while requests run. With nothing running anywhere it admits regardless: no
+        block would ever be freed for the request otherwise."""
+        if not self.watermark_blocks:
+            return False
+        arena, bpp = self.pool.arena, self.pool.blocks_per_page
+        pages = arena.num_free
+        others = self.arbiter.schedulers.values() if self.arbiter is not None else ()
+        if self.arbiter is not None and self.arbiter.shares_memory:
+            pages += sum(s.pool.num_idle_pages for s in others if s is not self)
+        if self.pool.num_reusable + pages * bpp >= self.watermark_blocks:
+            return False
+        return bool(self.running) or any(s.running for s in others)
 
     def _make_room(self, blocks: int, req: Request) -> bool:
         return self.arbiter is not None and self.arbiter.make_room(self.model, blocks, req)

@@ -156,6 +156,8 @@ def test_engine_config_defaults_and_budget_parsing():
         ({"memory_budget": "lots"}, "size"),
         ({"h2d_bytes_per_s": 0}, "h2d_bytes_per_s"),
         ({"h2d_bytes_per_s": float("nan")}, "h2d_bytes_per_s"),
+        ({"kv_watermark": 1.0}, "kv_watermark"),
+        ({"kv_watermark": -0.01}, "kv_watermark"),
     ],
 )
 def test_engine_config_rejects(kwargs, match):

@@ -118,6 +118,32 @@ def test_running_requests_go_first_and_admission_is_fifo():
     assert all(s.num_new_tokens == 1 for s in plan.seqs)
 
 
+def test_admission_leaves_the_watermark_free_while_requests_run():
+    # 4 pages x 4 blocks of 4 tokens = 16 blocks; the watermark keeps 3 of them free.
+    sched = make_scheduler(num_pages=4, max_num_batched_tokens=256)
+    sched.watermark_blocks = 3
+    first, second = make_request(4 * 7 - 1, max_tokens=2), make_request(4 * 7 - 1, max_tokens=2)
+    sched.add(first)
+    sched.add(second)
+    plan, _ = step(sched)
+    # Nothing ran before: the first takes its 7 blocks; the second would leave 2 < 3 free.
+    assert [s.request for s in plan.seqs] == [first] and list(sched.waiting) == [second]
+    assert not second.block_ids and second.num_computed_tokens == 0
+    check_all(sched)
+    run_until_done(sched)
+    assert second.status is RequestStatus.FINISHED_LENGTH and sched.pool.num_used == 0
+
+
+def test_without_running_requests_the_watermark_does_not_block_admission():
+    sched = make_scheduler(num_pages=4, max_num_batched_tokens=256)
+    sched.watermark_blocks = 3
+    big = make_request(4 * 15 - 1, max_tokens=1)  # 15 of 16 blocks: below the watermark
+    sched.add(big)
+    plan, _ = step(sched)
+    assert [s.request for s in plan.seqs] == [big]  # else it would wait forever
+    check_all(sched)
+
+
 # ---- preemption ---------------------------------------------------------------------------------
 def test_preemption_frees_blocks_and_requeues_the_youngest_at_the_front():
     # One page of 4 blocks x 2 tokens = 8 tokens of KV for everybody.

@@ -222,6 +222,18 @@ def test_more_memory_never_slower_and_enough_memory_never_preempts(tmp_path):
     assert preempt == 0 and len(lengths) == 60
 
 
+def test_kv_watermark_is_a_share_of_the_kv_cache_and_cuts_preemptions():
+    """vLLM V0's admission watermark: 1% of the KV cache at start-up stays free while requests
+    run, so fewer admissions are preempted right after (swap policy, memory short)."""
+    e, lengths, without = _simulate("gh200", policy="swap")
+    w, wlengths, with_wm = _simulate("gh200", policy="swap", kv_watermark=0.01)
+    for t in w.tenants.values():
+        assert e.tenants[t.name].scheduler.watermark_blocks == 0
+        assert t.scheduler.watermark_blocks > 0
+    assert sorted(wlengths.values()) == sorted(lengths.values())  # all finish, full length
+    assert 0 < with_wm < without
+
+
 def replace_profile(tmp_path, **changes) -> str:
     """A GH200 variant as a profile file (the engine takes a name or a path)."""
     path = tmp_path / f"variant{len(list(tmp_path.iterdir()))}.json"
