@@ -82,9 +82,6 @@ class Row:
     results: dict[str, dict] = field(default_factory=dict)
 
 
-WATERMARK = [0.0]  # --kv-watermark: every run of the grid, oneiros and baselines alike
-
-
 def config(hardware: str, mix: str, **kw: Any) -> EngineConfig:
     models = {name: f"random:{name}" for name in MIXES[mix]}
     cfg: dict[str, Any] = dict(
@@ -95,7 +92,6 @@ def config(hardware: str, mix: str, **kw: Any) -> EngineConfig:
         # prompts share no prefix, but a preempted request could find its own blocks again,
         # which would help the baselines beyond what the paper measured.
         prefix_caching=False,
-        kv_watermark=WATERMARK[0],
     )
     cfg.update(kw)
     return EngineConfig(**cfg)
@@ -379,7 +375,6 @@ def main() -> int:
     p.add_argument("--checks-only", action="store_true",
                    help="check and render the results of --json again instead of running")
     args = p.parse_args()
-    WATERMARK[0] = args.kv_watermark
     if args.kv_watermark and args.json == p.get_default("json"):
         args.json = str(ROOT / "results" / "paper_watermark.json")
     rows: list[Row] = []
@@ -389,6 +384,14 @@ def main() -> int:
             rows += spatial_rows(hw, args.requests) + ablation_rows(hw, args.requests)
     if args.only:
         rows = [r for r in rows if re.search(args.only, r.id)]
+    if args.kv_watermark:  # every run of the grid, oneiros and baselines alike
+        w = args.kv_watermark
+        for r in rows:
+            r.ours = replace(r.ours, kv_watermark=w)
+            r.baselines = {
+                k: v if isinstance(v, str) else replace(v, kv_watermark=w)
+                for k, v in r.baselines.items()
+            }
     explained = exceptions(Path(args.out))
     t0 = time.perf_counter()
     failures: list[str] = []

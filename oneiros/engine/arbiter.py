@@ -74,6 +74,17 @@ class Arbiter:
             pages += self.remap.remappable_pages(model)
         return pages
 
+    def idle_pages(self, model: str) -> int:
+        """Other models' KV pages that no live request references (`make_room` takes them back
+        first), or 0 when memory is not shared."""
+        if not self.shares_memory:
+            return 0
+        return sum(s.pool.num_idle_pages for n, s in self.schedulers.items() if n != model)
+
+    def running_anywhere(self) -> bool:
+        """A request of some model is running (its blocks will be freed some day)."""
+        return any(s.running for s in self.schedulers.values())
+
     def make_room(self, requester: str, blocks: int, req: Request) -> bool:
         """Free arena pages for `blocks` more blocks of `requester`'s request `req`. True if any
         page was freed."""
@@ -93,7 +104,7 @@ class Arbiter:
             # hide. When nothing runs anywhere no page would ever be freed, so admission may take
             # then too (else the engine would wait forever).
             admitting = req.status is not RequestStatus.RUNNING
-            idle = not any(s.running for s in self.schedulers.values())
+            idle = not self.running_anywhere()
             if self.remap_on_admit or not admitting or idle:
                 freed += self.remap.take(
                     requester, need - freed, admitting=admitting, stuck=idle

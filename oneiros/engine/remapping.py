@@ -26,9 +26,8 @@ running model's KV cache, to admissions and to the next model's prefetch; the ne
 model offered in this step that could not run, keep theirs. The planner makes each turn last the
 steps it takes to copy back the largest deficit of a waiting model (`turn_quantum`) and holds it
 while the next model's copies are still on the link (`reloading`), so that the copies hide under
-the turn before:
-the weights of the models with work need not fit at once, only those of the running and the next
-one, and the rest of the memory is KV cache.
+the turn before: the weights of the models with work need not fit at once, only those of the
+running and the next one, and the rest of the memory is KV cache.
 It changes residency in the accounting and records each change as a memory action of the step
 (`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
 

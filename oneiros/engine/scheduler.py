@@ -269,14 +269,12 @@ class Scheduler:
         block would ever be freed for the request otherwise."""
         if not self.watermark_blocks:
             return False
-        arena, bpp = self.pool.arena, self.pool.blocks_per_page
-        pages = arena.num_free
-        others = self.arbiter.schedulers.values() if self.arbiter is not None else ()
-        if self.arbiter is not None and self.arbiter.shares_memory:
-            pages += sum(s.pool.num_idle_pages for s in others if s is not self)
-        if self.pool.num_reusable + pages * bpp >= self.watermark_blocks:
+        pages = self.pool.arena.num_free
+        if self.arbiter is not None:
+            pages += self.arbiter.idle_pages(self.model)
+        if self.pool.num_reusable + pages * self.pool.blocks_per_page >= self.watermark_blocks:
             return False
-        return bool(self.running) or any(s.running for s in others)
+        return bool(self.running) or (self.arbiter is not None and self.arbiter.running_anywhere())
 
     def _make_room(self, blocks: int, req: Request) -> bool:
         return self.arbiter is not None and self.arbiter.make_room(self.model, blocks, req)
