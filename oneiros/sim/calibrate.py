@@ -10,9 +10,8 @@ least squares at each point, minimising the squared relative error (short decode
 as long prefills). The per-sequence term is what lets one fit serve both kinds of step: without it a
 CPU's decode steps (many sequences, one token each: an attention call and a sampled row apiece) pull
 the compute efficiency down, and prefills of a few hundred tokens came out 30% to 50% too slow, which
-is what TTFT is made of. Efficiencies may come out above 1 when the base profile's nominal peak is
-below what the machine reaches. Steps that swapped KV or streamed layers are left out: their copies
-are not compute.
+is what TTFT is made of. Efficiencies stay shares of the base profile's peaks (at most 1). Steps that
+swapped KV or streamed layers are left out: their copies are not compute.
 """
 
 from __future__ import annotations
@@ -95,9 +94,9 @@ def fit(
     w = 1.0 / dt  # relative error
     x = np.stack([np.ones_like(dt), tokens, seqs], axis=1) * w[:, None]
     best = None
-    for ce in np.geomspace(0.01, 2.0, 47):
+    for ce in np.geomspace(0.01, 1.0, 41):
         tf = flops / (base.peak_flops * ce)
-        for me in np.geomspace(0.01, 2.0, 47):
+        for me in np.geomspace(0.01, 1.0, 41):
             tb = nbytes / (base.mem_bw * me)
             hi, lo = np.maximum(tf, tb), np.minimum(tf, tb)
             for ov in (0.0, 0.25, 0.5, 0.75, 1.0):
