@@ -84,9 +84,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA (graphs are captured by default)")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
-    p.add_argument("--kv-watermark", type=float, default=0.0, metavar="SHARE",
-                   help="share of the KV cache admissions leave free while requests run "
-                   "(vLLM V0's watermark; 0.01 there)")
+    p.add_argument("--kv-watermark", type=float, default=0.01, metavar="SHARE",
+                   help="share of the KV cache admissions leave free while requests run, as "
+                   "vLLM V0's watermark (default 0.01, as there; 0 turns it off)")
     p.add_argument("--host-memory-budget", default=None, metavar="BYTES",
                    help="host memory for pinned weight copies; models beyond it (in --model order) "
                    "keep theirs in a memory-mapped file, the cold tier (default: no limit; "

@@ -91,9 +91,9 @@ class EngineConfig:
     cold_bytes_per_s: float | None = None  # None: the profile's cold tier (sim), the host link
     # Admissions (new requests, and preempted ones resuming) leave this share of the KV cache (its
     # size at start-up) free while requests run, as vLLM V0's block manager does (default 0.01
-    # there): a request admitted into the last free blocks is preempted by the next steps' growth.
-    # 0 here: the paper grid (docs/paper_reproduction.md) is measured without it.
-    kv_watermark: float = 0.0
+    # there, and here): a request admitted into the last free blocks is preempted by the next
+    # steps' growth. 0 turns it off.
+    kv_watermark: float = 0.01
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
