@@ -60,11 +60,13 @@ COUNTERS = ("preemptions", "remapped_layers", "restored_layers", "stream_copy_s"
             "stream_exposed_s", "h2d_bytes")
 
 
+# settings every run shares (`--kv-watermark` adds to them)
+BASE: dict = dict(models=MODELS, memory_budget="2560MiB", policy="recompute", max_num_seqs=64,
+                  max_num_batched_tokens=1024)
+
+
 def config(**kw) -> EngineConfig:
-    base = dict(models=MODELS, memory_budget="2560MiB", policy="recompute", max_num_seqs=64,
-                max_num_batched_tokens=1024)
-    base.update(kw)
-    return EngineConfig(**base)
+    return EngineConfig(**{**BASE, **kw})
 
 
 def headline(summary: dict) -> dict:
@@ -94,7 +96,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "results" / "sim_validation.json"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--kv-watermark", type=float, default=None,
+                   help="admission watermark of every run (default: the engine's)")
     args = p.parse_args()
+    if args.kv_watermark is not None:
+        BASE["kv_watermark"] = args.kv_watermark
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="oneiros-validate-"))
     steps = tmp / "calibrate_steps.jsonl"
@@ -133,7 +139,7 @@ def main() -> int:
         "calibration_workload": CALIBRATE, "validation_workload": VALIDATE, "models": MODELS,
         "profile": json.loads(prof.to_json()), "fit": stats,
         "calibration_real": headline(calib_real), "runs": runs, "target": target,
-        "threads": args.threads, "host_loadavg": os.getloadavg(),
+        "threads": args.threads, "host_loadavg": os.getloadavg(), "settings": BASE,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

@@ -216,6 +216,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"overlap={prof.overlap} step_overhead={prof.step_overhead_s * 1e3:.2f} ms "
         f"per_token={prof.token_overhead_s * 1e6:.1f} us "
         f"per_sequence={prof.seq_overhead_s * 1e6:.1f} us; {stats['steps']} steps, "
-        f"rms relative error {stats['rms_relative_error']:.1%}; wrote {args.out}"
+        f"rms relative error {stats['rms_relative_error']:.1%}{_noise(stats)}; wrote {args.out}"
     )
     return 0
+
+
+def _noise(stats: dict) -> str:
+    """The trace's own noise floor (`step_noise`), when it has repeated step shapes."""
+    if stats.get("noise_rms_relative") is None:
+        return ""
+    return (f" (noise floor: repeated step shapes deviate {stats['noise_rms_relative']:.1%} rms "
+            f"over {stats['noise_steps']} steps)")

@@ -114,5 +114,36 @@ def fit(
         token_overhead_s=float(coef[1]), seq_overhead_s=float(coef[2]),
         source=f"{base.source}; efficiencies fitted to {len(dt)} measured steps",
     )
-    stats = {"steps": int(len(dt)), "rms_relative_error": err**0.5}
+    stats = {"steps": int(len(dt)), "rms_relative_error": err**0.5, **step_noise(steps)}
     return prof, stats
+
+
+def step_noise(steps: list[dict], context_bucket: int = 64) -> dict[str, float | None]:
+    """The floor any per-step cost model meets on this trace: the rms relative deviation of steps
+    from the median of steps of the same shape (per plan: model, sequences, prefill and decode
+    tokens, context tokens within `context_bucket`), over shapes seen at least three times. On a
+    quiet machine it is a few percent; on a shared VM it can exceed the fit's own error."""
+    groups: dict[tuple, list[float]] = {}
+    for rec in steps:
+        plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
+        if not plans or any(
+            p.get("swap_out_blocks") or p.get("swap_in_blocks") or p.get("h2d_bytes") for p in plans
+        ):
+            continue
+        shape = tuple(
+            (p["model"], p["batch"], p["prefill_tokens"], p["decode_tokens"],
+             p.get("context_tokens", 0) // context_bucket)
+            for p in plans
+        )
+        groups.setdefault(shape, []).append(rec["dt"])
+    dev = [
+        (x - med) / med
+        for xs in groups.values() if len(xs) >= 3
+        for med in [float(np.median(xs))] if med > 0
+        for x in xs
+    ]
+    if not dev:
+        return {"noise_steps": 0, "noise_rms_relative": None}
+    return {
+        "noise_steps": len(dev), "noise_rms_relative": float(np.sqrt(np.mean(np.square(dev)))),
+    }

@@ -11,7 +11,7 @@ import pytest
 from oneiros.config import EngineConfig
 from oneiros.core import ConfigError, SamplingParams
 from oneiros.engine.engine import LLMEngine
-from oneiros.sim.calibrate import fit, read_steps
+from oneiros.sim.calibrate import fit, read_steps, step_noise
 from oneiros.memory.passplan import HostLink, PassRun, exposed_fraction, plan_pass, replay
 from oneiros.sim.cost import ModelCost, StepWork, compute_time, flops_bytes, overhead_time
 from oneiros.sim.hardware import PROFILES, load_profile
@@ -157,6 +157,22 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
     assert prof.compute_eff == pytest.approx(0.5, rel=0.15)
     assert prof.mem_eff == pytest.approx(0.25, rel=0.15)
     assert prof.seq_overhead_s == pytest.approx(2e-3, rel=0.2)
+
+
+def test_step_noise_is_the_spread_of_steps_of_one_shape():
+    """Three shapes: one seen 4 times with times 1, 1, 1.2, 0.8 (deviations 0, 0, +20%, -20% from
+    the median 1.0), one seen 3 times identically, one seen twice (too few: left out); a step that
+    streamed layers is left out as the fit leaves it out."""
+    def step(dt, batch, ctx=100, h2d=0):
+        return {"dt": dt, "plans": [{"model": "m", "batch": batch, "prefill_tokens": 0,
+                                     "decode_tokens": batch, "context_tokens": ctx,
+                                     "h2d_bytes": h2d}]}
+    steps = [step(x, 4) for x in (1.0, 1.0, 1.2, 0.8)] + [step(0.5, 8)] * 3
+    steps += [step(0.1, 2), step(0.3, 2), step(9.0, 8, h2d=1)]
+    noise = step_noise(steps)
+    assert noise["noise_steps"] == 7
+    assert noise["noise_rms_relative"] == pytest.approx((2 * 0.2**2 / 7) ** 0.5)
+    assert step_noise(steps[-3:]) == {"noise_steps": 0, "noise_rms_relative": None}
 
 
 def test_calibration_refuses_a_trace_without_enough_steps(tmp_path):
