@@ -147,7 +147,7 @@ class Scheduler:
                     self._finish_for_capacity(req)
                     continue
                 if victim is req and self._may_wait(req):
-                    waited = True  # it keeps its blocks; a younger request elsewhere gives way
+                    waited = True  # it keeps its blocks until a younger one elsewhere frees some
                     i += 1
                     continue
                 self.preempt(victim, plan)
