@@ -90,7 +90,9 @@ def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
     return _renewal(_rng(seed, "poisson").exponential(1.0 / rate, n - 1))
 
 
-def gamma_arrivals(rate: float, cv: float, n: int, seed: int = 0) -> list[float]:
+def gamma_arrivals(
+    rate: float, cv: float, n: int, seed: int = 0, stream: str = "gamma"
+) -> list[float]:
     """n arrival times (seconds, first at 0) whose gaps are Gamma distributed with mean 1/rate and
     coefficient of variation `cv` (shape 1/cv^2, scale cv^2/rate). cv = 1 is a Poisson process;
     cv > 1 is bursty (clusters of arrivals separated by long pauses), cv < 1 more regular."""
@@ -100,7 +102,25 @@ def gamma_arrivals(rate: float, cv: float, n: int, seed: int = 0) -> list[float]
     if n == 0:
         return []
     shape = 1.0 / cv**2
-    return _renewal(_rng(seed, "gamma").gamma(shape, 1.0 / (rate * shape), n - 1))
+    return _renewal(_rng(seed, stream).gamma(shape, 1.0 / (rate * shape), n - 1))
+
+
+def model_bursts(
+    rate: float, cv: float, n: int, mix: Mapping[str, float] | str, seed: int = 0
+) -> tuple[list[float], list[str]]:
+    """Arrival times and tenants of n requests where each model of the mix has its own Gamma
+    process (its share of `rate`, the same `cv`): with cv > 1 one model's burst meets the others'
+    pauses, so models go without work while others run, which one shared process with models
+    drawn per request rarely does. The count per model is drawn as `assign_models` draws it."""
+    shares = normalize_mix(mix)
+    counts = Counter(assign_models(n, shares, seed))
+    arrivals: list[float] = []
+    models: list[str] = []
+    for name, share in shares.items():
+        if counts[name] and share > 0:
+            arrivals += gamma_arrivals(rate * share, cv, counts[name], seed, f"gamma/{name}")
+            models += [name] * counts[name]
+    return arrivals, models
 
 
 # ---- the Azure LLM inference trace ---------------------------------------------------------------
@@ -354,12 +374,17 @@ def build_workload(
     mix: Mapping[str, float] | str = "c1",
     seed: int = 0,
     max_total: int | None = None,
+    models: Sequence[str] | None = None,
 ) -> list[WorkItem]:
-    """Pair the k-th arrival with the k-th (prompt_len, output_len) and a tenant drawn from `mix`;
+    """Pair the k-th arrival with the k-th (prompt_len, output_len) and a tenant drawn from `mix`
+    (or the k-th of `models`);
     shorten requests to `max_total` tokens (`fit_context`) when given; sort by arrival (stable)."""
     if len(arrivals) != len(lengths):
         raise ValueError(f"{len(arrivals)} arrivals but {len(lengths)} length pairs")
-    models = assign_models(len(arrivals), mix, seed)
+    if models is None:
+        models = assign_models(len(arrivals), mix, seed)
+    elif len(models) != len(arrivals):
+        raise ValueError(f"{len(arrivals)} arrivals but {len(models)} models")
     items = []
     for t, (p, o), m in zip(arrivals, lengths, models, strict=True):
         if max_total is not None:
@@ -392,6 +417,7 @@ _COMMON_KEYS = {"seed", "lengths", "mix", "max_len", "max_total", "prompt_len", 
 SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {  # kind -> (required keys, optional keys)
     "poisson": ({"rate", "n"}, _COMMON_KEYS),
     "gamma": ({"rate", "cv", "n"}, _COMMON_KEYS),
+    "bursts": ({"rate", "cv", "n"}, _COMMON_KEYS),
     "azure": ({"path"}, _COMMON_KEYS | {"scale", "n", "start"}),
 }
 _INT_KEYS = {"n", "seed", "max_len", "max_total", "prompt_len", "output_len"}
@@ -507,6 +533,7 @@ def workload_from_spec(spec: str | Mapping[str, Any]) -> list[WorkItem]:
     """Build a workload from a spec (see `parse_spec`). Keys:
 
       poisson: rate, n              gamma: rate, cv, n          azure: path [scale, n, start]
+      bursts: rate, cv, n (a Gamma process per model of the mix, see `model_bursts`)
       common:  seed (0), mix (c1), lengths (sharegpt; azure: trace), max_len (2048; clips each
                sampled length), max_total (fit prompt + output into a context), prompt_len and
                output_len (for lengths=fixed)
@@ -520,6 +547,11 @@ def workload_from_spec(spec: str | Mapping[str, Any]) -> list[WorkItem]:
         arrivals = [r.arrival_s for r in rows]
         trace_lengths = [(r.prompt_len, r.output_len) for r in rows]
         lengths = _spec_lengths(s, len(rows), seed, trace_lengths)
+    elif s["kind"] == "bursts":
+        arrivals, models = model_bursts(s["rate"], s["cv"], s["n"], s.get("mix", "c1"), seed)
+        lengths = _spec_lengths(s, len(arrivals), seed, None)
+        return build_workload(arrivals, lengths, s.get("mix", "c1"), seed, s.get("max_total"),
+                              models)
     else:
         if s["kind"] == "poisson":
             arrivals = poisson_arrivals(s["rate"], s["n"], seed)

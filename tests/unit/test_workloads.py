@@ -25,6 +25,7 @@ from oneiros.bench.workloads import (
     build_workload,
     fit_context,
     gamma_arrivals,
+    model_bursts,
     normalize_mix,
     parse_spec,
     parse_trace_timestamp,
@@ -334,6 +335,34 @@ def test_gamma_spec_and_defaults():
     assert [x.arrival_s for x in w] == gamma_arrivals(2.0, 4.0, 100, 0)
     assert [(x.prompt_len, x.output_len) for x in w] == alpaca_lengths(100, 0)
     assert {x.model for x in w} <= set(MIXES["c1"])
+
+
+def test_model_bursts_give_each_model_its_own_process():
+    """Each model's arrivals are a Gamma process of its share of the rate: its own count (as
+    assign_models draws it), its own rate and cv, and its own pauses (with cv = 4 a model is
+    often without requests while the other has a burst, which one shared process rarely shows)."""
+    mix = {"a": 3, "b": 1}
+    arrivals, models = model_bursts(8.0, 4.0, N, mix, seed=5)
+    assert sorted(models) == sorted(assign_models(N, mix, 5))
+    for name, share in (("a", 0.75), ("b", 0.25)):
+        t = np.array([x for x, m in zip(arrivals, models, strict=True) if m == name])
+        g = np.diff(t)
+        assert t[0] == 0 and (g >= 0).all()
+        assert len(t) / t[-1] == pytest.approx(8.0 * share, rel=0.1)
+        assert g.std() / g.mean() == pytest.approx(4.0, rel=0.2)
+    shared = workload_from_spec(f"gamma:rate=8,cv=4,n={N},mix=a:3+b:1,seed=5")
+    own = workload_from_spec(f"bursts:rate=8,cv=4,n={N},mix=a:3+b:1,seed=5")
+    assert [x.arrival_s for x in own] == sorted(arrivals)
+    assert [x.arrival_s for x in own] != [x.arrival_s for x in shared]
+
+    def longest_pause(w, name):
+        t = [0.0, *[x.arrival_s for x in w if x.model == name], w[-1].arrival_s]
+        return max(np.diff(t)) / w[-1].arrival_s
+
+    # b's longest time without a request, as a share of the run: far longer with its own process
+    assert longest_pause(own, "b") > 3 * longest_pause(shared, "b")
+    with pytest.raises(ValueError, match="cv"):
+        workload_from_spec("bursts:rate=1,cv=0,n=10")
 
 
 def test_spec_with_tenant_mix_fixed_lengths_and_fit():
