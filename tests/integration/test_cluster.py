@@ -75,7 +75,13 @@ def cluster(tok_dir: str, tok1_dir: str) -> Iterator[str]:
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # Serve waits 60 s (not configurable) for its proxy actor's worker process to start; on a
+        # loaded 2-core machine that start can take longer, so a first timeout gets one retry.
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            serve.shutdown()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(config, placement, ServerSettings(max_queue=64)),
                   name="oneiros", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
