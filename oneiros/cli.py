@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
 from oneiros.config import EngineConfig
 from oneiros.core import OneirosError
+
+# Engine flags default to EngineConfig's own defaults (the policy is chosen per command).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 
 DEFAULT_SERVE_MODELS = {"smollm2-a": "smollm2", "smollm2-b": "smollm2"}
 
@@ -45,8 +49,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         help="a model to serve: built-in name (smollm2), HF directory, .gguf file or "
         "random:CONFIG[@SEED]; repeat for several tenants",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+    p.add_argument("--device", default=DEFAULTS["device"], help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default=DEFAULTS["dtype"],
+                   choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument(
         "--memory-budget",
@@ -54,13 +59,15 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         help="arena size: bytes (4GiB, 512MiB) or a fraction of free device memory (0.9); "
         "default: the weights plus 1 GiB on CPU, 0.9 of free memory on CUDA",
     )
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=DEFAULTS["block_size"],
+                   help="tokens per KV block")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="do not share or keep KV blocks of equal prompt prefixes (on by default)")
     p.add_argument("--page-bytes", type=int, default=None,
                    help="arena page size (default: 2 MiB, or larger for big KV blocks)")
-    p.add_argument("--max-num-seqs", type=int, default=128, help="requests per step per model")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    p.add_argument("--max-num-seqs", type=int, default=DEFAULTS["max_num_seqs"],
+                   help="requests per step per model")
+    p.add_argument("--max-num-batched-tokens", type=int, default=DEFAULTS["max_num_batched_tokens"],
                    help="tokens per step per model")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context window (default: the model's)")
@@ -71,31 +78,34 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         help="what to do when KV cache runs out (oneiros: remap parameter memory first; "
         "offload: whole idle models off the device)",
     )
-    p.add_argument("--sharing", default="temporal", choices=["temporal", "spatial"],
+    p.add_argument("--sharing", default=DEFAULTS["sharing"], choices=["temporal", "spatial"],
                    help="one model per step, or every model with work in each step")
-    p.add_argument("--turn-steps", type=int, default=8,
+    p.add_argument("--turn-steps", type=int, default=DEFAULTS["turn_steps"],
                    help="temporal sharing: steps a model runs before the next model's turn")
-    p.add_argument("--turn-reload", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--turn-reload", default=DEFAULTS["turn_reload"], choices=["auto", "on", "off"],
                    help="temporal sharing, policy oneiros: models waiting for a later turn lend "
                    "every layer and are copied back during the turn before theirs (auto: when "
                    "the weights do not all fit)")
-    p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"],
+    p.add_argument("--attention", default=DEFAULTS["attention"],
+                   choices=["auto", "torch", "triton"],
                    help="attention backend (auto: Triton on CUDA when installed)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly on CUDA (graphs are captured by default)")
     p.add_argument("--swap-space", default="1GiB", help="host memory for swapped KV (swap policy)")
-    p.add_argument("--kv-watermark", type=float, default=0.01, metavar="SHARE",
+    p.add_argument("--kv-watermark", type=float, default=DEFAULTS["kv_watermark"], metavar="SHARE",
                    help="share of the KV cache admissions leave free while requests run, as "
-                   "vLLM V0's watermark (default 0.01, as there; 0 turns it off)")
+                   "vLLM V0's watermark (0.01 there too; 0 turns it off)")
     p.add_argument("--host-memory-budget", default=None, metavar="BYTES",
                    help="host memory for pinned weight copies; models beyond it (in --model order) "
                    "keep theirs in a memory-mapped file, the cold tier (default: no limit; "
                    "simulate: the hardware profile's)")
-    p.add_argument("--max-remap-fraction", type=float, default=0.9,
+    p.add_argument("--max-remap-fraction", type=float, default=DEFAULTS["max_remap_fraction"],
                    help="most of a model's layers that may be remapped away")
-    p.add_argument("--remap-fallback", default="recompute", choices=["recompute", "swap", "pie"],
+    p.add_argument("--remap-fallback", default=DEFAULTS["remap_fallback"],
+                   choices=["recompute", "swap", "pie"],
                    help="policy oneiros: what to do when remapping cannot cover a shortage")
-    p.add_argument("--prefetch-distance", type=int, default=2, choices=[1, 2],
+    p.add_argument("--prefetch-distance", type=int, default=DEFAULTS["prefetch_distance"],
+                   choices=[1, 2],
                    help="borrowed slabs per streamed pass")
     p.add_argument("--trace-steps", default=None, metavar="PATH", help="record every step (JSONL)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")

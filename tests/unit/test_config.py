@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 
 import pytest
 
+from oneiros.cli import _add_engine_args
 from oneiros.config import EngineConfig, GiB, MiB, parse_bytes
 from oneiros.core import ConfigError, InvalidRequestError, OneirosError, SamplingParams
 
@@ -176,3 +179,21 @@ def test_remapping_falls_back_to_any_preemption_policy(fallback, preemption, ahe
     assert (policy.remaps, policy.preemption, policy.async_swap_in) == (True, preemption, ahead)
     with pytest.raises(ConfigError, match="remap_fallback must be recompute, swap or pie"):
         EngineConfig(models={"a": "random:llama-tiny"}, remap_fallback="static")
+
+
+def test_cli_engine_flags_default_to_the_engine_config():
+    """Every engine flag of the CLI starts from EngineConfig's default (read from it, so the two
+    cannot drift apart); the policy is chosen per command, and --swap-space shows its default
+    in units."""
+    p = argparse.ArgumentParser()
+    _add_engine_args(p, "oneiros")
+    fields = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    checked = 0
+    for action in p._actions:
+        if action.dest not in fields or action.dest == "policy":
+            continue
+        want = fields[action.dest]
+        got = parse_bytes(action.default) if action.dest == "swap_space" else action.default
+        assert got == want, f"--{action.dest}: {action.default!r} against {want!r}"
+        checked += 1
+    assert checked >= 20
