@@ -7,13 +7,16 @@ comes in this order, cheapest first:
   1. other models' KV pages that no live request references (free or prefix-cached blocks only;
      the cache entries on them are evicted), the least recently run model's first;
   2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose).
-Failing that, the scheduler preempts its own youngest running request: a model preempts only its
-own requests. So did the paper's system, where each model has its own vLLM scheduler; memory moves
-between models only as idle KV pages and remapped parameters. Preempting another model's younger
-running request instead (the engine's youngest, whichever model it belongs to) was tried: in a
-temporal turn it preempts requests of a model out of its turn, which resume in their own turn and
-are preempted again in the next; in the paper's grid it made most of every policy's preemptions
-(C1 at 16 req/s: 885 under oneiros against 198 without it) and cost remapping its TPOT lead.
+Failing that, the scheduler preempts its own youngest running request: a model preempts its own
+requests, as each model's vLLM scheduler did in the paper's system. One exception keeps the engine
+live: the oldest running request in the engine, alone in its model, may preempt younger running
+requests of models not yet planned in the step, the youngest first (`_preempt_younger`); otherwise
+two models could each recompute-preempt their own request at a block boundary while the other's
+holds the page, forever. Preempting another model's younger request whenever the asking request
+is its model's youngest was tried: in a temporal turn it preempts requests of a model out of its
+turn, which resume in their own turn and are preempted again in the next; in the paper's grid it
+made most of every policy's preemptions (C1 at 16 req/s: 885 under oneiros against 198 without
+it) and cost remapping its TPOT lead.
 A request that found no page while a younger request of an already planned model holds pages may
 wait (`can_wait`): preempting itself would only hand its pages to a younger request. Under a policy
 that does not share memory (static partitions) the arbiter gives nothing.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oneiros.core import Request, RequestStatus
+from oneiros.core import Request, RequestStatus, StepPlan
 
 if TYPE_CHECKING:
     from oneiros.engine.remapping import RemapController
@@ -49,15 +52,22 @@ class Arbiter:
         self.remap = remap
         self.remap_on_admit = remap_on_admit
         self.planned: set[str] = set()  # models whose plan for the current step is made
+        self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
 
     # ---- the step --------------------------------------------------------------------------------
     def begin(self) -> None:
         self.planned = set()
+        self.foreign = {}
 
     def planned_model(self, model: str) -> None:
-        """`model`'s plan for this step is made: its running requests hold their pages through
-        the step (see `can_wait`)."""
+        """`model`'s plan for this step is made: its running requests can no longer be preempted
+        for another model in this step."""
         self.planned.add(model)
+
+    def take_foreign(self) -> dict[str, StepPlan]:
+        """Plans holding this step's preemptions made on behalf of another model, by victim model."""
+        out, self.foreign = self.foreign, {}
+        return out
 
     # ---- decisions -------------------------------------------------------------------------------
     def borrowable_pages(self, model: str) -> int:
@@ -112,7 +122,19 @@ class Arbiter:
                 freed += self.remap.take(
                     requester, need - freed, admitting=True, idle_only=not self.remap.turn_reload
                 )
+        if freed < need and self._oldest_alone(requester, req):
+            freed += self._preempt_younger(requester, req, need - freed)
         return freed > 0
+
+    def _oldest_alone(self, requester: str, req: Request) -> bool:
+        """`req` runs, alone in its model, and no running request of any model is older."""
+        mine = self.schedulers[requester].running
+        if req.status is not RequestStatus.RUNNING or list(mine) != [req]:
+            return False
+        return all(
+            r.age_key > req.age_key
+            for name, s in self.schedulers.items() if name != requester for r in s.running
+        )
 
     def can_wait(self, requester: str, req: Request) -> bool:
         """`req`, the youngest running request of `requester`, found no page: may it keep its
@@ -125,3 +147,29 @@ class Arbiter:
             for name in self.planned if name != requester
             for r in self.schedulers[name].running
         )
+
+    def _preempt_younger(self, requester: str, req: Request, pages: int) -> int:
+        """Preempt running requests of models not yet planned that are younger than every running
+        request of `requester`, youngest first, until `pages` pages are free; returns the pages
+        freed. A waiting request never preempts a running one."""
+        if req.status is not RequestStatus.RUNNING:
+            return 0
+        mine = self.schedulers[requester]
+        floor = mine.running[-1].age_key if mine.running else req.age_key
+        others = [s for n, s in self.schedulers.items() if n != requester and n not in self.planned]
+        freed = 0
+        while freed < pages:
+            candidates = [
+                (r.age_key, k, r) for k, s in enumerate(others) for r in s.running
+                if r.age_key > floor
+            ]
+            if not candidates:
+                break
+            _, k, victim = max(candidates, key=lambda c: (c[0], c[1]))
+            sched = others[k]
+            plan = self.foreign.get(sched.model)
+            if plan is None:
+                plan = self.foreign[sched.model] = StepPlan(sched.model)
+            sched.preempt(victim, plan)
+            freed += len(sched.pool.shrink(pages - freed))
+        return freed

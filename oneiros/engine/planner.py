@@ -10,7 +10,8 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
                                        models with requests running first)
                                        (turn reloads: a turn lasts the steps that hide a reload
                                        and holds while the next model's copies are on the link)
-    note each plan's streamed layers; collect the KV pools' resizes
+    fold preemptions made for another model into that model's plan; note each plan's streamed
+    layers; collect the KV pools' resizes
 After the step ran, `observe` folds measured step times into the controller and plans dynamic
 reversion (a step of memory actions only), as does `revert_idle` when no request is left.
 """
@@ -86,6 +87,7 @@ class Planner:
                     break  # temporal: one model per step, the first with something to run
             elif plan.preempted:
                 step.idle.append(plan)
+        self._merge_foreign(step)
         if self.remap is not None and not self.tenancy.spatial and step.plans:
             self._prefetch(step.plans[-1].model, now)
         for plan in step.plans:
@@ -161,6 +163,24 @@ class Planner:
             t.state.active = t.scheduler.has_work
             if not t.state.active:
                 t.state.running = False
+
+    def _merge_foreign(self, step: Step) -> None:
+        """Fold preemptions made for another model into the victim model's plan of this step (its
+        swap-outs first), or add a plan of their own: executed when it swaps out (copies only),
+        else kept as idle (commit and trace only)."""
+        for name, f in self.arbiter.take_foreign().items():
+            own = next((p for p in step.plans + step.idle if p.model == name), None)
+            if own is not None:
+                own.preempted[:0] = f.preempted
+                own.swap_out[:0] = f.swap_out
+                own.recomputed_tokens += f.recomputed_tokens
+                if own.swap_out and any(p is own for p in step.idle):
+                    step.idle = [p for p in step.idle if p is not own]
+                    step.plans.insert(0, own)
+            elif f.swap_out:
+                step.plans.insert(0, f)
+            else:
+                step.idle.append(f)
 
     def _collect_resizes(self, step: Step) -> None:
         for t in self.tenants.values():

@@ -116,16 +116,18 @@ def test_the_per_model_cap_keeps_layers_and_preemption_follows():
 
 # ---- preemption stays within a model --------------------------------------------------------
 def test_a_model_preempts_its_own_request_never_another_models():
-    """a's older request needs a second page while b's younger one holds the other: the arbiter
-    finds nothing (no idle KV page, nothing to remap), and a preempts its own youngest, itself,
-    as a vLLM scheduler of its own would; b's younger request keeps running."""
-    arena = PageArena(2 * 3 + 2, PAGE)
+    """a's request needs a second page while b's younger one holds a page: the arbiter finds
+    nothing (no idle KV page, nothing to remap), and a preempts its own youngest, itself, as a
+    vLLM scheduler of its own would; b's younger request keeps running. (b's oldest request is
+    older than a's, so a's is not the engine's oldest: see the next test.)"""
+    arena = PageArena(2 * 3 + 3, PAGE)
     tenants = make_tenants(arena, {"a": 1, "b": 1})
     _, arbiter, _, _ = make_planning(tenants, remap=False)
     a, b = tenants["a"], tenants["b"]
+    oldest = make_request(12, model="b")
     old = make_request(16, model="a")  # 4 blocks: one full page; its next token needs a second
     young = make_request(12, model="b")
-    for t, r in ((a, old), (b, young)):
+    for t, r in ((b, oldest), (a, old), (b, young)):
         t.scheduler.add(r)
         commit(t.scheduler, t.scheduler.schedule())  # one page each: the arena is full
     assert arena.num_free == 0 and old.status is young.status is RequestStatus.RUNNING
@@ -134,6 +136,31 @@ def test_a_model_preempts_its_own_request_never_another_models():
     plan = a.scheduler.schedule()
     assert plan.preempted == [old] and old.status is RequestStatus.PREEMPTED
     assert young.status is RequestStatus.RUNNING and young.block_ids
+    assert arbiter.take_foreign() == {}
+    check(tenants)
+
+
+def test_the_engines_oldest_request_alone_in_its_model_takes_a_younger_ones_page():
+    """The liveness exception: the oldest running request of the engine, alone in its model,
+    preempts a younger request of a model not yet planned (else two models could each lose their
+    request at a block boundary to the other's, forever); the victim's preemption is a plan of
+    its own model."""
+    arena = PageArena(2 * 3 + 2, PAGE)
+    tenants = make_tenants(arena, {"a": 1, "b": 1})
+    _, arbiter, _, _ = make_planning(tenants, remap=False)
+    a, b = tenants["a"], tenants["b"]
+    old = make_request(12, model="a")
+    young = make_request(12, model="b")
+    for t, r in ((a, old), (b, young)):
+        t.scheduler.add(r)
+        commit(t.scheduler, t.scheduler.schedule())
+    assert arena.num_free == 0
+    arbiter.begin()
+    assert arbiter.make_room("a", 1, old)
+    assert young.status is RequestStatus.PREEMPTED and young.block_ids == []
+    foreign = arbiter.take_foreign()
+    assert list(foreign) == ["b"] and foreign["b"].preempted == [young]
+    assert foreign["b"].recomputed_tokens == 12  # recompute: its computed prompt is lost
     check(tenants)
 
 

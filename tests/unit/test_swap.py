@@ -283,11 +283,11 @@ def test_two_models_swapping_on_one_arena(
         for m, hb in zip(("a", "b"), host_blocks, strict=True)
     ]
     a, b = scheds
-    # The engine's arbiter: idle KV pages of the other model; a model preempts only its own
-    # requests, and an older request that finds nothing while a younger one of a model already
-    # planned holds pages may wait.
+    # The engine's arbiter: idle KV pages of the other model, then a younger running request of a
+    # model not yet planned in this step; an older request that finds nothing may wait.
     arbiter = Arbiter({"a": a, "b": b}, MetadataStore(["a", "b"]))
     a.arbiter = b.arbiter = arbiter
+    foreign = arbiter.foreign  # preemptions made for the other model, by victim model (live view)
     capacity = num_pages * blocks_per_page
     assert a.max_blocks() == b.max_blocks() == capacity
 
@@ -325,6 +325,8 @@ def test_two_models_swapping_on_one_arena(
         # Schedule: spatial, every model; temporal, the first with a non-empty plan in round robin.
         order = [(rr + k) % 2 for k in range(2)]
         arbiter.begin()
+        foreign = arbiter.foreign
+        seen: set[int] = set()  # foreign victims already checked
         plans: list[tuple[int, StepPlan]] = []
         for m in order:
             sched = scheds[m]
@@ -336,6 +338,16 @@ def test_two_models_swapping_on_one_arena(
             free_host = sched.host_pool.num_free
             plan = sched.schedule()
             check_all(scheds)
+            for fm, f in foreign.items():  # the other model's requests this one preempted
+                k = "ab".index(fm)
+                fresh = [r for r in f.preempted if id(r) not in seen]
+                seen.update(id(r) for r in fresh)
+                for r in fresh:
+                    assert r.block_ids == [] and r.status is RequestStatus.PREEMPTED
+                    for h in r.host_block_ids:
+                        assert h not in host_owner[k], f"host block {h} used twice"
+                        host_owner[k][h] = r
+                assert {h for r in fresh for h in r.host_block_ids} <= {h for _, h in f.swap_out}
             for r in sched.finished_in_schedule:
                 assert r.stop_reason == "kv_capacity"
                 assert sched.pool.blocks_needed(r.num_tokens) > capacity
@@ -387,6 +399,11 @@ def test_two_models_swapping_on_one_arena(
                     break
         if spatial and len(plans) > 1:
             event("two models in one step")
+        for fm, f in arbiter.take_foreign().items():  # swap-outs made for the other model first
+            for _ in f.preempted:
+                event("preempted for another model")
+            if f.swap_out:
+                kv.execute(scheds["ab".index(fm)], f)
         if not plans:
             idle_steps += any(s.has_work for s in scheds)
             assert idle_steps < 3, "stalled with work left"
