@@ -117,7 +117,7 @@ def model_bursts(
     arrivals: list[float] = []
     models: list[str] = []
     for name, share in shares.items():
-        if counts[name] and share > 0:
+        if counts[name]:  # drawn at least once: its share is positive
             arrivals += gamma_arrivals(rate * share, cv, counts[name], seed, f"gamma/{name}")
             models += [name] * counts[name]
     return arrivals, models
@@ -542,23 +542,23 @@ def workload_from_spec(spec: str | Mapping[str, Any]) -> list[WorkItem]:
     scale divides arrival times and start skips that many trace seconds."""
     s = parse_spec(spec)
     seed = s.get("seed", 0)
+    models = None  # drawn from the mix per request, except for bursts
     if s["kind"] == "azure":
         rows = read_azure_trace(s["path"], s.get("scale", 1.0), s.get("n"), s.get("start", 0.0))
         arrivals = [r.arrival_s for r in rows]
         trace_lengths = [(r.prompt_len, r.output_len) for r in rows]
         lengths = _spec_lengths(s, len(rows), seed, trace_lengths)
-    elif s["kind"] == "bursts":
-        arrivals, models = model_bursts(s["rate"], s["cv"], s["n"], s.get("mix", "c1"), seed)
-        lengths = _spec_lengths(s, len(arrivals), seed, None)
-        return build_workload(arrivals, lengths, s.get("mix", "c1"), seed, s.get("max_total"),
-                              models)
     else:
         if s["kind"] == "poisson":
             arrivals = poisson_arrivals(s["rate"], s["n"], seed)
+        elif s["kind"] == "bursts":
+            arrivals, models = model_bursts(s["rate"], s["cv"], s["n"], s.get("mix", "c1"), seed)
         else:
             arrivals = gamma_arrivals(s["rate"], s["cv"], s["n"], seed)
         lengths = _spec_lengths(s, len(arrivals), seed, None)
-    return build_workload(arrivals, lengths, s.get("mix", "c1"), seed, s.get("max_total"))
+    return build_workload(
+        arrivals, lengths, s.get("mix", "c1"), seed, s.get("max_total"), models
+    )
 
 
 def _spec_lengths(

@@ -40,16 +40,24 @@ def read_steps(path: str | Path) -> list[dict]:
     return steps
 
 
+def _compute_plans(rec: dict) -> list[dict]:
+    """A traced step's plans that ran sequences, or none when any of them swapped KV or streamed
+    layers (their copies are not compute): the steps a cost fit can use."""
+    plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
+    copies = ("swap_out_blocks", "swap_in_blocks", "h2d_bytes")
+    if any(p.get(k) for p in plans for k in copies):
+        return []
+    return plans
+
+
 def step_features(
     steps: list[dict], costs: dict[str, ModelCost], dtype_bytes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per usable step: FLOPs, bytes, tokens, sequences, measured seconds."""
     rows = []
     for rec in steps:
-        plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
-        if not plans or any(
-            p.get("swap_out_blocks") or p.get("swap_in_blocks") or p.get("h2d_bytes") for p in plans
-        ):
+        plans = _compute_plans(rec)
+        if not plans:
             continue
         f = b = tok = seqs = 0.0
         for p in plans:
@@ -121,14 +129,13 @@ def fit(
 def step_noise(steps: list[dict], context_bucket: int = 64) -> dict[str, float | None]:
     """The floor any per-step cost model meets on this trace: the rms relative deviation of steps
     from the median of steps of the same shape (per plan: model, sequences, prefill and decode
-    tokens, context tokens within `context_bucket`), over shapes seen at least three times. On a
-    quiet machine it is a few percent; on a shared VM it can exceed the fit's own error."""
+    tokens, context tokens within `context_bucket`), over shapes seen at least three times, on the
+    steps the fit uses. On a quiet machine it is a few percent; on a shared VM it can exceed the
+    fit's own error."""
     groups: dict[tuple, list[float]] = {}
     for rec in steps:
-        plans = [p for p in rec["plans"] if p.get("batch", 0) > 0]
-        if not plans or any(
-            p.get("swap_out_blocks") or p.get("swap_in_blocks") or p.get("h2d_bytes") for p in plans
-        ):
+        plans = _compute_plans(rec)
+        if not plans:
             continue
         shape = tuple(
             (p["model"], p["batch"], p["prefill_tokens"], p["decode_tokens"],
