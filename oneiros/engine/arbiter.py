@@ -9,11 +9,13 @@ comes in this order, cheapest first:
   2. parameter pages, by remapping layers (policy oneiros: the `RemapController` decides whose).
 Failing that, the scheduler preempts its own youngest running request: a model preempts its own
 requests, as each model's vLLM scheduler did in the paper's system. One exception keeps the engine
-live: the oldest running request in the engine, alone in its model, may preempt younger running
-requests of models not yet planned in the step, the youngest first (`_preempt_younger`); otherwise
-two models could each recompute-preempt their own request at a block boundary while the other's
-holds the page, forever. Preempting another model's younger request whenever the asking request
-is its model's youngest was tried: in a temporal turn it preempts requests of a model out of its
+live: the oldest running request in the engine, alone in its model and preempted before, may
+preempt younger running requests of models not yet planned in the step, the youngest first
+(`_preempt_younger`); otherwise two models could each recompute-preempt their own request at a
+block boundary while the other's holds the page, forever. The first time, it preempts itself like
+any other request (liveness needs the exception only once a request has lost that contest).
+Preempting another model's younger request whenever the asking request is its model's youngest
+was tried: in a temporal turn it preempts requests of a model out of its
 turn, which resume in their own turn and are preempted again in the next; in the paper's grid it
 made most of every policy's preemptions (C1 at 16 req/s: 885 under oneiros against 198 without
 it) and cost remapping its TPOT lead.
@@ -127,9 +129,12 @@ class Arbiter:
         return freed > 0
 
     def _oldest_alone(self, requester: str, req: Request) -> bool:
-        """`req` runs, alone in its model, and no running request of any model is older."""
+        """`req` runs, alone in its model, has been preempted before, and no running request of
+        any model is older."""
         mine = self.schedulers[requester].running
         if req.status is not RequestStatus.RUNNING or list(mine) != [req]:
+            return False
+        if not req.num_preemptions:
             return False
         return all(
             r.age_key > req.age_key

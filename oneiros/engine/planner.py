@@ -7,7 +7,8 @@ memory decision on the way (the arbiter, the remapping controller), returned as 
                                        (a model runs only when the controller finds it runnable:
                                        layer 0 resident and, oversubscribed, no more layers missing
                                        than its passes hide; if none is, those with layer 0,
-                                       models with requests running first)
+                                       models with requests running first; one that waited
+                                       max_wait_s so runs streaming, whatever else runs)
                                        (turn reloads: a turn lasts the steps that hide a reload
                                        and holds while the next model's copies are on the link)
     fold preemptions made for another model into that model's plan; note each plan's streamed
@@ -43,6 +44,8 @@ class Planner:
         self.tenancy = tenancy
         self.arbiter = arbiter
         self.remap = remap
+        # Models that could run only by streaming more than their passes hide: since when.
+        self._blocked_since: dict[str, float] = {}
 
     def plan(self, now: float) -> Step:
         step = Step(now)
@@ -55,6 +58,8 @@ class Planner:
             hold = self.remap.reloading(self.tenancy.next_up(self.store, now), now)
             self.tenancy.turn_min_steps = self.remap.turn_quantum()
         queue = self.tenancy.order(self.store, now, hold)
+        for name in [n for n in self._blocked_since if n not in queue]:
+            del self._blocked_since[name]  # no work left: its wait is over
         fallback: list[str] = []  # could run, but only by streaming more than its passes hide
         lenient = False
         while True:
@@ -72,7 +77,9 @@ class Planner:
                 self.remap.next_up = self.tenancy.next_up(self.store, now)
                 if not lenient:
                     self.remap.prepare(t)
-                if not self.remap.runnable(t, strict=not lenient):
+                if self.remap.runnable(t, strict=not lenient):
+                    self._blocked_since.pop(name, None)
+                elif not self._starving(t, now):
                     t.state.running = False  # off the device and no room to bring it back yet
                     if not lenient and self.remap.runnable(t, strict=False):
                         fallback.append(name)
@@ -94,6 +101,16 @@ class Planner:
             plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
         self._collect_resizes(step)
         return step
+
+    def _starving(self, t: Tenant, now: float) -> bool:
+        """t could run only by streaming more than its passes hide, and has waited for memory to
+        bring its layers back for `max_wait_s`: it runs so (its copies exposed) rather than wait
+        on: the memory may be held by the KV cache of a model that keeps running meanwhile."""
+        assert self.remap is not None
+        if not self.remap.runnable(t, strict=False):
+            return False
+        since = self._blocked_since.setdefault(t.name, now)
+        return now - since >= self.tenancy.max_wait_s
 
     def _set_running(self, name: str) -> None:
         """`name` is offered this step. Temporal: it alone runs (holds the turn); spatial: every

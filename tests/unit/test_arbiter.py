@@ -141,10 +141,10 @@ def test_a_model_preempts_its_own_request_never_another_models():
 
 
 def test_the_engines_oldest_request_alone_in_its_model_takes_a_younger_ones_page():
-    """The liveness exception: the oldest running request of the engine, alone in its model,
-    preempts a younger request of a model not yet planned (else two models could each lose their
-    request at a block boundary to the other's, forever); the victim's preemption is a plan of
-    its own model."""
+    """The liveness exception: the oldest running request of the engine, alone in its model and
+    preempted before, preempts a younger request of a model not yet planned (else two models
+    could each lose their request at a block boundary to the other's, forever); the victim's
+    preemption is a plan of its own model. Never preempted, it preempts itself, as any other."""
     arena = PageArena(2 * 3 + 2, PAGE)
     tenants = make_tenants(arena, {"a": 1, "b": 1})
     _, arbiter, _, _ = make_planning(tenants, remap=False)
@@ -156,6 +156,9 @@ def test_the_engines_oldest_request_alone_in_its_model_takes_a_younger_ones_page
         commit(t.scheduler, t.scheduler.schedule())
     assert arena.num_free == 0
     arbiter.begin()
+    assert not arbiter.make_room("a", 1, old)
+    assert young.status is RequestStatus.RUNNING and not arbiter.take_foreign()
+    old.num_preemptions = 1
     assert arbiter.make_room("a", 1, old)
     assert young.status is RequestStatus.PREEMPTED and young.block_ids == []
     foreign = arbiter.take_foreign()

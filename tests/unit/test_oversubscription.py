@@ -256,3 +256,29 @@ def test_with_turn_reloads_a_waiting_model_with_requests_running_keeps_layer_zer
     assert c.residency.missing_layers == [1, 2, 3]  # it can still run, streaming through layer 0
     assert controller.runnable(c, strict=False)
     check(tenants)
+
+
+def test_a_model_that_could_only_stream_runs_after_max_wait_instead_of_starving():
+    """b could run only by streaming more layers than its passes hide (the memory to bring them
+    back is another model's KV cache), a runs on: b waits for memory at most max_wait_s, then
+    runs streaming, turn by turn, instead of waiting for a to finish."""
+    arena, tenants, (_, _, controller, planner) = oversubscribed(
+        "ab", models_that_fit=2, extra=8, turn_reload=True
+    )
+    strict_ok = type(controller).runnable
+    controller.runnable = lambda t, strict=True: (
+        strict_ok(controller, t, strict) and not (strict and t.name == "b")
+    )
+    planner.tenancy.max_wait_s = 0.005
+    tenants["a"].scheduler.add(make_request(4, max_tokens=200, model="a"))
+    tenants["b"].scheduler.add(make_request(4, max_tokens=20, model="b"))
+    runs = []
+    for k in range(400):
+        step = run_step(planner, k * 1e-3)
+        runs += [p.model for p in step.plans]
+        check(tenants)
+        if not tenants["b"].scheduler.has_work:
+            break
+    assert not tenants["b"].scheduler.has_work and tenants["a"].scheduler.has_work
+    first = runs.index("b")
+    assert 4 <= first <= 8  # a ran meanwhile; b waited about max_wait_s, not until a was done
