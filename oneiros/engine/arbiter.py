@@ -15,10 +15,10 @@ preempt younger running requests of models not yet planned in the step, the youn
 block boundary while the other's holds the page, forever. The first time, it preempts itself like
 any other request (liveness needs the exception only once a request has lost that contest).
 Preempting another model's younger request whenever the asking request is its model's youngest
-was tried: in a temporal turn it preempts requests of a model out of its
-turn, which resume in their own turn and are preempted again in the next; in the paper's grid it
-made most of every policy's preemptions (C1 at 16 req/s: 885 under oneiros against 198 without
-it) and cost remapping its TPOT lead.
+was tried: in a temporal turn it preempts requests of a model out of its turn, which resume in
+their own turn and are preempted again in the next; in the paper's grid it made most of every
+policy's preemptions (C1 at 16 req/s: 885 under oneiros against 198 without it) and cost
+remapping its TPOT lead.
 A request that found no page while a younger request of an already planned model holds pages may
 wait (`can_wait`): preempting itself would only hand its pages to a younger request. Under a policy
 that does not share memory (static partitions) the arbiter gives nothing.
@@ -125,16 +125,14 @@ class Arbiter:
                     requester, need - freed, admitting=True, idle_only=not self.remap.turn_reload
                 )
         if freed < need and self._oldest_alone(requester, req):
-            freed += self._preempt_younger(requester, req, need - freed)
+            freed += self._preempt_younger(requester, need - freed)
         return freed > 0
 
     def _oldest_alone(self, requester: str, req: Request) -> bool:
         """`req` runs, alone in its model, has been preempted before, and no running request of
         any model is older."""
         mine = self.schedulers[requester].running
-        if req.status is not RequestStatus.RUNNING or list(mine) != [req]:
-            return False
-        if not req.num_preemptions:
+        if req.status is not RequestStatus.RUNNING or not req.num_preemptions or mine != [req]:
             return False
         return all(
             r.age_key > req.age_key
@@ -153,21 +151,14 @@ class Arbiter:
             for r in self.schedulers[name].running
         )
 
-    def _preempt_younger(self, requester: str, req: Request, pages: int) -> int:
-        """Preempt running requests of models not yet planned that are younger than every running
-        request of `requester`, youngest first, until `pages` pages are free; returns the pages
-        freed. A waiting request never preempts a running one."""
-        if req.status is not RequestStatus.RUNNING:
-            return 0
-        mine = self.schedulers[requester]
-        floor = mine.running[-1].age_key if mine.running else req.age_key
+    def _preempt_younger(self, requester: str, pages: int) -> int:
+        """For the engine's oldest running request (`_oldest_alone`: every other running request
+        is younger), preempt running requests of models not yet planned, youngest first, until
+        `pages` pages are free; returns the pages freed."""
         others = [s for n, s in self.schedulers.items() if n != requester and n not in self.planned]
         freed = 0
         while freed < pages:
-            candidates = [
-                (r.age_key, k, r) for k, s in enumerate(others) for r in s.running
-                if r.age_key > floor
-            ]
+            candidates = [(r.age_key, k, r) for k, s in enumerate(others) for r in s.running]
             if not candidates:
                 break
             _, k, victim = max(candidates, key=lambda c: (c[0], c[1]))

@@ -283,11 +283,12 @@ def test_two_models_swapping_on_one_arena(
         for m, hb in zip(("a", "b"), host_blocks, strict=True)
     ]
     a, b = scheds
-    # The engine's arbiter: idle KV pages of the other model, then a younger running request of a
-    # model not yet planned in this step; an older request that finds nothing may wait.
+    # The engine's arbiter: idle KV pages of the other model; a model preempts its own requests,
+    # but the engine's oldest request, alone in its model and preempted before, may preempt a
+    # younger one of a model not yet planned in this step; an older request that finds nothing
+    # may wait.
     arbiter = Arbiter({"a": a, "b": b}, MetadataStore(["a", "b"]))
     a.arbiter = b.arbiter = arbiter
-    foreign = arbiter.foreign  # preemptions made for the other model, by victim model (live view)
     capacity = num_pages * blocks_per_page
     assert a.max_blocks() == b.max_blocks() == capacity
 
@@ -325,7 +326,7 @@ def test_two_models_swapping_on_one_arena(
         # Schedule: spatial, every model; temporal, the first with a non-empty plan in round robin.
         order = [(rr + k) % 2 for k in range(2)]
         arbiter.begin()
-        foreign = arbiter.foreign
+        foreign = arbiter.foreign  # this step's preemptions made for the other model, by victim
         seen: set[int] = set()  # foreign victims already checked
         plans: list[tuple[int, StepPlan]] = []
         for m in order:
