@@ -48,7 +48,9 @@ class StepTrace:
                     "prefill_tokens": p.num_prefill_tokens,
                     "decode_tokens": p.num_tokens - p.num_prefill_tokens,
                     "context_tokens": sum(s.context_len for s in p.seqs),
-                    "sampled": sum(s.samples for s in p.seqs),
+                    # rows the executor sampled (one token each); written after the commit,
+                    # when ScheduledSeq.samples no longer holds (the token is appended)
+                    "sampled": len(r.token_ids) if r is not None else 0,
                     "attn_pairs": sum(s.attn_pairs for s in p.seqs),
                     "preempted": len(p.preempted),
                     "swap_out_blocks": len(p.swap_out),

@@ -205,9 +205,14 @@ def check_trace(trace: list[dict], engine: LLMEngine, run: Run) -> None:
                       "swap_in_blocks"):
                 s[k] = s.get(k, 0) + p[k]
             s["steps"] = s.get("steps", 0) + p["executed"]
+            s["sampled"] = s.get("sampled", 0) + p["sampled"]
     for name, t in engine.tenants.items():
         c, s = t.state.counters, sums[name]
         assert s.get("steps", 0) == c.steps
+        # Every sampled row became one output token (a preempted request keeps its tokens).
+        assert s.get("sampled", 0) == sum(
+            len(out.token_ids) for rid, out in run.outputs.items() if run.jobs[rid].model == name
+        )
         assert s.get("prefill_tokens", 0) == c.prefill_tokens
         assert s.get("decode_tokens", 0) == c.decode_tokens
         assert s.get("swap_out_blocks", 0) * t.pool.block_bytes == c.swap_out_bytes
