@@ -89,6 +89,17 @@ class Arbiter:
             return 0
         return sum(s.pool.num_idle_pages for n, s in self.schedulers.items() if n != model)
 
+    def admission_pages(self, model: str) -> int:
+        """Pages beyond the free ones that an admission of `model` could still draw on: other
+        models' idle KV pages, and parameter pages where admissions take them (remap_on_admit, or
+        layers loaded on demand: oversubscribed weights or turn reloads). The admission watermark
+        counts these: memory that comes from layers is not held back from admissions that take
+        layers anyway."""
+        pages = self.idle_pages(model)
+        if self.remap is not None and (self.remap_on_admit or self.remap.loads_on_demand):
+            pages += self.remap.remappable_pages(model)
+        return pages
+
     def running_anywhere(self) -> bool:
         """A request of some model is running (its blocks will be freed some day)."""
         return any(s.running for s in self.schedulers.values())

@@ -264,14 +264,15 @@ class Scheduler:
 
     def _below_watermark(self) -> bool:
         """After an admission took its blocks: fewer than `watermark_blocks` are left for this
-        model (its reusable blocks, free arena pages and, memory being shared, other models' idle
-        KV pages) while requests run. With nothing running anywhere it admits regardless: no
-        block would ever be freed for the request otherwise."""
+        model (its reusable blocks, free arena pages and, memory being shared, what a further
+        admission could draw on: other models' idle KV pages, and layers where admissions take
+        them) while requests run. With nothing running anywhere it admits regardless: no block
+        would ever be freed for the request otherwise."""
         if not self.watermark_blocks:
             return False
         pages = self.pool.arena.num_free
         if self.arbiter is not None:
-            pages += self.arbiter.idle_pages(self.model)
+            pages += self.arbiter.admission_pages(self.model)
         if self.pool.num_reusable + pages * self.pool.blocks_per_page >= self.watermark_blocks:
             return False
         return bool(self.running) or (self.arbiter is not None and self.arbiter.running_anywhere())

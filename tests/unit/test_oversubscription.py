@@ -282,3 +282,23 @@ def test_a_model_that_could_only_stream_runs_after_max_wait_instead_of_starving(
     assert not tenants["b"].scheduler.has_work and tenants["a"].scheduler.has_work
     first = runs.index("b")
     assert 4 <= first <= 8  # a ran meanwhile; b waited about max_wait_s, not until a was done
+
+
+def test_the_admission_watermark_counts_layers_that_admissions_take_when_loading_on_demand():
+    # a runs a request; b is idle with its layers resident, c is off the GPU. Oversubscribed, an
+    # admission takes an idle model's layers, so those are memory left for the requests running
+    # too: the watermark (vLLM's 1% of the KV cache) must not hold back a request that fits.
+    arena, tenants, (_, arbiter, _, planner) = oversubscribed("abc", models_that_fit=3, extra=0)
+    a = tenants["a"].scheduler
+    a.watermark_blocks = 6 * a.pool.blocks_per_page
+    a.add(make_request(40, max_tokens=20, model="a"))
+    run_step(planner, 0.0)  # nothing ran anywhere: admitted regardless of the watermark
+    assert len(a.running) == 1
+    left = arena.num_free * a.pool.blocks_per_page + a.pool.num_reusable
+    assert left < a.watermark_blocks  # free pages alone would hold the next admission back
+    assert arbiter.admission_pages("a") >= tenants["b"].num_layers * 2  # b's slabs count
+    a.add(make_request(8, max_tokens=20, model="a"))
+    step = run_step(planner, 1e-3)
+    assert len(a.running) == 2 and not a.waiting
+    assert [len(p.seqs) for p in step.plans] == [2]
+    check(tenants)
