@@ -92,7 +92,8 @@ class EngineConfig:
     # Admissions (new requests, and preempted ones resuming) leave this share of the KV cache (its
     # size at start-up) free while requests run, as vLLM V0's block manager does (default 0.01
     # there, and here): a request admitted into the last free blocks is preempted by the next
-    # steps' growth. 0 turns it off.
+    # steps' growth. Free means what admissions may still draw on: free pages, other models' idle
+    # KV, and layers where admissions take them (loaded on demand, or remap_on_admit). 0: off.
     kv_watermark: float = 0.01
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
