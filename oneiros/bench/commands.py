@@ -215,7 +215,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"{prof.name}: compute_eff={prof.compute_eff:.3f} mem_eff={prof.mem_eff:.3f} "
         f"overlap={prof.overlap} step_overhead={prof.step_overhead_s * 1e3:.2f} ms "
         f"per_token={prof.token_overhead_s * 1e6:.1f} us "
-        f"per_sequence={prof.seq_overhead_s * 1e6:.1f} us; {stats['steps']} steps, "
+        f"per_sequence={prof.seq_overhead_s * 1e6:.1f} us "
+        f"multi_token={prof.multi_token_overhead_s * 1e3:.2f} ms; {stats['steps']} steps, "
         f"rms relative error {stats['rms_relative_error']:.1%}{_noise(stats)}; wrote {args.out}"
     )
     return 0

@@ -3,15 +3,20 @@
 The trace is the engine's `trace_steps` JSONL (one line per step: plans with token counts, attention
 pairs, context reads, copies, and the step's wall time). Peak numbers stay those of the base profile;
 what is fitted is how much of them the engine reaches:
-    dt = overhead + per_token x tokens + per_seq x sequences + max(tf, tb) + overlap x min(tf, tb)
+    dt = overhead + per_token x tokens + per_seq x sequences + multi x [tokens >= 2]
+         + max(tf, tb) + overlap x min(tf, tb)
     tf = FLOPs / (peak x compute_eff),  tb = bytes / (bandwidth x mem_eff)
-by a grid over (compute_eff, mem_eff, overlap) with the three linear terms solved by non-negative
+by a grid over (compute_eff, mem_eff, overlap) with the four linear terms solved by non-negative
 least squares at each point, minimising the squared relative error (short decode steps count as much
 as long prefills). The per-sequence term is what lets one fit serve both kinds of step: without it a
 CPU's decode steps (many sequences, one token each: an attention call and a sampled row apiece) pull
 the compute efficiency down, and prefills of a few hundred tokens came out 30% to 50% too slow, which
-is what TTFT is made of. Efficiencies stay shares of the base profile's peaks (at most 1). Steps that
-swapped KV or streamed layers are left out: their copies are not compute.
+is what TTFT is made of. The multi-token term is a step of two or more tokens running matrix-matrix
+kernels where a one-token step runs matrix-vector ones: on this project's 2-core VM a decode step
+of two sequences took twice as long as one of one (150 against 70 ms) and little more than one of
+eight, which a model linear in sequences cannot follow. Efficiencies stay shares of the base
+profile's peaks (at most 1). Steps that swapped KV or streamed layers are left out: their copies
+are not compute.
 """
 
 from __future__ import annotations
@@ -52,14 +57,15 @@ def _compute_plans(rec: dict) -> list[dict]:
 
 def step_features(
     steps: list[dict], costs: dict[str, ModelCost], dtype_bytes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per usable step: FLOPs, bytes, tokens, sequences, measured seconds."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per usable step: FLOPs, bytes, tokens, sequences, plans of two or more tokens, measured
+    seconds."""
     rows = []
     for rec in steps:
         plans = _compute_plans(rec)
         if not plans:
             continue
-        f = b = tok = seqs = 0.0
+        f = b = tok = seqs = multi = 0.0
         for p in plans:
             if p["model"] not in costs:
                 raise ConfigError(f"the trace has model {p['model']!r}; pass its source too")
@@ -69,11 +75,12 @@ def step_features(
             w = StepWork(tokens, p["sampled"], p["attn_pairs"], p["context_tokens"], p["batch"])
             df, db = flops_bytes(costs[p["model"]], w, dtype_bytes)
             f, b, tok, seqs = f + df, b + db, tok + tokens, seqs + p["batch"]
-        rows.append((f, b, tok, seqs, rec["dt"]))
+            multi += tokens >= 2
+        rows.append((f, b, tok, seqs, multi, rec["dt"]))
     if len(rows) < 8:
         raise ConfigError(f"only {len(rows)} usable steps in the trace; calibrate needs at least 8")
     a = np.array(rows, dtype=np.float64)
-    return a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
+    return a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4], a[:, 5]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -98,9 +105,9 @@ def fit(
     base: HardwareProfile, steps: list[dict], costs: dict[str, ModelCost], name: str | None = None
 ) -> tuple[HardwareProfile, dict[str, float]]:
     """The base profile with fitted efficiencies and overheads, and fit statistics."""
-    flops, nbytes, tokens, seqs, dt = step_features(steps, costs, base.dtype_bytes)
+    flops, nbytes, tokens, seqs, multi, dt = step_features(steps, costs, base.dtype_bytes)
     w = 1.0 / dt  # relative error
-    x = np.stack([np.ones_like(dt), tokens, seqs], axis=1) * w[:, None]
+    x = np.stack([np.ones_like(dt), tokens, seqs, multi], axis=1) * w[:, None]
     best = None
     for ce in np.geomspace(0.01, 1.0, 41):
         tf = flops / (base.peak_flops * ce)
@@ -110,7 +117,7 @@ def fit(
             for ov in (0.0, 0.25, 0.5, 0.75, 1.0):
                 resid = dt - hi - ov * lo
                 coef = _nnls(x, resid * w)
-                pred = hi + ov * lo + coef[0] + coef[1] * tokens + coef[2] * seqs
+                pred = hi + ov * lo + coef[0] + coef[1] * tokens + coef[2] * seqs + coef[3] * multi
                 err = float((((pred - dt) / dt) ** 2).mean())
                 if best is None or err < best[0]:
                     best = (err, ce, me, ov, coef)
@@ -120,6 +127,7 @@ def fit(
         base, name=name or f"{base.name}-calibrated", compute_eff=float(ce), mem_eff=float(me),
         overlap=float(ov), step_overhead_s=float(coef[0]), layer_overhead_s=0.0,
         token_overhead_s=float(coef[1]), seq_overhead_s=float(coef[2]),
+        multi_token_overhead_s=float(coef[3]),
         source=f"{base.source}; efficiencies fitted to {len(dt)} measured steps",
     )
     stats = {"steps": int(len(dt)), "rms_relative_error": err**0.5, **step_noise(steps)}

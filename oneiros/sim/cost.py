@@ -7,6 +7,8 @@ once per layer, new KV written). Time is a roofline with efficiencies:
     step    = overheads + max(compute, memory) + overlap x min(compute, memory)
     overheads = per step + per layer + per token + per sequence (a decode step of many short
                 sequences pays per sequence what a prefill of as many tokens pays once)
+                + once for a plan of two or more tokens (matrix-matrix kernels instead of the
+                matrix-vector ones of a one-token pass)
 Copies (KV swaps, restores, streamed layers) are priced by `sim/executor.py` on one host link
 (`memory/passplan.py`: HostLink and the pass replay).
 """
@@ -78,5 +80,5 @@ def compute_time(hw: HardwareProfile, flops: float, nbytes: float) -> float:
 def overhead_time(hw: HardwareProfile, num_layers: int, w: StepWork) -> float:
     return (
         hw.step_overhead_s + hw.layer_overhead_s * num_layers + hw.token_overhead_s * w.tokens
-        + hw.seq_overhead_s * w.seqs
+        + hw.seq_overhead_s * w.seqs + hw.multi_token_overhead_s * (w.tokens >= 2)
     )

@@ -54,6 +54,9 @@ class HardwareProfile:
     layer_overhead_s: float = 1e-5  # per decoder layer per step (kernel launches)
     token_overhead_s: float = 0.0  # per token in the step (metadata, embeddings)
     seq_overhead_s: float = 0.0  # per sequence in the step (attention calls, sampling, bookkeeping)
+    # per plan of two or more tokens: what matrix-matrix kernels cost beyond the matrix-vector ones
+    # a one-token pass runs (a CPU's BLAS: 50-80 ms a step for SmolLM2 on a 2-core VM; ~0 on GPUs)
+    multi_token_overhead_s: float = 0.0
     dtype_bytes: int = 2  # bytes per parameter and KV element
     async_copies: bool = True  # copies overlap compute (a copy stream); False: they add up
     host_memory_bytes: int = 0  # host DRAM for pinned master copies (0: unknown)

@@ -132,12 +132,13 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
     truth = replace(
         PROFILES["cpu"], compute_eff=0.5, mem_eff=0.25, overlap=1.0, step_overhead_s=3e-3,
         layer_overhead_s=0.0, token_overhead_s=1e-5, seq_overhead_s=2e-3,
+        multi_token_overhead_s=20e-3,
     )
     rng = random.Random(0)
     lines = []
     for _ in range(60):
         if rng.random() < 0.5:  # decode
-            b = rng.randint(1, 64)
+            b = 1 if rng.random() < 0.3 else rng.randint(2, 64)  # one row: a matrix-vector pass
             ctx = [rng.randint(16, 1024) for _ in range(b)]
             p = {"prefill_tokens": 0, "decode_tokens": b, "sampled": b, "attn_pairs": sum(ctx),
                  "context_tokens": sum(ctx), "batch": b}
@@ -157,6 +158,7 @@ def test_calibration_recovers_the_profile_that_made_the_trace(tmp_path):
     assert prof.compute_eff == pytest.approx(0.5, rel=0.15)
     assert prof.mem_eff == pytest.approx(0.25, rel=0.15)
     assert prof.seq_overhead_s == pytest.approx(2e-3, rel=0.2)
+    assert prof.multi_token_overhead_s == pytest.approx(20e-3, rel=0.2)
 
 
 def test_step_noise_is_the_spread_of_steps_of_one_shape():
