@@ -79,11 +79,13 @@ class Planner:
                     self.remap.prepare(t)
                 if self.remap.runnable(t, strict=not lenient):
                     self._blocked_since.pop(name, None)
-                elif not self._starving(t, now):
-                    t.state.running = False  # off the device and no room to bring it back yet
-                    if not lenient and self.remap.runnable(t, strict=False):
-                        fallback.append(name)
-                    continue
+                else:
+                    streams = not lenient and self.remap.runnable(t, strict=False)
+                    if not (streams and self._waited_max(name, now)):
+                        t.state.running = False  # off the device, no room to bring it back yet
+                        if streams:
+                            fallback.append(name)
+                        continue
             plan = t.scheduler.schedule()
             step.finished += t.scheduler.finished_in_schedule
             t.scheduler.finished_in_schedule.clear()
@@ -102,14 +104,11 @@ class Planner:
         self._collect_resizes(step)
         return step
 
-    def _starving(self, t: Tenant, now: float) -> bool:
-        """t could run only by streaming more than its passes hide, and has waited for memory to
-        bring its layers back for `max_wait_s`: it runs so (its copies exposed) rather than wait
+    def _waited_max(self, name: str, now: float) -> bool:
+        """`name` could run only by streaming more than its passes hide, and has waited for memory
+        to bring its layers back for `max_wait_s`: it runs so (its copies exposed) rather than wait
         on: the memory may be held by the KV cache of a model that keeps running meanwhile."""
-        assert self.remap is not None
-        if not self.remap.runnable(t, strict=False):
-            return False
-        since = self._blocked_since.setdefault(t.name, now)
+        since = self._blocked_since.setdefault(name, now)
         return now - since >= self.tenancy.max_wait_s
 
     def _set_running(self, name: str) -> None:
