@@ -91,13 +91,19 @@ class Arbiter:
 
     def admission_pages(self, model: str) -> int:
         """Pages beyond the free ones that an admission of `model` could still draw on: other
-        models' idle KV pages, and parameter pages where admissions take them (remap_on_admit, or
-        layers loaded on demand: oversubscribed weights or turn reloads). The admission watermark
-        counts these: memory that comes from layers is not held back from admissions that take
-        layers anyway."""
+        models' idle KV pages, and the parameter pages `make_room` would take for an admission
+        (with remap_on_admit, or layers loaded on demand: oversubscribed weights or turn reloads;
+        never a running model's layers). The admission watermark counts these: memory that comes
+        from layers is not held back from admissions that take layers anyway."""
         pages = self.idle_pages(model)
-        if self.remap is not None and (self.remap_on_admit or self.remap.loads_on_demand):
-            pages += self.remap.remappable_pages(model)
+        if self.remap is None:
+            return pages
+        if self.remap_on_admit:
+            pages += self.remap.takeable_pages(admitting=True)
+        elif self.remap.loads_on_demand:
+            pages += self.remap.takeable_pages(
+                admitting=True, idle_only=not self.remap.turn_reload
+            )
         return pages
 
     def running_anywhere(self) -> bool:

@@ -245,6 +245,22 @@ class RemapController:
             total += max(0, cap - len(t.residency.missing_layers)) * t.residency.pages_per_layer
         return total
 
+    def takeable_pages(
+        self, admitting: bool = False, stuck: bool = False, idle_only: bool = False
+    ) -> int:
+        """Pages `take` with the same arguments could free now: each donor's layers down to its
+        cap (layer 0 stays unless the cap is the whole model). What the admission watermark
+        counts, so that it counts only what an admission can really take."""
+        total = 0
+        for t in self.tenants.values():
+            if idle_only and t.state.active:
+                continue
+            d = self._donor(t, admitting, stuck=stuck)
+            whole = d.alpha_cap >= t.num_layers
+            limit = d.alpha_cap if whole else min(d.alpha_cap, t.num_layers - 1)
+            total += max(0, limit - d.num_missing) * t.residency.pages_per_layer
+        return total
+
     # ---- remap ----------------------------------------------------------------------------------
     def take(
         self, requester: str, pages: int, exclude: str | None = None, admitting: bool = False,

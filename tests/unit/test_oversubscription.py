@@ -296,7 +296,12 @@ def test_the_admission_watermark_counts_layers_that_admissions_take_when_loading
     assert len(a.running) == 1
     left = arena.num_free * a.pool.blocks_per_page + a.pool.num_reusable
     assert left < a.watermark_blocks  # free pages alone would hold the next admission back
-    assert arbiter.admission_pages("a") >= tenants["b"].num_layers * 2  # b's slabs count
+    # b's slabs count, all of them (idle and oversubscribed, it goes fully off the GPU); a's own
+    # never do (an admission takes no running model's layer) and c has none left.
+    b = tenants["b"].residency
+    assert not b.missing_layers
+    slabs = len(b.slab_pages) * b.pages_per_layer
+    assert arbiter.admission_pages("a") == arbiter.idle_pages("a") + slabs
     a.add(make_request(8, max_tokens=20, model="a"))
     step = run_step(planner, 1e-3)
     assert len(a.running) == 2 and not a.waiting
