@@ -95,6 +95,10 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--kv-watermark", type=float, default=DEFAULTS["kv_watermark"], metavar="SHARE",
                    help="share of the KV cache admissions leave free while requests run, as "
                    "vLLM V0's watermark (0.01 there too; 0 turns it off)")
+    p.add_argument("--growth-reserve-tokens", type=int, default=DEFAULTS["growth_reserve_tokens"],
+                   metavar="N", help="admissions leave room for every running request to grow "
+                   "by N tokens, counting the layers remapping would give them (default: 32 "
+                   "under --policy oneiros, 0 otherwise)")
     p.add_argument("--host-memory-budget", default=None, metavar="BYTES",
                    help="host memory for pinned weight copies; models beyond it (in --model order) "
                    "keep theirs in a memory-mapped file, the cold tier (default: no limit; "
@@ -144,6 +148,7 @@ def _config(
         cuda_graphs=args.cuda_graphs,
         swap_space=args.swap_space,
         kv_watermark=args.kv_watermark,
+        growth_reserve_tokens=args.growth_reserve_tokens,
         host_memory_budget=args.host_memory_budget,
         max_remap_fraction=args.max_remap_fraction,
         remap_fallback=args.remap_fallback,

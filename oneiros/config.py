@@ -17,6 +17,10 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": MiB, "mb
           "mib": MiB, "g": GiB, "gb": 10**9, "gib": GiB}
 
 
+# Tokens of growth admissions leave room for under policy oneiros (growth_reserve_tokens).
+GROWTH_RESERVE_TOKENS = 32
+
+
 def parse_bytes(value: str | float) -> int | float:
     """'2GiB' -> 2147483648, '512MB' -> 512000000, '0.5' -> 0.5 (a fraction), 1024 -> 1024."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -95,6 +99,14 @@ class EngineConfig:
     # steps' growth. Free means what admissions may still draw on: free pages, other models' idle
     # KV, and layers where admissions take them (loaded on demand, or remap_on_admit). 0: off.
     kv_watermark: float = 0.01
+    # Admissions also leave room for every running request (of every model sharing the memory) to
+    # grow by this many tokens, counting what growth can draw on: free pages, idle KV and, under
+    # oneiros, the layers remapping would give running requests (within the caps). Remapping
+    # replaces preemption only while running requests find memory; a request admitted beyond
+    # that is preempted again a few steps later. None: 32 under policy oneiros (chosen on
+    # benchmarks/paper.py's grid, see docs/paper_reproduction.md), 0 otherwise (vLLM V0 admits
+    # on its watermark alone).
+    growth_reserve_tokens: int | None = None
     swap_space: int | str = 1 * GiB  # host bytes for swapped-out KV blocks (swap policy)
     trace_steps: str | None = None  # path of a JSONL file that records every engine step
     attention: str = "auto"  # auto | torch | triton (see oneiros.attention)
@@ -126,6 +138,10 @@ class EngineConfig:
         if self.remap_fallback not in ("recompute", "swap", "pie"):
             raise ConfigError(
                 f"remap_fallback must be recompute, swap or pie, not {self.remap_fallback!r}")
+        if self.growth_reserve_tokens is not None and self.growth_reserve_tokens < 0:
+            raise ConfigError(
+                f"growth_reserve_tokens must be >= 0, got {self.growth_reserve_tokens}"
+            )
         if not 0.0 <= self.kv_watermark < 1.0:
             raise ConfigError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if not 0.0 <= self.max_remap_fraction <= 1.0:
@@ -168,6 +184,13 @@ class EngineConfig:
         object.__setattr__(self, "swap_space", swap)
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
+
+    @property
+    def growth_reserve(self) -> int:
+        """growth_reserve_tokens, its default resolved by policy."""
+        if self.growth_reserve_tokens is not None:
+            return self.growth_reserve_tokens
+        return GROWTH_RESERVE_TOKENS if self.policy == "oneiros" else 0
 
 
 def free_device_memory(device: str) -> int:

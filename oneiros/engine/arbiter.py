@@ -106,6 +106,24 @@ class Arbiter:
             )
         return pages
 
+    def growth_pages(self, model: str, tokens: int) -> float:
+        """Pages the running requests need to grow by `tokens` tokens each: every model's, when
+        memory is shared (they all grow into it), else `model`'s."""
+        names = self.schedulers if self.shares_memory else [model]
+        return sum(
+            self.schedulers[n].growth_blocks(tokens) / self.schedulers[n].pool.blocks_per_page
+            for n in names
+        )
+
+    def growth_room(self, model: str) -> int:
+        """Pages beyond the free ones and `model`'s own that running requests' growth could draw
+        on: other models' idle KV pages and the layers remapping would give a running request
+        (every donor down to its cap)."""
+        pages = self.idle_pages(model)
+        if self.remap is not None:
+            pages += self.remap.takeable_pages()
+        return pages
+
     def running_anywhere(self) -> bool:
         """A request of some model is running (its blocks will be freed some day)."""
         return any(s.running for s in self.schedulers.values())

@@ -92,6 +92,7 @@ def build(config: EngineConfig) -> EngineParts:
     for t in tenants.values():  # of the KV cache at start-up: its partition, or the shared pages
         pages = t.pool.num_pages if policy.partitions_kv else arena.num_free
         t.scheduler.watermark_blocks = int(config.kv_watermark * pages * t.pool.blocks_per_page)
+        t.scheduler.growth_reserve_tokens = config.growth_reserve
     remap = None
     if policy.remaps:
         remap = RemapController(

@@ -89,6 +89,9 @@ class Scheduler:
         # Blocks an admission leaves free while requests run (the builder sets it from
         # kv_watermark and the KV cache's size at start-up).
         self.watermark_blocks = 0
+        # Tokens every running request (of every model sharing the memory) must still be able to
+        # grow by after an admission (the builder sets it from growth_reserve_tokens).
+        self.growth_reserve_tokens = 0
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_in_schedule: list[Request] = []
@@ -164,7 +167,7 @@ class Scheduler:
             req = self.waiting[0]
             start = self._start(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._reserve(req, req.num_computed_tokens + n) or self._below_watermark():
+            if not self._reserve(req, req.num_computed_tokens + n) or self._below_reserves():
                 self._undo_start(req, start)
                 break
             self.waiting.popleft()
@@ -262,20 +265,44 @@ class Scheduler:
         req.block_ids.extend(blocks)
         return True
 
-    def _below_watermark(self) -> bool:
-        """After an admission took its blocks: fewer than `watermark_blocks` are left for this
-        model (its reusable blocks, free arena pages and, memory being shared, what a further
-        admission could draw on: other models' idle KV pages, and layers where admissions take
-        them) while requests run. With nothing running anywhere it admits regardless: no block
-        would ever be freed for the request otherwise."""
-        if not self.watermark_blocks:
+    def _below_reserves(self) -> bool:
+        """After an admission took its blocks, while requests run: too little is left, by either
+        reserve. The watermark: fewer than `watermark_blocks` of what a further admission could
+        draw on (this model's reusable blocks, free arena pages and, memory being shared, other
+        models' idle KV pages and layers where admissions take them). The growth reserve: less
+        than every running request needs to grow by `growth_reserve_tokens`, of what growth can
+        draw on (the same, and the layers remapping gives running requests). With nothing
+        running anywhere it admits regardless: no block would ever be freed for the request
+        otherwise."""
+        if not (self.running or (self.arbiter is not None and self.arbiter.running_anywhere())):
             return False
-        pages = self.pool.arena.num_free
-        if self.arbiter is not None:
-            pages += self.arbiter.admission_pages(self.model)
-        if self.pool.num_reusable + pages * self.pool.blocks_per_page >= self.watermark_blocks:
-            return False
-        return bool(self.running) or (self.arbiter is not None and self.arbiter.running_anywhere())
+        pool = self.pool
+        if self.watermark_blocks:
+            pages = pool.arena.num_free
+            if self.arbiter is not None:
+                pages += self.arbiter.admission_pages(self.model)
+            if pool.num_reusable + pages * pool.blocks_per_page < self.watermark_blocks:
+                return True
+        if self.growth_reserve_tokens:
+            have = pool.num_reusable / pool.blocks_per_page + pool.arena.num_free
+            tokens = self.growth_reserve_tokens
+            if self.arbiter is not None:
+                need = self.arbiter.growth_pages(self.model, tokens)
+                have += self.arbiter.growth_room(self.model)
+            else:
+                need = self.growth_blocks(tokens) / pool.blocks_per_page
+            return have < need
+        return False
+
+    def growth_blocks(self, tokens: int) -> int:
+        """Blocks the running requests need to grow by `tokens` tokens each, or to their length
+        limit (prompt and max_tokens) when that comes first."""
+        return sum(
+            max(0, self.pool.blocks_needed(
+                min(r.num_tokens + tokens, r.num_prompt_tokens + r.params.max_tokens)
+            ) - len(r.block_ids))
+            for r in self.running
+        )
 
     def _make_room(self, blocks: int, req: Request) -> bool:
         return self.arbiter is not None and self.arbiter.make_room(self.model, blocks, req)

@@ -375,3 +375,30 @@ def test_planning_random_bursts_keeps_every_invariant(sharing):
         if k > 150 and not any(t.scheduler.has_work for t in tenants.values()):
             break
     assert all(r.finished for r in reqs)
+
+
+# ---- the growth reserve ----------------------------------------------------------------------------
+@pytest.mark.parametrize("remap", [False, True])
+def test_the_growth_reserve_counts_other_models_requests_and_the_layers_they_could_take(remap):
+    # a, b and c (4 layers of 2 pages each) share an arena with 3 free pages (4 blocks of 4
+    # tokens each). b runs a 15-token request (one page). a's 27-token request takes the other
+    # two (7 of their 8 blocks): b's request, to grow by 8 tokens, then needs 2 more blocks and
+    # finds 1. With remapping, c (no work) could give 3 layers (6 pages, the fraction cap) to
+    # that growth, and so could a until it runs (then it lends what its passes hide: nothing
+    # yet): a's request is admitted; without remapping, it waits for memory.
+    arena = PageArena(3 * (1 + 4 * 2) + 3, PAGE)
+    tenants = make_tenants(arena, {"a": 4, "b": 4, "c": 4})
+    _, arbiter, _, planner = make_planning(tenants, remap=remap)
+    for t in tenants.values():
+        t.scheduler.growth_reserve_tokens = 8
+    a, b = tenants["a"].scheduler, tenants["b"].scheduler
+    b.add(make_request(15, max_tokens=30, model="b"))
+    run_step(planner, 0.0)
+    assert len(b.running) == 1 and arena.num_free == 2
+    assert arbiter.growth_pages("a", 8) == pytest.approx(2 / 4)
+    assert arbiter.growth_room("a") == (12 if remap else 0)
+    a.add(make_request(27, max_tokens=30, model="a"))
+    step = run_step(planner, 1.0)
+    assert [p.model for p in step.plans] == (["a"] if remap else ["b"])  # b runs meanwhile
+    assert (len(a.running), len(a.waiting)) == ((1, 0) if remap else (0, 1))
+    check(tenants)

@@ -134,6 +134,28 @@ def test_admission_leaves_the_watermark_free_while_requests_run():
     assert second.status is RequestStatus.FINISHED_LENGTH and sched.pool.num_used == 0
 
 
+@pytest.mark.parametrize(
+    "reserve, first_max, admitted", [(0, 20, True), (8, 20, True), (12, 20, False), (12, 2, True)]
+)
+def test_admission_leaves_room_for_the_running_requests_to_grow(reserve, first_max, admitted):
+    # 16 blocks of 4 tokens. The first takes 9 blocks (35 tokens), the second 5: 2 are left.
+    # The first grows by 8 tokens into 2 more blocks (43 tokens: 11), by 12 into 3 (47: 12);
+    # with max_tokens 2 it never needs more than 1 (37 tokens: 10).
+    sched = make_scheduler(num_pages=4, max_num_batched_tokens=256)
+    sched.growth_reserve_tokens = reserve
+    first = make_request(4 * 9 - 1, max_tokens=first_max)
+    second = make_request(4 * 5 - 1, max_tokens=2)
+    sched.add(first)
+    sched.add(second)
+    plan, _ = step(sched)
+    ran = [s.request for s in plan.seqs]
+    assert ran == ([first, second] if admitted else [first])
+    assert bool(second.block_ids) == admitted and list(sched.waiting) == ([] if admitted else [second])
+    check_all(sched)
+    run_until_done(sched)
+    assert second.status is RequestStatus.FINISHED_LENGTH and sched.pool.num_used == 0
+
+
 def test_without_running_requests_the_watermark_does_not_block_admission():
     sched = make_scheduler(num_pages=4, max_num_batched_tokens=256)
     sched.watermark_blocks = 3
