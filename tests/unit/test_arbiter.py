@@ -350,15 +350,18 @@ def test_reversion_waits_for_the_hysteresis_then_restores():
     assert restored == [[], [], [2], []]
 
 
+@pytest.mark.parametrize("reserve", [0, 8])
 @pytest.mark.parametrize("sharing", ["temporal", "spatial"])
-def test_planning_random_bursts_keeps_every_invariant(sharing):
-    """Bursts on three models over a tight arena, planned step after step with remapping: the
-    accounting stays exact, every request finishes, nothing is preempted more than the load needs."""
+def test_planning_random_bursts_keeps_every_invariant(sharing, reserve):
+    """Bursts on three models over a tight arena, planned step after step with remapping (and
+    with or without the growth reserve): the accounting stays exact, every request finishes."""
     import random
 
     arena = PageArena(3 * (1 + 4 * 2) + 2, PAGE)
     tenants = make_tenants(arena, {"a": 4, "b": 4, "c": 4}, preemption="swap")
     _, _, _, planner = make_planning(tenants, sharing=sharing)
+    for t in tenants.values():
+        t.scheduler.growth_reserve_tokens = reserve
     rng = random.Random(7)
     reqs = []
     for k in range(400):
