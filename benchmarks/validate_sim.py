@@ -1,7 +1,8 @@
 """Validate the simulator against real runs on this CPU.
 
 1. Calibration: run workload A for real (the built-in SmolLM2 under two tenant names; Poisson
-   arrivals, an even mix) with a step trace, and fit the CPU profile's efficiencies and overheads to
+   arrivals, a 1:3 mix, so one tenant's batches carry contexts as long as workload B's) with a step
+   trace, and fit the CPU profile's efficiencies and overheads to
    it (`oneiros.sim.calibrate`).
 2. Validation: run a different workload B (bursty Gamma arrivals, another seed, a 2:1 mix) for
    real, and in the simulator with the calibrated profile (same models, arena size and scheduler
@@ -47,7 +48,7 @@ from oneiros.sim.cost import ModelCost  # noqa: E402
 from oneiros.sim.hardware import load_profile  # noqa: E402
 
 MODELS = {"a": "smollm2", "b": "smollm2"}
-CALIBRATE = "poisson:rate=1.5,n=40,lengths=sharegpt,mix=a+b,seed=1,max_len=400,max_total=1024"
+CALIBRATE = "poisson:rate=1.5,n=40,lengths=sharegpt,mix=a+b:3,seed=5,max_len=400,max_total=1024"
 VALIDATE = "gamma:rate=1,cv=2,n=30,lengths=sharegpt,mix=a:2+b:1,seed=7,max_len=400,max_total=1024"
 
 
