@@ -14,6 +14,8 @@ the same requests. What each row checks:
     which the paper's implementation is built in); pooled TBT (vLLM's ITL) and each request's worst
     gap are shown beside it;
   - preemptions: oneiros preempts no more than the baseline (remapping is there to avoid them);
+  - against the Pie-like baseline on GH200 (the paper's host link): P99 TTFT at least 50% lower
+    (the paper reports -93.6% against Pie, a single figure);
   - range: whether the change is inside or beyond the paper's reported range.
 
 Slow links (H100-PCIe, A100): no row may have oneiros above 1.05x the best baseline on any of the
@@ -266,6 +268,10 @@ def checks(row: Row) -> list[tuple[str, bool, str]]:
                 what += " of the means (per seed " + ", ".join(
                     "-" if e is None else f"{e:+.1%}" for e in each) + ")"
             out.append((f"{row.id}/{base}/{metric}", good, what))
+    if "pie" in row.baselines and not row.slow_link:
+        c = change(ours["ttft_p99"], row.results["pie"]["ttft_p99"])
+        out.append((f"{row.id}/pie/ttft_half", c is not None and c <= -0.5,
+                    "-" if c is None else f"{c:+.1%}"))
     if row.mechanism is None:
         for base in row.baselines:
             mine, theirs = ours["preemptions"], row.results[base]["preemptions"]

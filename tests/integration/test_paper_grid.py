@@ -45,6 +45,16 @@ def test_checks_judge_direction_pressure_and_preemptions(paper):
     assert not dict((c, ok) for c, ok, _ in paper.checks(row))["hw/r/swap/pressure"]
 
 
+def test_rows_against_pie_on_the_fast_link_need_half_its_ttft(paper):
+    row = paper.Row("hw/r", "r", "spec", None, {"pie": None}, {"pie": paper.VS_PIE})
+    row.results = {"ours": result(ttft_p99=5.0, remapped_layers=3), "pie": result()}
+    assert {cid: ok for cid, ok, _ in paper.checks(row)}["hw/r/pie/ttft_half"]  # -50%
+    row.results["ours"]["ttft_p99"] = 5.1
+    assert not {cid: ok for cid, ok, _ in paper.checks(row)}["hw/r/pie/ttft_half"]
+    row.slow_link = True  # judged against the best baseline there instead
+    assert "hw/r/pie/ttft_half" not in {cid for cid, _, _ in paper.checks(row)}
+
+
 def test_slow_link_rows_compare_with_the_best_baseline(paper):
     row = paper.Row("hw/r", "r", "spec", None, {"swap": None, "pie": None}, {}, focus=(),
                     bursty=True, slow_link=True)
