@@ -28,6 +28,7 @@ exceptions" as `- <check id>: <measured cause>` (the section is kept when the fi
     .venv/bin/python benchmarks/paper.py                 # writes docs/paper_reproduction.md
     .venv/bin/python benchmarks/paper.py --requests 150  # a quicker, smaller grid (not written)
     .venv/bin/python benchmarks/paper.py --checks-only   # the last run's results checked again
+    .venv/bin/python benchmarks/paper.py --jobs 2        # runs in 2 processes (the same results)
 
 Changes are (ours - baseline) / baseline: negative is better for latencies, positive for throughput.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import re
 import statistics
 import sys
@@ -205,8 +207,43 @@ def run_specs(cfg: EngineConfig | str, ours: EngineConfig, spec: str | list[str]
     """One spec: its metrics. Several: the mean of each metric, and every run under 'runs'."""
     if isinstance(spec, str):
         return run(cfg, ours, spec)
-    runs = [run(cfg, ours, s) for s in spec]
+    return combine([run(cfg, ours, s) for s in spec])
+
+
+def combine(runs: list[dict]) -> dict:
+    """Runs of several specs (seeds): the mean of each metric, and every run under 'runs'."""
     return {**{k: statistics.fmean(r[k] for r in runs) for k in runs[0]}, "runs": runs}
+
+
+def run_rows(rows: list[Row], jobs: int) -> None:
+    """Every run of `rows` (oneiros and each baseline, every spec) into their results: in this
+    process, or spread over `jobs` processes (each run is deterministic: the same results)."""
+    if jobs <= 1:
+        for row in rows:
+            row.results["ours"] = run_specs(row.ours, row.ours, row.spec)
+            for base, cfg in row.baselines.items():
+                row.results[base] = run_specs(cfg, row.ours, row.spec)
+        return
+    tasks = []  # (row, run name, spec index or None, cfg, spec)
+    for row in rows:
+        specs = [row.spec] if isinstance(row.spec, str) else row.spec
+        for name, cfg in [("ours", row.ours), *row.baselines.items()]:
+            for i, spec in enumerate(specs):
+                tasks.append((row, name, None if isinstance(row.spec, str) else i, cfg, spec))
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has loaded torch
+    with ctx.Pool(jobs) as pool:
+        done = pool.starmap(run, [(cfg, row.ours, spec) for row, _, _, cfg, spec in tasks],
+                            chunksize=1)
+    parts: dict[tuple[str, str], list[dict]] = {}
+    for (row, name, i, _, _), metrics_ in zip(tasks, done, strict=True):
+        if i is None:
+            row.results[name] = metrics_
+        else:
+            parts.setdefault((row.id, name), []).append(metrics_)
+    for row in rows:
+        for name in ["ours", *row.baselines]:
+            if (row.id, name) in parts:
+                row.results[name] = combine(parts[(row.id, name)])
 
 
 def run(cfg: EngineConfig | str, ours: EngineConfig, spec: str) -> dict:
@@ -325,11 +362,12 @@ def fmt_value(metric: str, v: float | None) -> str:
 
 
 def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
-           failures: list[str], counts: dict[str, int]) -> str:
+           failures: list[str], counts: dict[str, int], jobs: int = 1) -> str:
+    command = "benchmarks/paper.py" + (f" --jobs {jobs}" if jobs > 1 else "")
     lines = [
         "# The paper's grid in the simulator",
         "",
-        f"Regenerate with `.venv/bin/python benchmarks/paper.py` ({n} requests per workload; this "
+        f"Regenerate with `.venv/bin/python {command}` ({n} requests per workload; this "
         f"run took {wall:.0f} s of wall time on a 2-core machine). Each row runs the same requests "
         "through oneiros and each baseline in the simulator (`oneiros.sim`: the real scheduler, "
         "arbiter and remapping controller; the profile's cost model with one host link for every "
@@ -400,6 +438,8 @@ def main() -> int:
     p.add_argument("--kv-watermark", type=float, default=None,
                    help="the admission watermark for every run instead of the engine's default "
                    "(0.01, vLLM V0's); the document is written only with the default")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes to spread the runs over (results do not depend on it)")
     p.add_argument("--checks-only", action="store_true",
                    help="check and render the results of --json again instead of running")
     args = p.parse_args()
@@ -428,13 +468,13 @@ def main() -> int:
     if saved is not None:
         by_id = {r["id"]: r["results"] for r in saved["rows"]}
         rows = [r for r in rows if r.id in by_id]
+    elif args.jobs > 1:
+        run_rows(rows, args.jobs)
     for row in rows:
         if saved is not None:
             row.results = by_id[row.id]
-        else:
-            row.results["ours"] = run_specs(row.ours, row.ours, row.spec)
-            for base, cfg in row.baselines.items():
-                row.results[base] = run_specs(cfg, row.ours, row.spec)
+        elif args.jobs <= 1:
+            run_rows([row], 1)  # row by row: its checks print as it finishes
         for cid, ok, what in checks(row):
             key = "passed" if ok else ("explained" if cid in explained else "failed")
             counts[key] += 1
@@ -449,13 +489,16 @@ def main() -> int:
                     c = change(row.results["ours"][metric], row.results[base][metric])
                     counts["in_range"] += in_range(c, bounds, metric in LOWER_IS_BETTER)
     wall = saved["wall_s"] if saved is not None else time.perf_counter() - t0
+    jobs = saved.get("jobs", 1) if saved is not None else args.jobs
     if saved is None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"wall_s": wall, "requests": args.requests, "rows": [
-            {"id": r.id, "title": r.title, "spec": r.spec, "results": r.results} for r in rows
-        ]}, indent=1, default=str) + "\n")
+        Path(args.json).write_text(json.dumps({
+            "wall_s": wall, "jobs": jobs, "requests": args.requests, "rows": [
+                {"id": r.id, "title": r.title, "spec": r.spec, "results": r.results} for r in rows
+            ]}, indent=1, default=str) + "\n")
     if not args.only and args.requests == p.get_default("requests") and args.kv_watermark is None:
-        Path(args.out).write_text(render(rows, args.requests, wall, explained, failures, counts))
+        Path(args.out).write_text(render(rows, args.requests, wall, explained, failures, counts,
+                                          jobs))
         print(f"wrote {args.out}")
     print(f"{counts} in {wall:.0f} s; " + (
         f"checked {args.json}" if saved is not None else f"wrote {args.json}"))

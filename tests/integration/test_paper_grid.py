@@ -78,7 +78,7 @@ def test_one_small_row_runs_and_rechecks_from_its_json(tmp_path):
     out = tmp_path / "grid.json"
     cmd = [sys.executable, str(SCRIPT), "--requests", "24", "--hardware", "gh200",
            "--only", "gh200/c2-sharegpt-1$", "--json", str(out), "--out", str(tmp_path / "g.md")]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(cmd + ["--jobs", "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode in (0, 1), first.stderr
     saved = json.loads(out.read_text())
     assert [r["id"] for r in saved["rows"]] == ["gh200/c2-sharegpt-1"]
@@ -88,3 +88,9 @@ def test_one_small_row_runs_and_rechecks_from_its_json(tmp_path):
     judged = [line for line in first.stdout.splitlines() if line[:3] in ("ok ", "BAD", "exc")]
     assert judged and judged == [line for line in again.stdout.splitlines()
                                  if line[:3] in ("ok ", "BAD", "exc")]
+    # In one process, row by row: the same results as the two processes gave.
+    one = tmp_path / "one.json"
+    alone = subprocess.run(cmd[:-4] + ["--json", str(one), "--out", str(tmp_path / "g1.md")],
+                           capture_output=True, text=True, timeout=600)
+    assert alone.returncode == first.returncode, alone.stderr
+    assert json.loads(one.read_text())["rows"] == saved["rows"]
