@@ -22,6 +22,10 @@ class OwnerKind(enum.Enum):
     KV = "kv"  # a model's KV pool
 
 
+# Pages slabs never move across (compaction packs slabs between them).
+_WALLS = (OwnerKind.KV, OwnerKind.RESIDENT)
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     kind: OwnerKind
@@ -110,22 +114,15 @@ class PageArena:
         self._check_request(n, owner)
         if n == 0:
             return []
-        top = self.num_pages - 1
-        while top >= 0:
-            if top not in self._free:
-                top -= 1
-                continue
-            bottom = top
-            while bottom - 1 >= 0 and bottom - 1 in self._free:
-                bottom -= 1
-            if top - bottom + 1 >= n:
+        for bottom, length in reversed(self.runs()):
+            if length >= n:
+                top = bottom + length - 1
                 start = top - n + 1
                 if self._is_kv(top + 1) and bottom > 0 and self._is_param(bottom - 1):
                     start = bottom
                 pages = list(range(start, start + n))
                 self._assign(pages, owner)
                 return pages
-            top = bottom - 1
         return None
 
     def _is_kv(self, page: int) -> bool:
@@ -153,20 +150,15 @@ class PageArena:
         free or its own by then; None when no segment has n free pages."""
         best: list[tuple[Owner, list[int], list[int]]] | None = None
         best_cost = None
-        p = self.num_pages - 1
-        while p >= 0:
-            if self._owner[p].kind in (OwnerKind.KV, OwnerKind.RESIDENT):
-                p -= 1
+        walls = [-1, *(p for p, o in enumerate(self._owner) if o.kind in _WALLS), self.num_pages]
+        for i in range(len(walls) - 2, -1, -1):  # segments from the top down
+            bottom, top = walls[i] + 1, walls[i + 1] - 1
+            if top - bottom + 1 < n or sum(q in self._free for q in range(bottom, top + 1)) < n:
                 continue
-            top = p
-            while p - 1 >= 0 and self._owner[p - 1].kind in (OwnerKind.FREE, OwnerKind.SLAB):
-                p -= 1
-            moves = self._pack(p, top)
-            nfree = sum(1 for q in range(p, top + 1) if q in self._free)
+            moves = self._pack(bottom, top)
             cost = sum(len(old) for _, old, _ in moves)
-            if nfree >= n and moves and (best_cost is None or cost < best_cost):
+            if moves and (best_cost is None or cost < best_cost):
                 best, best_cost = moves, cost
-            p -= 1
         return best
 
     def _pack(self, bottom: int, top: int) -> list[tuple[Owner, list[int], list[int]]]:
@@ -175,7 +167,7 @@ class PageArena:
         for q in range(top, bottom - 1, -1):
             o = self._owner[q]
             if o.kind is OwnerKind.SLAB:
-                if slabs and slabs[-1][0] == o:
+                if slabs and (slabs[-1][0] is o or slabs[-1][0] == o):
                     slabs[-1][1].insert(0, q)
                 else:
                     slabs.append((o, [q]))

@@ -63,6 +63,7 @@ class KVPool:
         self._heap: list[int] = []
         self._free: set[int] = set()
         self._refs: dict[int, int] = {}  # held block -> live references (>= 1)
+        self._held_per_page: dict[int, int] = {}  # page -> its held blocks (>= 1), kept with _refs
         self.cache = PrefixCache(model, block_size) if prefix_caching else None
         self._resizes: list[ResizeKV] = []  # since the last drain_resizes()
 
@@ -84,7 +85,7 @@ class KVPool:
     @property
     def num_busy_pages(self) -> int:
         """Pages holding at least one referenced block."""
-        return len({b // self.blocks_per_page for b in self._refs})
+        return len(self._held_per_page)
 
     @property
     def num_idle_pages(self) -> int:
@@ -97,7 +98,7 @@ class KVPool:
         """Pages holding neither a referenced nor a cached block: `shrink(evict=False)` gives
         them back without losing anything."""
         bpp = self.blocks_per_page
-        kept = {b // bpp for b in self._refs}
+        kept = set(self._held_per_page)
         if self.cache is not None:
             kept.update(b // bpp for b in self.cache.lru_order())
         return len(self._pages) - len(kept)
@@ -153,6 +154,7 @@ class KVPool:
             else:
                 continue  # stale: held again since, or its page was given back
             self._refs[b] = 1
+            self._hold(b)
             blocks.append(b)
         return blocks
 
@@ -164,9 +166,14 @@ class KVPool:
                 if self.cache is None or not self.cache.is_unreferenced(b):
                     raise ValueError(f"block {b} of {self.model!r} is neither held nor cached")
                 self.cache.unpark(b)  # its heap entry goes stale
+                self._hold(b)
             self._refs[b] = refs + 1
         if len(self._heap) > 2 * self.num_reusable + 64:
             self._rebuild_heap()
+
+    def _hold(self, block: int) -> None:
+        page = block // self.blocks_per_page
+        self._held_per_page[page] = self._held_per_page.get(page, 0) + 1
 
     def _rebuild_heap(self) -> None:
         """Drop stale heap entries."""
@@ -187,6 +194,10 @@ class KVPool:
             if refs:
                 self._refs[b] = refs
             else:
+                page = b // self.blocks_per_page
+                left = self._held_per_page.pop(page) - 1
+                if left:
+                    self._held_per_page[page] = left
                 if self.cache is not None and b in self.cache:
                     self.cache.park(b)
                 else:
@@ -233,7 +244,7 @@ class KVPool:
         if max_pages is not None and max_pages <= 0:
             return []
         bpp = self.blocks_per_page
-        keep = {b // bpp for b in self._refs}
+        keep = set(self._held_per_page)
         cache = self.cache
         cached = cache.lru_order() if cache is not None else []
         if not evict:
@@ -267,6 +278,10 @@ class KVPool:
         cached = set(self.cache.lru_order()) if self.cache is not None else set()
         ensure((free | cached) <= set(self._heap), "a free or cached block is not on the heap")
         ensure(all(r > 0 for r in self._refs.values()), "a held block has no reference")
+        per_page: dict[int, int] = {}
+        for b in held:
+            per_page[b // self.blocks_per_page] = per_page.get(b // self.blocks_per_page, 0) + 1
+        ensure(per_page == self._held_per_page, "held blocks per page miscounted")
         ensure(not free & held, "a block is both free and held")
         ensure(not free & cached, "a block is both free and cached")
         ensure(not held & cached, "a block is both held and cached")
