@@ -443,6 +443,8 @@ def main() -> int:
     p.add_argument("--checks-only", action="store_true",
                    help="check and render the results of --json again instead of running")
     args = p.parse_args()
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.kv_watermark is not None and args.json == p.get_default("json"):
         args.json = str(ROOT / "results" / f"paper_watermark{args.kv_watermark:g}.json")
     rows: list[Row] = []

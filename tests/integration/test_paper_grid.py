@@ -94,3 +94,11 @@ def test_one_small_row_runs_and_rechecks_from_its_json(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert alone.returncode == first.returncode, alone.stderr
     assert json.loads(one.read_text())["rows"] == saved["rows"]
+
+
+def test_bad_jobs_is_a_usage_error(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--jobs", "0", "--json", str(tmp_path / "g.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--jobs must be at least 1, got 0" in done.stderr
+    assert not (tmp_path / "g.json").exists()
