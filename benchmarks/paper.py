@@ -379,7 +379,11 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
         "Change = (oneiros - baseline) / baseline: negative is better for latencies, "
         "positive for throughput. TBT is judged on TPOT P99 (each request's mean gap, as vLLM's "
         "serving benchmark reports it); pooled gaps (ITL) and each request's worst gap are shown "
-        "beside it. Simulated, not measured: see docs/simulator.md for the validation.",
+        "beside it. Besides direction, range, memory pressure and preemption counts, the checks "
+        "hold the issue's bounds: against Pie on GH200 a P99 TTFT at least 50% lower; on the "
+        "slow links at most 1.05x the best baseline on each TBT measure and, on bursty rows, at "
+        "most 0.5x its P99 TTFT. Simulated, not measured: see docs/simulator.md for the "
+        "validation.",
         "",
         f"**Checks: {counts['passed']} passed, {counts['explained']} explained exceptions, "
         f"{counts['failed']} failed; {counts['in_range']} of {counts['ranged']} paper metrics "
