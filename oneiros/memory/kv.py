@@ -23,6 +23,7 @@ the pages of cached blocks.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 
 from oneiros.core import ConfigError, ResizeKV, ensure
 from oneiros.memory.arena import Owner, PageArena
@@ -175,6 +176,12 @@ class KVPool:
         page = block // self.blocks_per_page
         self._held_per_page[page] = self._held_per_page.get(page, 0) + 1
 
+    def _unhold(self, block: int) -> None:
+        page = block // self.blocks_per_page
+        left = self._held_per_page.pop(page) - 1
+        if left:
+            self._held_per_page[page] = left
+
     def _rebuild_heap(self) -> None:
         """Drop stale heap entries."""
         self._heap = sorted(self._free | set(self.cache.lru_order() if self.cache else ()))
@@ -194,10 +201,7 @@ class KVPool:
             if refs:
                 self._refs[b] = refs
             else:
-                page = b // self.blocks_per_page
-                left = self._held_per_page.pop(page) - 1
-                if left:
-                    self._held_per_page[page] = left
+                self._unhold(b)
                 if self.cache is not None and b in self.cache:
                     self.cache.park(b)
                 else:
@@ -278,10 +282,8 @@ class KVPool:
         cached = set(self.cache.lru_order()) if self.cache is not None else set()
         ensure((free | cached) <= set(self._heap), "a free or cached block is not on the heap")
         ensure(all(r > 0 for r in self._refs.values()), "a held block has no reference")
-        per_page: dict[int, int] = {}
-        for b in held:
-            per_page[b // self.blocks_per_page] = per_page.get(b // self.blocks_per_page, 0) + 1
-        ensure(per_page == self._held_per_page, "held blocks per page miscounted")
+        per_page = Counter(b // self.blocks_per_page for b in held)
+        ensure(dict(per_page) == self._held_per_page, "held blocks per page miscounted")
         ensure(not free & held, "a block is both free and held")
         ensure(not free & cached, "a block is both free and cached")
         ensure(not held & cached, "a block is both held and cached")
