@@ -203,47 +203,35 @@ def ablation_rows(hw: str, n: int) -> list[Row]:
 
 
 # ---- running ------------------------------------------------------------------------------------
-def run_specs(cfg: EngineConfig | str, ours: EngineConfig, spec: str | list[str]) -> dict:
-    """One spec: its metrics. Several: the mean of each metric, and every run under 'runs'."""
-    if isinstance(spec, str):
-        return run(cfg, ours, spec)
-    return combine([run(cfg, ours, s) for s in spec])
-
-
 def combine(runs: list[dict]) -> dict:
     """Runs of several specs (seeds): the mean of each metric, and every run under 'runs'."""
     return {**{k: statistics.fmean(r[k] for r in runs) for k in runs[0]}, "runs": runs}
 
 
 def run_rows(rows: list[Row], jobs: int) -> None:
-    """Every run of `rows` (oneiros and each baseline, every spec) into their results: in this
-    process, or spread over `jobs` processes (each run is deterministic: the same results)."""
+    """Every run of `rows` (oneiros and each baseline, every spec) into their results: one spec
+    gives its metrics, several the mean (`combine`). In this process, or spread over `jobs`
+    processes (each run is deterministic: the same results)."""
+    tasks = [
+        (row, name, cfg, spec)
+        for row in rows
+        for name, cfg in [("ours", row.ours), *row.baselines.items()]
+        for spec in ([row.spec] if isinstance(row.spec, str) else row.spec)
+    ]
+    calls = [(cfg, row.ours, spec) for row, _, cfg, spec in tasks]
     if jobs <= 1:
-        for row in rows:
-            row.results["ours"] = run_specs(row.ours, row.ours, row.spec)
-            for base, cfg in row.baselines.items():
-                row.results[base] = run_specs(cfg, row.ours, row.spec)
-        return
-    tasks = []  # (row, run name, spec index or None, cfg, spec)
-    for row in rows:
-        specs = [row.spec] if isinstance(row.spec, str) else row.spec
-        for name, cfg in [("ours", row.ours), *row.baselines.items()]:
-            for i, spec in enumerate(specs):
-                tasks.append((row, name, None if isinstance(row.spec, str) else i, cfg, spec))
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has loaded torch
-    with ctx.Pool(jobs) as pool:
-        done = pool.starmap(run, [(cfg, row.ours, spec) for row, _, _, cfg, spec in tasks],
-                            chunksize=1)
-    parts: dict[tuple[str, str], list[dict]] = {}
-    for (row, name, i, _, _), metrics_ in zip(tasks, done, strict=True):
-        if i is None:
-            row.results[name] = metrics_
-        else:
-            parts.setdefault((row.id, name), []).append(metrics_)
+        done = [run(*call) for call in calls]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that has loaded torch
+        with ctx.Pool(jobs) as pool:
+            done = pool.starmap(run, calls, chunksize=1)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for (row, name, _, _), metrics_ in zip(tasks, done, strict=True):
+        runs.setdefault((row.id, name), []).append(metrics_)
     for row in rows:
         for name in ["ours", *row.baselines]:
-            if (row.id, name) in parts:
-                row.results[name] = combine(parts[(row.id, name)])
+            got = runs[(row.id, name)]
+            row.results[name] = got[0] if isinstance(row.spec, str) else combine(got)
 
 
 def run(cfg: EngineConfig | str, ours: EngineConfig, spec: str) -> dict:
