@@ -409,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-requests", type=int, default=None)
     m.add_argument("--mix", default=None, help="model mix for the trace (default: --models)")
     m.add_argument("--workload", default=None, help="a workload spec instead of --trace")
+    m.add_argument("--noise", type=float, default=0.0,
+                   help="sigma of a log-normal factor on each step's compute time (a machine's "
+                   "step-to-step noise, e.g. the noise_rms_relative `calibrate` reports); repeat "
+                   "i draws from seed i, so --repeats shows how far the metrics move with it")
     add_report_args(m)
     m.set_defaults(func=_simulate, policies=["swap", "oneiros"])
 

@@ -118,6 +118,9 @@ class EngineConfig:
     executor: str = "torch"
     # sim: a profile name (oneiros.sim.hardware), a profile JSON path, or a HardwareProfile
     hardware: Any = None
+    # sim: each step's compute time is multiplied by a log-normal factor of this sigma (a machine's
+    # step-to-step noise: `calibrate` reports it as noise_rms_relative), drawn from `seed`. 0: none.
+    sim_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -129,6 +132,8 @@ class EngineConfig:
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.page_bytes is not None and (self.page_bytes < 4096 or self.page_bytes % 4096):
             raise ConfigError(f"page_bytes must be a multiple of 4096, got {self.page_bytes}")
+        if not 0.0 <= self.sim_noise < 1.0:
+            raise ConfigError(f"sim_noise must be in [0, 1), got {self.sim_noise}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):

@@ -95,9 +95,10 @@ def _report(
 
 
 def _repeat(args: argparse.Namespace, run: Any) -> list[dict]:
+    """`run(i)` for each repeat i."""
     if args.repeats < 1:
         raise OneirosError(f"--repeats must be at least 1, got {args.repeats}")
-    return [run() for _ in range(args.repeats)]
+    return [run(i) for i in range(args.repeats)]
 
 
 def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
@@ -107,7 +108,7 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
     progress = not args.no_progress
     config = {"workload": args.workload, "policies": args.policies}
     if args.url:
-        runs = _repeat(args, lambda: {
+        runs = _repeat(args, lambda _: {
             args.url: run_http(args.url, workload, api_key=args.api_key, progress=progress)})
         return _report(args, runs, {**config, "url": args.url})
     assert base is not None
@@ -122,7 +123,7 @@ def run_bench(args: argparse.Namespace, base: EngineConfig | None) -> int:
             f"the workload names models {missing} that are not served ({sorted(served)}); pass "
             "--model NAME=SOURCE for each, or a mix of served names (mix=a+b in the workload)"
         )
-    runs = _repeat(args, lambda: run_policies(
+    runs = _repeat(args, lambda _: run_policies(
         lambda p: _engine(replace(base, policy=p)), args.policies, workload, progress=progress,
         overlong=args.overlong,
     ))
@@ -165,17 +166,19 @@ def run_simulate(args: argparse.Namespace, base: EngineConfig) -> int:
     from oneiros.bench.partition import run_partitioned
 
     workload = _workload(args, "--trace" if from_trace else "--workload")
-    base = replace(base, executor="sim", hardware=args.hardware)
+    base = replace(base, executor="sim", hardware=args.hardware, sim_noise=args.noise)
 
-    def once() -> dict:
+    def once(i: int) -> dict:
+        """Repeat i: with --noise, its step noise is drawn from seed i."""
+        cfg = replace(base, seed=i)
         results = {}
         for p in args.policies:
             kw = {"progress": not args.no_progress, "overlong": args.overlong}
             if p == "mig":
-                results[p] = run_partitioned(base, workload, policy=base.remap_fallback, **kw)
+                results[p] = run_partitioned(cfg, workload, policy=cfg.remap_fallback, **kw)
             else:
                 results.update(run_policies(
-                    lambda p: _engine(replace(base, policy=p)), [p], workload, **kw
+                    lambda p: _engine(replace(cfg, policy=p)), [p], workload, **kw
                 ))
         return results
 

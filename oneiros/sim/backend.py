@@ -61,5 +61,6 @@ class SimBackend(Backend):
             for n, t in tenants.items()
         }
         return SimExecutor(
-            self.hardware, self.clock, sims, self.config.prefetch_distance, policy.async_swap_in
+            self.hardware, self.clock, sims, self.config.prefetch_distance, policy.async_swap_in,
+            noise=self.config.sim_noise, seed=self.config.seed,
         )

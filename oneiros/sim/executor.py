@@ -7,6 +7,8 @@ benchmark forces each output to its length with ignore_eos); their timestamps ar
 
 from __future__ import annotations
 
+import random
+
 from oneiros.core import LAYER_COPIES, Step, StepPlan, StepResult
 from oneiros.engine.backends import Executor
 from oneiros.engine.clock import VirtualClock
@@ -38,7 +40,12 @@ class SimExecutor(Executor):
     layers are replayed from the pass plan (`replay`); KV swaps are blocking (vLLM), except that a
     policy with `async_swap_in` issues swap-ins a step ahead and only the step that uses those
     requests waits for them. Plans of one step share the device: their work adds up in one roofline.
-    On a profile without async copies every copy is blocking."""
+    On a profile without async copies every copy is blocking.
+
+    `noise` > 0 multiplies each step's compute and overheads by a log-normal factor (median 1,
+    sigma `noise`) drawn from `seed`: a real machine's step-to-step variation, so that repeated
+    simulations show how far a metric moves with it (a P99 over few bursty requests can move
+    severalfold). Copies are not perturbed."""
 
     def __init__(
         self,
@@ -47,6 +54,8 @@ class SimExecutor(Executor):
         tenants: dict[str, SimTenant],
         prefetch_distance: int = 2,
         async_swap_in: bool = False,
+        noise: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.hw = hw
         self.clock = clock
@@ -56,6 +65,8 @@ class SimExecutor(Executor):
         self.link = HostLink(hw.h2d_bw, hw.d2h_bw, hw.mixed_bw, clock.now())
         self._layer_ready: dict[tuple[str, int], float] = {}  # restores still in flight
         self._swap_ready = 0.0  # when the swap-ins issued a step ahead have landed
+        self.noise = noise
+        self._rng = random.Random(seed)
 
     def execute(self, step: Step) -> list[StepResult]:
         hw, t0 = self.hw, self.clock.now()
@@ -94,6 +105,10 @@ class SimExecutor(Executor):
             overhead = max(overhead, overhead_time(hw, t.cost.num_layers, work))
             works[id(plan)] = work
         compute = compute_time(hw, total_flops, total_bytes)
+        if self.noise:
+            factor = self._rng.lognormvariate(0.0, self.noise)
+            compute *= factor
+            overhead *= factor
         passes = [self._pass(plan, compute, blocking) for plan in runs]
         if hw.async_copies:
             replay(passes, self.link, blocking)

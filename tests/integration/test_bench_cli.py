@@ -57,6 +57,20 @@ def test_bench_repeats_and_vllm_fields(tmp_path, capsys):
     assert "±" in captured.out and "mean ±half range of 2 runs" in " ".join(captured.out.split())
 
 
+def test_simulate_noise_gives_each_repeat_its_own_draw(tmp_path, capsys):
+    """--noise: repeat i draws its step noise from seed i, so repeats differ and the table shows
+    the spread the noise causes (without it the simulator repeats itself exactly)."""
+    out = tmp_path / "noise.json"
+    rc = main([
+        "simulate", "--hardware", "gh200", "--models", "c1", "--noise", "0.1", "--repeats", "2",
+        "--workload", "poisson:rate=4,n=12,lengths=sharegpt,mix=c1,seed=3,max_total=2048",
+        "--policies", "oneiros", "--out", str(out), "--no-progress",
+    ])
+    assert rc == 0, capsys.readouterr().err
+    values = json.loads(out.read_text())["repeats"]["oneiros"]["tbt_p50"]["values"]
+    assert len(values) == 2 and values[0] != values[1]
+
+
 def test_all_requests_failed_exits_nonzero(tmp_path, capsys):
     rc = main([
         "bench", "--model", "a=random:llama-tiny", "--max-model-len", "2",
@@ -124,6 +138,8 @@ def test_bench_in_process_then_calibrate_from_its_trace(tmp_path, capsys):
         (["simulate", "--hardware", "gh200", "--models", "c1", "--workload", "poisson:rate=x"],
          "--workload"),
         (["simulate", "--hardware", "gh200", "--models", "c1"], "give --trace"),
+        (["simulate", "--hardware", "gh200", "--models", "c1", "--workload", "poisson:rate=1,n=2",
+          "--noise", "1.5"], "sim_noise must be in [0, 1)"),
         (["simulate", "--hardware", "gh200", "--models", "c1", "--trace", "/nope.csv"],
          "--trace: no such file"),
         (["bench", *TINY, "--workload", "poisson:rate=1,n=2,mix=c1"], "not served"),

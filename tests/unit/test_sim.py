@@ -188,14 +188,14 @@ def test_calibration_refuses_a_trace_without_enough_steps(tmp_path):
 
 
 # ---- the engine in simulation -------------------------------------------------------------------
-def _simulate(hardware, policy="oneiros", budget=0.9, n=60, seed=0, **kw):
+def _simulate(hardware, policy="oneiros", budget=0.9, n=60, workload_seed=0, **kw):
     # Every prompt repeats one token, so with prefix caching they would all share one prefix:
     # these checks are about memory pressure, which needs each request's KV to be its own.
     kw.setdefault("prefix_caching", False)
     e = LLMEngine(EngineConfig(
         models=C1, executor="sim", hardware=hardware, policy=policy, memory_budget=budget, **kw
     ))
-    rng = random.Random(seed)
+    rng = random.Random(workload_seed)
     for i in range(n):
         e.add_request(
             [100] * rng.randint(200, 2000),
@@ -221,6 +221,24 @@ def test_full_size_models_simulate_on_the_meta_device():
     assert e.clock.now() > 0
     remapped = sum(s.counters.remapped_layers for s in e.store.states.values())
     assert remapped > 0  # 96 GB hold the weights with little KV to spare
+
+
+def test_step_noise_is_seeded_and_moves_the_clock_around_the_noise_free_run():
+    """sim_noise draws each step's compute factor from the config's seed: one seed repeats
+    exactly, another gives another run, and the runs scatter around the noise-free one (the
+    factor's median is 1) while every request still completes."""
+    ends = {}
+    for noise, seed in ((0.0, 0), (0.0, 5), (0.1, 1), (0.1, 1), (0.1, 2)):
+        e, lengths, _ = _simulate("gh200", n=30, sim_noise=noise, seed=seed)
+        assert len(lengths) == 30
+        ends.setdefault((noise, seed), []).append(e.clock.now())
+    assert ends[0.0, 0] == ends[0.0, 5]  # no noise: the seed changes nothing
+    assert ends[0.1, 1][0] == ends[0.1, 1][1]
+    assert ends[0.1, 1][0] != ends[0.1, 2][0] != ends[0.0, 0][0]
+    for seed in (1, 2):
+        assert abs(ends[0.1, seed][0] / ends[0.0, 0][0] - 1) < 0.1
+    with pytest.raises(ConfigError, match="sim_noise"):
+        EngineConfig(models=C1, executor="sim", hardware="gh200", sim_noise=-0.1)
 
 
 def test_more_bandwidth_is_never_slower_end_to_end(tmp_path):
