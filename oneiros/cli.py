@@ -82,6 +82,9 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
                    help="one model per step, or every model with work in each step")
     p.add_argument("--turn-steps", type=int, default=DEFAULTS["turn_steps"],
                    help="temporal sharing: steps a model runs before the next model's turn")
+    p.add_argument("--turn-max-s", type=float, default=DEFAULTS["turn_max_s"],
+                   help="temporal sharing: a turn also ends before a step that would take it past "
+                   "this many seconds (default: steps only)")
     p.add_argument("--turn-reload", default=DEFAULTS["turn_reload"], choices=["auto", "on", "off"],
                    help="temporal sharing, policy oneiros: models waiting for a later turn lend "
                    "every layer and are copied back during the turn before theirs (auto: when "
@@ -143,6 +146,7 @@ def _config(
         policy=args.policy,
         sharing=args.sharing,
         turn_steps=args.turn_steps,
+        turn_max_s=args.turn_max_s,
         turn_reload=args.turn_reload,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,

@@ -74,6 +74,11 @@ class EngineConfig:
     sharing: str = "temporal"
     max_wait_s: float = 1.0
     turn_steps: int = 8
+    # ... and before a step that would take it past turn_max_s seconds at its pace (None: steps
+    # only, the default: on the A100 grid a 0.16 s limit evened pooled TBT on the C1 rows but left
+    # Llama-3-8B streaming lent layers in most of its steps on the Azure row; see
+    # docs/paper_reproduction.md).
+    turn_max_s: float | None = None
     # Share of a pass its streamed copies may leave exposed (the replayed plan sets alpha by it).
     stream_exposure_target: float = 0.02
     # Remapping serves running requests that would otherwise be preempted (the paper's "when");
@@ -163,6 +168,8 @@ class EngineConfig:
             raise ConfigError(f"prefetch_distance must be 1 or 2, got {self.prefetch_distance}")
         if self.h2d_bytes_per_s is not None and not self.h2d_bytes_per_s > 0:
             raise ConfigError(f"h2d_bytes_per_s must be positive, got {self.h2d_bytes_per_s}")
+        if self.turn_max_s is not None and not self.turn_max_s > 0:
+            raise ConfigError(f"turn_max_s must be positive, got {self.turn_max_s}")
         if self.turn_steps < 1:
             raise ConfigError(f"turn_steps must be at least 1, got {self.turn_steps}")
         if not 0.0 <= self.stream_exposure_target < 1.0:

@@ -106,7 +106,9 @@ def build(config: EngineConfig) -> EngineParts:
             ),
         )
         arbiter.remap = remap
-    tenancy = TenancyPolicy(config.sharing, config.max_wait_s, config.turn_steps)
+    tenancy = TenancyPolicy(
+        config.sharing, config.max_wait_s, config.turn_steps, config.turn_max_s
+    )
     tenancy.fresh_first = remap is not None and remap.turn_reload
     planner = Planner(tenants, store, tenancy, arbiter, remap)
     executor = backend.executor(tenants, weights, policy)

@@ -1,10 +1,11 @@
 """Which models run in a step, and the per-model state the remapping controller reads.
 
 Temporal sharing runs one model per step, in turns: the model whose turn it is runs for `turn_steps`
-steps (or until it has nothing to run), then the turn passes to the next model with work in
-round-robin order, except that a model which has not been offered a step for `max_wait_s` goes
-first. Models out of their turn are not running: they are the first to give parameter memory (the
-one that ran most recently is needed last), and the next one gets its layers back before its turn.
+steps (or until it has nothing to run, or for at most `turn_max_s` when set), then the turn passes
+to the next model with work in round-robin order, except that a model which has not been offered
+a step for `max_wait_s` goes first. Models out of their turn are not running: they are the first
+to give parameter memory (the one that ran most recently is needed last), and the next one gets
+its layers back before its turn.
 With turn reloads (see `engine/remapping.py`) a turn lasts at least the steps that hide a reload
 and until the next model's layers have landed, and a model whose oldest request has waited
 `max_wait_s` for its first token goes before the others.
@@ -13,6 +14,7 @@ Spatial sharing runs every model with work in the same step.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -88,16 +90,26 @@ class MetadataStore:
 
 
 class TenancyPolicy:
-    def __init__(self, sharing: str, max_wait_s: float = 1.0, turn_steps: int = 1) -> None:
+    def __init__(
+        self, sharing: str, max_wait_s: float = 1.0, turn_steps: int = 1,
+        turn_max_s: float | None = None,
+    ) -> None:
         if sharing not in ("temporal", "spatial"):
             raise ValueError(f"sharing must be temporal or spatial, not {sharing!r}")
         if turn_steps < 1:
             raise ValueError(f"turn_steps must be at least 1, got {turn_steps}")
+        if turn_max_s is not None and turn_max_s <= 0:
+            raise ValueError(f"turn_max_s must be positive, got {turn_max_s}")
         self.sharing = sharing
         self.max_wait_s = max_wait_s
         self.turn_steps = turn_steps
+        # A turn also ends before a step that would take it past this long at its pace (None:
+        # steps only), so the models waiting for theirs wait no longer however long its steps are.
+        self.turn_max_s = turn_max_s
         self.turn: str | None = None  # temporal: the model whose turn it is
         self.turn_used = 0  # steps offered to it in this turn
+        self.turn_began = 0.0  # when its first step was offered
+        self._last_offer = 0.0  # when the last step was offered
         # Turn reloads: a turn lasts at least this many steps (long enough to copy the next model
         # in while it runs), starving models or not.
         self.turn_min_steps = 0
@@ -134,7 +146,8 @@ class TenancyPolicy:
         if (
             not self.spatial and holder in active and (
                 hold or self.turn_used < self.turn_min_steps
-                or (self.turn_used < self.turn_steps and not any(n != holder for n in starved))
+                or (self.turn_used < self.turn_steps and not self._timed_out(now)
+                    and not any(n != holder for n in starved))
             )
         ):
             order = [holder] + [n for n in order if n != holder]
@@ -144,16 +157,32 @@ class TenancyPolicy:
         """`name` was offered a step at `now`: its turn goes on (or begins); the round-robin moves
         past it."""
         store.states[name].last_offer = now
+        self._last_offer = now
         if name == self.turn:
             self.turn_used += 1
         else:
-            self.turn, self.turn_used = name, 1
+            self.turn, self.turn_used, self.turn_began = name, 1, now
         names = list(store.states)
         self._next = (names.index(name) + 1) % len(names)
 
+    def _timed_out(self, now: float) -> bool:
+        """The holder's next step, at the pace of its turn so far, would end the turn past
+        turn_max_s (a turn has at least one step)."""
+        if self.turn_max_s is None or self.turn_used < 1:
+            return False
+        elapsed = now - self.turn_began
+        return elapsed + elapsed / self.turn_used > self.turn_max_s
+
     def steps_left(self) -> int:
-        """Steps left in the current turn (temporal)."""
-        return max(0, self.turn_steps - self.turn_used)
+        """Steps left in the current turn after the one just offered (temporal); with a time
+        limit, at the mean pace of the turn's steps so far."""
+        left = max(0, self.turn_steps - self.turn_used)
+        elapsed = self._last_offer - self.turn_began
+        if self.turn_max_s is None or self.turn_used < 2 or elapsed <= 0:
+            return left
+        pace = elapsed / (self.turn_used - 1)
+        # the k-th step from now runs from elapsed + k * pace for one pace, inside the limit
+        return min(left, max(0, math.floor((self.turn_max_s - elapsed) / pace + 1e-9) - 1))
 
     def next_up(self, store: MetadataStore, now: float | None = None) -> str | None:
         """The model whose turn comes after the current one: the next with work in rotation, or

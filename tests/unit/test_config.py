@@ -161,6 +161,10 @@ def test_engine_config_defaults_and_budget_parsing():
         ({"h2d_bytes_per_s": float("nan")}, "h2d_bytes_per_s"),
         ({"kv_watermark": 1.0}, "kv_watermark"),
         ({"kv_watermark": -0.01}, "kv_watermark"),
+        ({"turn_max_s": 0}, "turn_max_s"),
+        ({"turn_max_s": float("nan")}, "turn_max_s"),
+        ({"sim_noise": 1.0}, "sim_noise"),
+        ({"sim_noise": float("nan")}, "sim_noise"),
     ],
 )
 def test_engine_config_rejects(kwargs, match):

@@ -164,6 +164,29 @@ def test_a_starving_model_cuts_a_long_turn():
     assert offer(policy, store, 0.7) == "b"  # b waited 0.7 s > max_wait_s: it goes first
 
 
+def test_a_turn_ends_at_its_time_limit_whichever_comes_first():
+    """turn_max_s bounds a turn in time as turn_steps does in steps, at the pace of its steps so
+    far: with 30 ms steps a 100 ms limit ends an 8-step turn after 3 steps (a fourth would end at
+    120 ms); with 10 ms steps the step count ends it; a step longer than the limit is a turn of
+    its own. steps_left counts at the same pace."""
+    def turn(step_s: float, steps: int) -> list[str]:
+        store = make_store()
+        policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=8, turn_max_s=0.1)
+        return [offer(policy, store, t * step_s) for t in range(steps)]
+
+    assert turn(0.03, 4) == ["a"] * 3 + ["b"]
+    assert turn(0.01, 9) == ["a"] * 8 + ["b"]
+    assert turn(0.25, 3) == ["a", "b", "c"]
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=8, turn_max_s=0.1)
+    offer(policy, store, 0.0)
+    assert policy.steps_left() == 7  # no pace yet: the step count
+    offer(policy, store, 0.02)
+    assert policy.steps_left() == 3  # steps from 40, 60 and 80 ms end by 100 ms
+    with pytest.raises(ValueError, match="turn_max_s"):
+        TenancyPolicy("temporal", turn_max_s=0.0)
+
+
 def test_turns_do_not_apply_to_spatial_sharing():
     store = make_store()
     policy = TenancyPolicy("spatial", max_wait_s=1e9, turn_steps=4)
