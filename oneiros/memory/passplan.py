@@ -133,16 +133,25 @@ class PassRun:
     layer_bytes: float
     plan: PassPlan | None = None
     wait: dict[int, float] = field(default_factory=dict)
-    end: float = 0.0  # results: when the pass (and the copies its next pass needs) is done
+    end: float = 0.0  # results: when its last layer is done
     exposed_s: float = 0.0  # time its layers waited for copies
     copies: int = 0
+    # borrowed slabs' own layers -> when their copy back lands: on the copy stream after the pass,
+    # waited for by this model's next pass when it reaches them (not by other models' steps)
+    restores: dict[int, float] = field(default_factory=dict)
+
+    def steady_end(self) -> float:
+        """When the same pass could start again without waiting for its slabs' own layers: the
+        period of back-to-back passes, which is what a model streaming every step runs at."""
+        return max([self.end] + [t - s * self.layer_s for s, t in self.restores.items()])
 
 
 def replay(runs: list[PassRun], link: HostLink, start: float) -> None:
     """Replay passes that run at the same time from `start` (each on its own stream, sharing the
     link): a copy starts once the layer freeing its slab ran and the link is free; a layer waits for
-    its weights. Each run's `end` also covers the copies that bring borrowed slabs' own layers back
-    for the next pass. Copies are served in the order they are asked for (events in time order)."""
+    its weights. The copies that bring borrowed slabs' own layers back end up in each run's
+    `restores` (the next pass waits for them, as the engine's does). Copies are served in the order
+    they are asked for (events in time order)."""
     import heapq
 
     ready: list[dict[int, float]] = [dict(r.wait) for r in runs]
@@ -158,12 +167,9 @@ def replay(runs: list[PassRun], link: HostLink, start: float) -> None:
         t, k, i = heapq.heappop(heap)
         r = runs[k]
         if i == r.num_layers:
-            tail = t
+            r.end = t
             if r.plan is not None:  # a borrowed slab is needed again at its own layer next pass
-                tail = max(
-                    [t] + [ready[k][s] - s * r.layer_s for s in set(r.plan.slab_of.values())]
-                )
-            r.end = tail
+                r.restores = {s: ready[k][s] for s in set(r.plan.slab_of.values())}
             continue
         begin = max(t, ready[k].get(i, t))
         r.exposed_s += begin - t
@@ -183,4 +189,4 @@ def exposed_fraction(
         return 0.0
     run = PassRun(num_layers, step_s / num_layers, 1.0, plan_pass(num_layers, missing, distance))
     replay([run], HostLink(1.0 / copy_s), 0.0)
-    return (run.end - step_s) / step_s
+    return (run.steady_end() - step_s) / step_s

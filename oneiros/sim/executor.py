@@ -37,7 +37,8 @@ class SimExecutor(Executor):
     One host link carries every copy (`HostLink`: two FIFO directions, the mixed bandwidth while
     both are busy), across steps: layer restores and compaction moves go on it asynchronously (the
     engine issues them on the copy stream) and the layer's next use waits for its copy; streamed
-    layers are replayed from the pass plan (`replay`); KV swaps are blocking (vLLM), except that a
+    layers are replayed from the pass plan (`replay`), and the copies that give borrowed slabs their
+    own layers back after a pass are restores its model's next pass waits for; KV swaps are blocking (vLLM), except that a
     policy with `async_swap_in` issues swap-ins a step ahead and only the step that uses those
     requests waits for them. Plans of one step share the device: their work adds up in one roofline.
     On a profile without async copies every copy is blocking.
@@ -112,6 +113,9 @@ class SimExecutor(Executor):
         passes = [self._pass(plan, compute, blocking) for plan in runs]
         if hw.async_copies:
             replay(passes, self.link, blocking)
+            for plan, r in zip(runs, passes, strict=True):
+                for layer, ready in r.restores.items():  # the model's next pass waits for them
+                    self._layer_ready[plan.model, layer] = ready
         else:  # every copy waits for the one before and the compute waits for all of them
             for r in passes:
                 copies = r.plan.num_copies if r.plan is not None else 0

@@ -110,7 +110,21 @@ def test_more_bandwidth_never_exposes_more(distance):
         assert slow.copies == fast.copies
         assert len(missing) + 1 <= fast.copies <= len(missing) + distance
         frac = exposed_fraction(n, missing, distance, n * layer_s, 10**8 / 20e9)
-        assert frac == pytest.approx((slow.end - n * layer_s) / (n * layer_s))
+        assert frac == pytest.approx((slow.steady_end() - n * layer_s) / (n * layer_s))
+        # alone on the link, a pass is its compute and its waits
+        assert slow.end == pytest.approx(n * layer_s + slow.exposed_s)
+
+
+def test_a_borrowed_slabs_own_layer_comes_back_after_the_pass():
+    """The copies that give borrowed slabs their own layers back run after the pass on the copy
+    stream: the pass ends with its last layer, and its next pass (steady_end) is what waits."""
+    layer_bytes, n = 10**9, 8
+    layer_s = 0.1 * layer_bytes / GH200.h2d_bw  # copies 10x slower than a layer's compute
+    run = _stream(GH200, n, (4,), 2, layer_bytes, layer_s)
+    assert run.restores and set(run.restores) <= set(range(n))
+    assert run.end == pytest.approx(n * layer_s + run.exposed_s)
+    assert max(run.restores.values()) > run.end
+    assert run.steady_end() > run.end
 
 
 # ---- profiles -----------------------------------------------------------------------------------
