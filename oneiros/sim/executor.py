@@ -38,9 +38,9 @@ class SimExecutor(Executor):
     both are busy), across steps: layer restores and compaction moves go on it asynchronously (the
     engine issues them on the copy stream) and the layer's next use waits for its copy; streamed
     layers are replayed from the pass plan (`replay`), and the copies that give borrowed slabs their
-    own layers back after a pass are restores its model's next pass waits for; KV swaps are blocking (vLLM), except that a
-    policy with `async_swap_in` issues swap-ins a step ahead and only the step that uses those
-    requests waits for them. Plans of one step share the device: their work adds up in one roofline.
+    own layers back after a pass are restores its model's next pass waits for; KV swaps are
+    blocking (vLLM), except that a policy with `async_swap_in` issues swap-ins a step ahead and
+    only the step that uses those requests waits for them. Plans of one step share the device: their work adds up in one roofline.
     On a profile without async copies every copy is blocking.
 
     `noise` > 0 multiplies each step's compute and overheads by a log-normal factor (median 1,
