@@ -40,8 +40,8 @@ class SimExecutor(Executor):
     layers are replayed from the pass plan (`replay`), and the copies that give borrowed slabs their
     own layers back after a pass are restores its model's next pass waits for; KV swaps are
     blocking (vLLM), except that a policy with `async_swap_in` issues swap-ins a step ahead and
-    only the step that uses those requests waits for them. Plans of one step share the device: their work adds up in one roofline.
-    On a profile without async copies every copy is blocking.
+    only the step that uses those requests waits for them. Plans of one step share the device:
+    their work adds up in one roofline. On a profile without async copies every copy is blocking.
 
     `noise` > 0 multiplies each step's compute and overheads by a log-normal factor (median 1,
     sigma `noise`) drawn from `seed`: a real machine's step-to-step variation, so that repeated
