@@ -427,6 +427,9 @@ class StepResult:
     h2d_bytes: int = 0
     copy_s: float = 0.0
     exposed_s: float = 0.0
+    # False: the pass streamed inside a replayed CUDA graph, where copies and waits are not timed
+    # (copy_s and exposed_s say nothing, and elapsed holds the waits); the controller skips it.
+    timed: bool = True
 
 
 class Prefix(Sequence):

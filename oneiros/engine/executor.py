@@ -62,6 +62,7 @@ class ModelRunner:
         self.stream_layers: tuple[int, ...] = ()  # the non-resident layers of the current pass
         self._landing: list[torch.cuda.Event] = []  # swap-ins issued a step ahead (CUDA)
         self._timing_at_start = (0.0, 0.0)
+        self._timed = True  # the last pass's copy and wait times were measured
         self.sampler = sampler
         self.device = storage.device
         self.block_size = pool.block_size
@@ -132,6 +133,7 @@ class ModelRunner:
         sampling rows and their requests."""
         st = self.streamer.stats
         self._timing_at_start = (st.copy_s, st.exposed_s)
+        self._timed = True
         self.stream_layers = plan.stream
         for landed in self._landing:  # swap-ins issued a step ahead must have landed
             torch.cuda.current_stream(self.device).wait_event(landed)
@@ -143,6 +145,8 @@ class ModelRunner:
             # batched calls over groups of similar length.
             seqs = sorted(plan.seqs, key=lambda s: (s.num_new_tokens != 1, s.context_len))
             key = self.graphs.key_for(seqs) if self.graphs is not None else None
+            # copies inside a replayed graph are not timed: the step is not a measurement
+            self._timed = key is None or (self.pass_plan() is None and not self.streamer.pending)
             if key is not None:
                 h = self.graphs.run(seqs, key)
             else:
@@ -201,6 +205,7 @@ class ModelRunner:
             h2d_bytes=passes.num_copies * self.residency.layer_bytes if passes else 0,
             copy_s=st.copy_s - before[0],
             exposed_s=st.exposed_s - before[1],
+            timed=self._timed,
         )
 
     def _prepare(

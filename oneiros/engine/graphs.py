@@ -18,6 +18,9 @@ What a graph bakes in, and why it stays valid while the arena remaps:
     (streamed through borrowed slabs, copies included in the graph). Graphs are keyed by the
     model's residency signature; when it changes they are dropped and captured again once it has
     held for `settle_steps` decode steps (eager until then).
+  - copies inside a replay are not timed, so a step that streams reports itself untimed and the
+    remapping controller does not read its elapsed time as compute; one streaming step in
+    TIMED_EVERY runs eagerly, timed, to keep the controller's estimates current.
 Padding rows repeat the batch's first row (same token, position and block table): they compute
 and write exactly what that row does, so no KV slot outside the batch is touched.
 
@@ -43,6 +46,9 @@ Replay = Callable[[], torch.Tensor]
 # Columns of a graph's input rows; block ids follow from column NUM_FIELDS on.
 IDS, POS, W_PAGE, W_SLOT, W_OFF, LEN, NUM_FIELDS = range(7)
 MIN_WIDTH = 8  # blocks: the narrowest block table a graph is captured with
+# A model that streams layers runs one decode step in this many eagerly (timed: copies inside a
+# replayed graph are not), paying the eager launch overhead on that step.
+TIMED_EVERY = 16
 
 
 class GraphCapture(Protocol):
@@ -117,8 +123,10 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], Replay] = {}
         self._signature: tuple | None = None
         self._stable = 0  # decode steps seen with the current signature
+        self._untimed = 0  # replays in a row that streamed layers (their copies are not timed)
         self.captures = 0
         self.replays = 0
+        self.timed_steps = 0  # streaming decode steps run eagerly to measure them
 
     # ---- when --------------------------------------------------------------------------------
     def invalidate(self) -> None:
@@ -160,6 +168,14 @@ class DecodeGraphs:
         self._stable += 1
         if self._stable <= self.settle_steps:
             return None
+        if self.runner.pass_plan() is not None:
+            # A replayed pass does not time its copies: every TIMED_EVERY-th step that streams
+            # runs eagerly, so the remapping controller keeps measuring compute and exposure.
+            self._untimed += 1
+            if self._untimed >= TIMED_EVERY:
+                self._untimed = 0
+                self.timed_steps += 1
+                return None
         return next(s for s in self.sizes if s >= len(seqs)), self.width_for(need)
 
     # ---- how ---------------------------------------------------------------------------------

@@ -143,10 +143,11 @@ class Planner:
         step_s = 0.0
         for plan, result in zip(step.plans, results):
             if plan.seqs:
-                self.remap.observe_step(
-                    plan.model, result.elapsed - result.exposed_s, plan.num_prefill_tokens == 0,
-                    result.exposed_s,
-                )
+                if result.timed:  # else its waits hide in elapsed: no measurement of either
+                    self.remap.observe_step(
+                        plan.model, result.elapsed - result.exposed_s,
+                        plan.num_prefill_tokens == 0, result.exposed_s,
+                    )
                 step_s = max(step_s, result.elapsed - result.exposed_s)
         self.refresh()
         after = Step(step.now)

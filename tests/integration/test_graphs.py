@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from oneiros.core import SamplingParams
+from oneiros.core import SamplingParams, ScheduledSeq, Step, StepPlan, StepResult
+from oneiros.engine import graphs as graphs_module
 from oneiros.engine.graphs import DecodeGraphs, EagerReplay, batch_sizes
 from oneiros.memory.passplan import plan_pass
 from tests.factories import make_request
@@ -75,6 +76,41 @@ def test_streamed_layers_inside_the_pass(reference):
     plan = plan_pass(t.num_layers, t.residency.missing_layers, 2)
     assert c.h2d_bytes == c.steps * plan.num_copies * t.residency.layer_bytes
     e.check_integrity()
+
+
+def test_streaming_replays_are_not_measurements_and_some_steps_run_timed(reference, monkeypatch):
+    """Copies inside a replayed graph are not timed: such a step says so (timed False) and the
+    remapping controller does not fold it into its step-time and exposure estimates; every
+    TIMED_EVERY-th streaming step runs eagerly, timed, so the estimates keep coming."""
+    monkeypatch.setattr(graphs_module, "TIMED_EVERY", 3)
+    e = make_engine({"m": SOURCE}, extra_pages=4, prefetch_distance=2)
+    force_alpha(e, "m", 2)
+    runner = e.executor.runners["m"]
+    timed: list[bool] = []
+    sample = runner.sample
+
+    def spy(*a, **kw):
+        result = sample(*a, **kw)
+        timed.append(result.timed)
+        return result
+
+    monkeypatch.setattr(runner, "sample", spy)
+    outs, graphs = generate(e, graphs=True)
+    assert outs == reference
+    assert graphs.timed_steps > 0 and graphs.replays > 0
+    assert timed.count(False) == graphs.replays  # every replay streamed, none was timed
+    assert timed.count(True) >= graphs.timed_steps + 1  # the prefill and the eager steps
+
+
+def test_the_controller_skips_untimed_steps():
+    e = make_engine({"m": SOURCE}, extra_pages=4, policy="oneiros")
+    remap = e.planner.remap
+    step = Step(0.0)
+    step.plans.append(StepPlan("m", [ScheduledSeq(make_request(8, model="m"), 8, 1)]))
+    e.planner.observe(step, [StepResult([], [], [], elapsed=0.5, exposed_s=0.0, timed=False)])
+    assert ("m", True) not in remap._step_s
+    e.planner.observe(step, [StepResult([], [], [], elapsed=0.5, exposed_s=0.1)])
+    assert remap._step_s["m", True] == pytest.approx(0.4)
 
 
 def test_residency_change_recaptures(reference):
