@@ -146,7 +146,7 @@ class ModelRunner:
             seqs = sorted(plan.seqs, key=lambda s: (s.num_new_tokens != 1, s.context_len))
             key = self.graphs.key_for(seqs) if self.graphs is not None else None
             # copies inside a replayed graph are not timed: the step is not a measurement
-            self._timed = key is None or (self.pass_plan() is None and not self.streamer.pending)
+            self._timed = key is None or not (self.stream_layers or self.streamer.pending)
             if key is not None:
                 h = self.graphs.run(seqs, key)
             else:

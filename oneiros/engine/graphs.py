@@ -168,7 +168,7 @@ class DecodeGraphs:
         self._stable += 1
         if self._stable <= self.settle_steps:
             return None
-        if self.runner.pass_plan() is not None:
+        if self.runner.stream_layers:
             # A replayed pass does not time its copies: every TIMED_EVERY-th step that streams
             # runs eagerly, so the remapping controller keeps measuring compute and exposure.
             self._untimed += 1

@@ -130,7 +130,7 @@ class Planner:
         nxt = self.tenancy.next_up(self.store, now)
         if nxt is None or nxt == running or not self.tenants[nxt].residency.missing_layers:
             return
-        if self.tenancy.steps_left() <= self.remap.prefetch_lead_steps(
+        if self.tenancy.steps_left(self.store) <= self.remap.prefetch_lead_steps(
             self.tenants[nxt], running
         ):
             self.remap.prefetch(self.tenants[nxt])

@@ -109,7 +109,6 @@ class TenancyPolicy:
         self.turn: str | None = None  # temporal: the model whose turn it is
         self.turn_used = 0  # steps offered to it in this turn
         self.turn_began = 0.0  # when its first step was offered
-        self._last_offer = 0.0  # when the last step was offered
         # Turn reloads: a turn lasts at least this many steps (long enough to copy the next model
         # in while it runs), starving models or not.
         self.turn_min_steps = 0
@@ -157,7 +156,6 @@ class TenancyPolicy:
         """`name` was offered a step at `now`: its turn goes on (or begins); the round-robin moves
         past it."""
         store.states[name].last_offer = now
-        self._last_offer = now
         if name == self.turn:
             self.turn_used += 1
         else:
@@ -173,12 +171,14 @@ class TenancyPolicy:
         elapsed = now - self.turn_began
         return elapsed + elapsed / self.turn_used > self.turn_max_s
 
-    def steps_left(self) -> int:
+    def steps_left(self, store: MetadataStore) -> int:
         """Steps left in the current turn after the one just offered (temporal); with a time
         limit, at the mean pace of the turn's steps so far."""
         left = max(0, self.turn_steps - self.turn_used)
-        elapsed = self._last_offer - self.turn_began
-        if self.turn_max_s is None or self.turn_used < 2 or elapsed <= 0:
+        if self.turn_max_s is None or self.turn_used < 2:
+            return left
+        elapsed = store.states[self.turn].last_offer - self.turn_began
+        if elapsed <= 0:
             return left
         pace = elapsed / (self.turn_used - 1)
         # the k-th step from now runs from elapsed + k * pace for one pace, inside the limit

@@ -142,7 +142,7 @@ def test_a_turn_lasts_turn_steps_then_passes_in_rotation():
     policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=3)
     ran = [offer(policy, store, t * 0.001) for t in range(10)]
     assert ran == ["a"] * 3 + ["b"] * 3 + ["c"] * 3 + ["a"]
-    assert policy.turn == "a" and policy.steps_left() == 2 and policy.next_up(store) == "b"
+    assert policy.turn == "a" and policy.steps_left(store) == 2 and policy.next_up(store) == "b"
 
 
 def test_the_turn_passes_at_once_when_its_holder_has_nothing_to_run():
@@ -180,9 +180,9 @@ def test_a_turn_ends_at_its_time_limit_whichever_comes_first():
     store = make_store()
     policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=8, turn_max_s=0.1)
     offer(policy, store, 0.0)
-    assert policy.steps_left() == 7  # no pace yet: the step count
+    assert policy.steps_left(store) == 7  # no pace yet: the step count
     offer(policy, store, 0.02)
-    assert policy.steps_left() == 3  # steps from 40, 60 and 80 ms end by 100 ms
+    assert policy.steps_left(store) == 3  # steps from 40, 60 and 80 ms end by 100 ms
     with pytest.raises(ValueError, match="turn_max_s"):
         TenancyPolicy("temporal", turn_max_s=0.0)
 
