@@ -345,7 +345,19 @@ class ResizeKV:
     grow: bool
 
 
-MemoryOp = EvictLayer | RestoreLayer | MoveLayer | ResizeKV
+@dataclass(frozen=True, slots=True)
+class MoveKV:
+    """Compaction of KV cache: the pages `src` of a model's KV pool move to the free pages `pages`
+    (one device-to-device copy each; blocks keep their slot, so block page*bpp+s becomes
+    new_page*bpp+s in every request and in the prefix cache). Planned only before any KV swap
+    of its step, and executed before them (the swaps' block ids already name the new pages)."""
+
+    model: str
+    src: tuple[int, ...]
+    pages: tuple[int, ...]
+
+
+MemoryOp = EvictLayer | RestoreLayer | MoveLayer | ResizeKV | MoveKV
 LAYER_COPIES = (RestoreLayer, MoveLayer)  # ops that copy one layer host-to-device
 
 
@@ -394,9 +406,10 @@ class StepPlan:
 class Step:
     """One engine step as data: plan -> execute -> commit.
 
-    The executor applies every plan's swap-outs, then `memory` in order (the order planning made
-    each decision, so every action sees the pages as the accounting had them), then the swap-ins,
-    then runs the plans' passes. `idle` plans only preempted (no copy, no pass): commit and trace
+    The executor applies the KV page moves of `memory` (planned before any swap), every plan's
+    swap-outs, then the rest of `memory` in order (the order planning made each decision, so every
+    action sees the pages as the accounting had them), then the swap-ins, then runs the plans'
+    passes. `idle` plans only preempted (no copy, no pass): commit and trace
     read them. `finished` are requests planning gave up on; `notes` tally decisions that are not
     memory actions (failed restores, reactivations), per (model, counter name)."""
 

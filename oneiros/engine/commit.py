@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from oneiros.core import (
     EvictLayer,
+    MoveKV,
     MoveLayer,
     Prefix,
     Request,
@@ -146,6 +147,8 @@ def count(tenants: dict[str, Tenant], step: Step, results: list[StepResult]) -> 
                     c.restored_layers += 1
                 else:
                     c.compaction_moves += 1
+        elif isinstance(op, MoveKV):
+            tenants[op.model].state.counters.kv_pages_moved += len(op.pages)
     for (model, name), n in step.notes.items():
         c = tenants[model].state.counters
         setattr(c, name, getattr(c, name) + n)

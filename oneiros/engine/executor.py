@@ -14,6 +14,7 @@ from oneiros.config import EngineConfig, free_device_memory
 from oneiros.core import (
     ConfigError,
     MemoryOp,
+    MoveKV,
     Request,
     ResizeKV,
     ScheduledSeq,
@@ -94,6 +95,12 @@ class ModelRunner:
             self.graphs.invalidate()
         # On CUDA a copy runs on the copy stream; the layer's next use waits for its event.
         self.weights.apply(op, self.streamer.copy_in)
+
+    def move_kv(self, op: MoveKV) -> None:
+        """Copy KV pages to their new places on the device (compaction; blocks keep their slot)."""
+        src = torch.tensor(op.src, device=self.device)
+        dst = torch.tensor(op.pages, device=self.device)
+        self.kv[dst] = self.kv[src]
 
     def swap_out(self, plan: StepPlan) -> None:
         """Copy the plan's swapped-out blocks to host memory (before anything reuses them)."""
@@ -303,14 +310,21 @@ class TorchExecutor(Executor):
 
     def execute(self, step: Step) -> list[StepResult]:
         plans = step.plans
-        # Memory first, in an order that respects every action's view of the pages: swap-outs
+        # Memory first, in an order that respects every action's view of the pages: KV page
+        # moves (planned before any swap of the step, onto pages free until then), swap-outs
         # read blocks freed while planning (before anything writes them), layer actions go in
         # the order they were decided, swap-ins write blocks nothing later in the step takes.
         with torch.inference_mode():
+            moves = [op for op in step.memory if isinstance(op, MoveKV)]
+            if moves:
+                for runner in self.runners.values():
+                    runner.streamer.order_after_copies()
+                for op in moves:
+                    self.runners[op.model].move_kv(op)
             for plan in plans:
                 self.runners[plan.model].swap_out(plan)
             for op in step.memory:
-                if not isinstance(op, ResizeKV):
+                if not isinstance(op, (ResizeKV, MoveKV)):
                     self.runners[op.model].apply(op)
             for plan in plans:
                 self.runners[plan.model].swap_in(plan, self.swap_in_ahead)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oneiros.core import Step, StepResult
+from oneiros.core import Step, StepPlan, StepResult
 
 if TYPE_CHECKING:
     from oneiros.engine.arbiter import Arbiter
@@ -87,6 +87,8 @@ class Planner:
                             fallback.append(name)
                         continue
             plan = t.scheduler.schedule()
+            if self.remap is not None and self._swaps_planned(plan):
+                self.remap.kv_moves_ok = False  # KV pages stay put for the rest of the step
             step.finished += t.scheduler.finished_in_schedule
             t.scheduler.finished_in_schedule.clear()
             self.arbiter.planned_model(name)
@@ -103,6 +105,13 @@ class Planner:
             plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
         self._collect_resizes(step)
         return step
+
+    def _swaps_planned(self, plan: StepPlan) -> bool:
+        """This plan, or a preemption made for it in another model, copies KV blocks."""
+        return bool(
+            plan.swap_out or plan.swap_in
+            or any(f.swap_out for f in self.arbiter.foreign.values())
+        )
 
     def _waited_max(self, name: str, now: float) -> bool:
         """`name` could run only by streaming more than its passes hide, and has waited for memory

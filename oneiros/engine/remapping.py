@@ -28,8 +28,14 @@ steps it takes to copy back the largest deficit of a waiting model (`turn_quantu
 while the next model's copies are still on the link (`reloading`), so that the copies hide under
 the turn before: the weights of the models with work need not fit at once, only those of the
 running and the next one, and the rest of the memory is KV cache.
+A restore needs a contiguous run of pages. When enough pages are free but none is long enough, idle
+KV pages go back first; then the KV pages of the window that holds the fewest move to free pages
+elsewhere (device copies of a few pages; the blocks are renumbered in the requests' tables and the
+prefix cache; only before the step's first KV swap, see `kv_moves_ok`); then resident slabs are
+packed (each a host copy of a whole layer); then, for a model about to run, another model's layer
+that spans a run is remapped.
 It changes residency in the accounting and records each change as a memory action of the step
-(`EvictLayer`, `RestoreLayer`, `MoveLayer`); the executor moves the bytes. Torch-free.
+(`EvictLayer`, `RestoreLayer`, `MoveLayer`, `MoveKV`); the executor moves the bytes. Torch-free.
 
 T_T comes from the start-up copy probe (`memory/bandwidth.py`) or the hardware profile; T_compute
 from running averages of each model's decode steps and, apart, of steps with prefill. Measured
@@ -42,7 +48,7 @@ import math
 
 from typing import TYPE_CHECKING
 
-from oneiros.core import EvictLayer, MoveLayer, RestoreLayer, Step
+from oneiros.core import EvictLayer, MoveKV, MoveLayer, RestoreLayer, Step
 from oneiros.engine.tenancy import POPULARITY_HALF_LIFE_S
 from oneiros.memory.arena import OwnerKind, PageArena
 from oneiros.memory.remap import (
@@ -123,11 +129,15 @@ class RemapController:
         self._penalty: dict[str, int] = {}  # layers alpha is lowered by after measured exposure
         self._calm: dict[str, int] = {}  # decode steps in a row with little exposure
         self.step = Step(0.0)  # where this step's memory actions go (`begin`)
+        # KV pages may move (`MoveKV`) while the step holds no KV swap: the planner lowers it
+        # once one is planned (a swap planned earlier would name blocks by their old pages).
+        self.kv_moves_ok = True
 
     def begin(self, step: Step) -> None:
         """Memory actions decided from now on belong to `step`."""
         self.step = step
         self._offered = set()
+        self.kv_moves_ok = True
 
     # ---- measurements ---------------------------------------------------------------------------
     def layer_copy_s(self, t: Tenant) -> float:
@@ -355,6 +365,8 @@ class RemapController:
             for other in self.tenants.values():
                 other.pool.shrink()
             pages = t.residency.restore(layer)
+            if pages is None and self._compact_kv(ppl):  # a few device copies: cheapest first
+                pages = t.residency.restore(layer)
             if pages is None and self._compact(ppl):
                 pages = t.residency.restore(layer)
             if pages is None and displace and self._make_run(t, ppl):
@@ -466,9 +478,11 @@ class RemapController:
             self._backoff[t.name] = wait - 1
             return False
         while len(t.residency.missing_layers) > limit:
-            # Memory for one more layer: free pages, else the layers of models not running now
-            # (the parameter deficit moves to them: one copy now instead of one every pass).
-            short = ppl - self._free_pages()
+            # Memory for one more layer: free pages beyond the reversion reserve (kept for the
+            # KV cache of the running requests, as reversion and prefetches keep it: a restore
+            # into it would preempt them later), else the layers of models not running now (the
+            # parameter deficit moves to them: one copy now instead of one every pass).
+            short = ppl + math.ceil(self.revert_reserve * self._kv_in_use()) - self._free_pages()
             if short > 0 and self.take(t.name, short, exclude=t.name) < short:
                 self._backoff[t.name] = self.hysteresis.hold_steps
                 break
@@ -581,6 +595,27 @@ class RemapController:
             old = t.residency.move(owner.layer, dest)
             self.step.memory.append(MoveLayer(t.name, owner.layer, tuple(old), tuple(dest)))
             self._note_copy(t)
+        return True
+
+    def _compact_kv(self, pages: int) -> bool:
+        """Enough pages are free but KV pages split them: move the KV pages out of the window of
+        `pages` that holds the fewest (device-to-device page copies, far cheaper than re-copying
+        slabs from the host); block tables and the prefix cache follow. Only while the step
+        plans no KV swap (`kv_moves_ok`)."""
+        if not self.kv_moves_ok:
+            return False
+        moves = self.arena.plan_kv_moves(pages)
+        if not moves:
+            return False
+        by_model: dict[str, list[tuple[int, int]]] = {}
+        for owner, src, dst in moves:
+            by_model.setdefault(owner.model, []).append((src, dst))
+        for name, pairs in by_model.items():
+            t = self.tenants[name]
+            t.scheduler.renumber_blocks(t.pool.move_pages(pairs))
+            self.step.memory.append(
+                MoveKV(name, tuple(s for s, _ in pairs), tuple(d for _, d in pairs))
+            )
         return True
 
     # ---- helpers --------------------------------------------------------------------------------

@@ -369,6 +369,11 @@ class Scheduler:
         self.finish(req, RequestStatus.FINISHED_LENGTH)
         self.finished_in_schedule.append(req)
 
+    def renumber_blocks(self, new_of: dict[int, int]) -> None:
+        """The pool moved pages (KV compaction): block tables follow (old id -> new id)."""
+        for req in self.running:
+            req.block_ids[:] = [new_of.get(b, b) for b in req.block_ids]
+
     def _free_blocks(self, req: Request) -> None:
         if req.block_ids:
             self.pool.free(req.block_ids)

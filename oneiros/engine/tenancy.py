@@ -44,6 +44,7 @@ class TenantCounters:
     restored_layers: int = 0  # layers copied back into a slab of their own (revert events)
     restore_failures: int = 0  # no contiguous run of pages for a slab, even after compaction
     compaction_moves: int = 0  # resident slabs moved (re-copied from host) to join free pages
+    kv_pages_moved: int = 0  # KV pages copied on the device to join free pages for a slab
     h2d_bytes: int = 0  # host-to-device bytes: streamed layers and restores
     stream_copy_s: float = 0.0  # time spent copying streamed layers
     stream_exposed_s: float = 0.0  # part of it the compute waited for (all of it on CPU)

@@ -161,6 +161,32 @@ class PageArena:
                 best, best_cost = moves, cost
         return best
 
+    def plan_kv_moves(self, n: int) -> list[tuple[Owner, int, int]] | None:
+        """How to make a run of n free pages by moving KV pages, when slab compaction cannot: the
+        window of n pages holding no parameter page with the fewest KV pages (the highest of
+        those, where slabs go) is emptied, each of its KV pages moving to the lowest free page
+        outside it (where KV pages go). Returns (KV owner, old page, new page) in page order;
+        [] when a run exists already; None when no window is free of parameters or fewer than
+        n pages are free (a window's KV pages fit outside it exactly when n pages are free)."""
+        if n <= 0 or len(self._free) < n:
+            return None if n > 0 else []
+        best = best_cost = None
+        walls = kv = 0  # parameter and KV pages in the window ending at page p
+        for p, o in enumerate(self._owner):
+            walls += o.kind in (OwnerKind.SLAB, OwnerKind.RESIDENT)
+            kv += o.kind is OwnerKind.KV
+            if p >= n:
+                gone = self._owner[p - n].kind
+                walls -= gone in (OwnerKind.SLAB, OwnerKind.RESIDENT)
+                kv -= gone is OwnerKind.KV
+            if p >= n - 1 and not walls and (best_cost is None or kv <= best_cost):
+                best, best_cost = p - n + 1, kv
+        if best is None:
+            return None
+        window = range(best, best + n)
+        dests = iter(sorted(q for q in self._free if q not in window))
+        return [(self._owner[q], q, next(dests)) for q in window if self._is_kv(q)]
+
     def _pack(self, bottom: int, top: int) -> list[tuple[Owner, list[int], list[int]]]:
         """Moves that pack the slabs of pages bottom..top against `top`, topmost slab first."""
         slabs: list[tuple[Owner, list[int]]] = []

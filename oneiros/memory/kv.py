@@ -26,7 +26,7 @@ import heapq
 from collections import Counter
 
 from oneiros.core import ConfigError, ResizeKV, ensure
-from oneiros.memory.arena import Owner, PageArena
+from oneiros.memory.arena import FREE, Owner, PageArena
 from oneiros.memory.prefix import PrefixCache
 
 
@@ -267,6 +267,32 @@ class KVPool:
         self.arena.free(give, self.owner)
         self._resizes.append(ResizeKV(self.model, tuple(give), grow=False))
         return give
+
+    def move_pages(self, moves: list[tuple[int, int]]) -> dict[int, int]:
+        """Compaction: each (page, free page) pair moves one of this pool's pages (its bytes are
+        copied by the executor, `MoveKV`). Blocks keep their slot and take the new page's ids;
+        returns old block id -> new block id for the pool's users (requests' block tables)."""
+        bpp = self.blocks_per_page
+        srcs, dsts = [s for s, _ in moves], [d for _, d in moves]
+        if len(set(srcs) | set(dsts)) != 2 * len(moves):
+            raise ValueError(f"KV page moves must name distinct pages: {moves}")
+        for src in srcs:
+            if src not in self._pages:
+                raise ValueError(f"page {src} is not in the KV pool of {self.model!r}")
+        self.arena.transfer(dsts, FREE, self.owner)  # raises (and changes nothing) if one is taken
+        self.arena.free(srcs, self.owner)
+        new_of = {
+            src * bpp + s: dst * bpp + s for src, dst in moves for s in range(bpp)
+        }
+        page_of = dict(moves)
+        self._pages = {page_of.get(p, p) for p in self._pages}
+        self._free = {new_of.get(b, b) for b in self._free}
+        self._refs = {new_of.get(b, b): r for b, r in self._refs.items()}
+        self._held_per_page = {page_of.get(p, p): n for p, n in self._held_per_page.items()}
+        if self.cache is not None:
+            self.cache.renumber(new_of)
+        self._rebuild_heap()
+        return new_of
 
     def drain_resizes(self) -> list[ResizeKV]:
         """The pages taken and given back since the last call, as memory actions of the step."""

@@ -126,6 +126,16 @@ class PrefixCache:
         del self._lru[block]
         self._drop(block)
 
+    def renumber(self, new_of: dict[int, int]) -> None:
+        """Blocks moved (their pages were compacted): old id -> new id; release order kept."""
+        for old, new in new_of.items():
+            entry = self._entries.pop(old, None)
+            if entry is not None:
+                self._entries[new] = entry
+                self._block_of[entry.hash] = new
+        if any(b in new_of for b in self._lru):
+            self._lru = OrderedDict((new_of.get(b, b), None) for b in self._lru)
+
     def _drop(self, block: int) -> None:
         entry = self._entries.pop(block)
         del self._block_of[entry.hash]

@@ -126,9 +126,15 @@ class LayerStreamer:
 
     def settle(self) -> None:
         """The compute stream waits for every copy queued so far (no host wait)."""
-        if self._ready and self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        if self._ready:
+            self.order_after_copies()
         self._ready.clear()
+
+    def order_after_copies(self) -> None:
+        """What the compute stream does next comes after every copy queued so far (no host
+        wait; the copies' readers keep their events)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def join(self) -> None:
         """End of a captured pass: the copy stream's work joins the compute stream (a capture may

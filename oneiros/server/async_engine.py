@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from oneiros.core import (
     InvalidRequestError,
+    MoveKV,
     RequestOutput,
     RestoreLayer,
     SamplingParams,
@@ -598,6 +599,9 @@ class AsyncLLMEngine(EngineClient):
         touched = {s.request.request_id for p in plans for s in p.seqs}
         # A request the step swapped out has no KV copy on the host yet: it cannot resume.
         touched |= {r.request_id for p in plans for r in p.preempted if r.host_block_ids}
+        # KV pages the step moved may not hold their blocks: every request of that model ends.
+        for model in {op.model for op in f.step.memory if isinstance(op, MoveKV)}:
+            touched |= {r.request_id for r in self.engine.tenants[model].scheduler.running}
         logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
         error = f"the engine failed while running this request: {f}"
         for rid in touched:

@@ -56,7 +56,7 @@ class SimBackend(Backend):
         sims = {
             n: SimTenant(
                 ModelCost.of(t.model), t.residency.layer_bytes, t.pool.block_bytes, t.vocab_size,
-                self.cold_bytes_per_s() if t.cold else None,
+                self.cold_bytes_per_s() if t.cold else None, t.pool.arena.page_bytes,
             )
             for n, t in tenants.items()
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from oneiros.core import LAYER_COPIES, Step, StepPlan, StepResult
+from oneiros.core import LAYER_COPIES, MoveKV, Step, StepPlan, StepResult
 from oneiros.engine.backends import Executor
 from oneiros.engine.clock import VirtualClock
 from oneiros.memory.passplan import HostLink, PassRun, plan_pass, replay
@@ -22,9 +22,10 @@ class SimTenant:
 
     def __init__(
         self, cost: ModelCost, layer_bytes: int, block_bytes: int, vocab_size: int,
-        cold_bw: float | None = None,
+        cold_bw: float | None = None, page_bytes: int = 0,
     ) -> None:
         self.cost = cost
+        self.page_bytes = page_bytes  # a KV page moved by compaction copies this much
         self.layer_bytes = layer_bytes
         self.cold_bw = cold_bw  # its host copy is in the cold tier: layer copies at this rate
         self.block_bytes = block_bytes
@@ -42,6 +43,7 @@ class SimExecutor(Executor):
     blocking (vLLM), except that a policy with `async_swap_in` issues swap-ins a step ahead and
     only the step that uses those requests waits for them. Plans of one step share the device:
     their work adds up in one roofline. On a profile without async copies every copy is blocking.
+    KV pages moved by compaction (`MoveKV`) are device copies at memory bandwidth before the step.
 
     `noise` > 0 multiplies each step's compute and overheads by a log-normal factor (median 1,
     sigma `noise`) drawn from `seed`: a real machine's step-to-step variation, so that repeated
@@ -72,6 +74,12 @@ class SimExecutor(Executor):
     def execute(self, step: Step) -> list[StepResult]:
         hw, t0 = self.hw, self.clock.now()
         blocking = t0  # compute starts once the step's blocking copies are done
+        moved = sum(  # KV compaction: device-to-device page copies ahead of everything else
+            len(op.pages) * self.tenants[op.model].page_bytes
+            for op in step.memory if isinstance(op, MoveKV)
+        )
+        if moved:
+            blocking += 2 * moved / (hw.mem_bw * hw.mem_eff)  # each byte read and written
         for op in step.memory:
             if isinstance(op, LAYER_COPIES):
                 end = self.link.copy("h2d", self._link_bytes(self.tenants[op.model]), t0)

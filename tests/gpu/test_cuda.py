@@ -8,7 +8,8 @@
   - a decode step replayed from a graph makes one host sync: the sampled tokens' copy;
   - the bandwidth probe gives plausible figures;
   - four models in an arena that holds the weights of about two (oversubscribed): restores on the
-    copy stream and graphs keyed by the residency give the tokens of an ample arena.
+    copy stream and graphs keyed by the residency give the tokens of an ample arena;
+  - KV pages of running requests moved on the device (compaction for a restore) keep every token.
 """
 
 from __future__ import annotations
@@ -149,3 +150,36 @@ def test_probe_figures_are_plausible():
     bw = probe("cuda", nbytes=64 << 20, repeats=3)
     for x in (bw.h2d, bw.d2h, bw.mixed_h2d, bw.mixed_d2h):
         assert 1e9 < x < 2e12  # between 1 GB/s and 2 TB/s
+
+
+def test_kv_pages_moved_on_the_device_keep_every_token():
+    """Three models, all bursts at once, turns of two steps with turn reloads, on CUDA with
+    graphs: restores need contiguous runs, so KV pages of running requests move on the device
+    (after the copy streams' work, before the step's swaps and restores); the tokens are those
+    of each model alone in an ample arena."""
+    from tests.integration.test_remapping import (
+        GREEDY, TENANTS, WORKLOAD_EXTRA, WORKLOAD_MAX_TOKENS, burst, make_engine, run_all, total,
+    )
+
+    cuda = {"device": "cuda", "dtype": "float32"}
+    ref = {}
+    for name, src in TENANTS.items():
+        solo = make_engine({name: src}, extra_pages=64, **cuda)
+        ids = {
+            solo.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
+            .request_id: (name, tuple(p))
+            for p in burst(name)
+        }
+        ref.update({ids[r]: out.token_ids for r, out in run_all(solo).items()})
+    e = make_engine(
+        TENANTS, WORKLOAD_EXTRA, policy="oneiros", max_num_seqs=16, max_wait_s=1e9,
+        revert_hold_steps=2, turn_reload="on", turn_steps=2, cuda_graphs=True, **cuda,
+    )
+    ids = {}
+    for name in TENANTS:
+        for p in burst(name):
+            req = e.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
+            ids[req.request_id] = (name, tuple(p))
+    outs = {ids[r]: out.token_ids for r, out in run_all(e).items()}
+    assert outs == ref
+    assert total(e, "kv_pages_moved") > 0

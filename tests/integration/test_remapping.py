@@ -329,6 +329,10 @@ def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs)
     outs = {ids[rid]: out.token_ids for rid, out in run_all(e).items()}
     assert outs == solo_outputs
     assert total(e, "prefetched_layers") > 0  # copied back ahead of a turn
+    # KV pages of running requests moved on the device so that slabs fit (every idle KV page is
+    # given back before a move: what moves holds live blocks), and the tokens above stayed the
+    # same.
+    assert total(e, "kv_pages_moved") > 0
     # A model whose turn was not next lent every layer but layer 0 (which a model with requests
     # running keeps: it can always run, streaming the rest).
     lent = [

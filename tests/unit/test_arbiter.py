@@ -7,15 +7,18 @@ import pytest
 
 from oneiros.core import (
     EvictLayer,
+    MoveKV,
     MoveLayer,
     RequestStatus,
     ResizeKV,
     RestoreLayer,
     Step,
+    StepPlan,
     StepResult,
 )
 from oneiros.engine.arbiter import Arbiter
 from oneiros.memory.arena import Owner, OwnerKind, PageArena
+from oneiros.memory.prefix import chain_hash
 from tests.factories import commit, make_planning, make_request, make_tenants
 
 PAGE = 4096  # 4 KV blocks of 4 tokens per page (make_tenants' default block bytes)
@@ -288,34 +291,72 @@ def test_prepare_restores_what_streaming_cannot_hide_and_notes_the_reactivation(
     check(tenants)
 
 
-def test_a_failed_restore_is_noted_and_backs_off():
-    """Two free pages, each alone between live KV pages: no slab fits, even after compaction."""
+def _split_free_pages():
+    """Two free pages, each alone between live KV pages (held by a running request of "a", with
+    a cached block of its prefix on page 4): no slab fits, even after slab compaction."""
     arena = PageArena(1 + 5 * 2, PAGE)  # 0-1 layer 4, 2-3 layer 3, 4-5 layer 2, ..., 10 resident
-    tenants = make_tenants(arena, {"a": 5})
-    _, _, controller, _ = make_planning(tenants, h2d_bytes_per_s=2 * PAGE / 1e-3)
+    tenants = make_tenants(arena, {"a": 5}, prefix_caching=True)
+    # No reversion reserve: a restore may use every free page (the running request would
+    # otherwise keep them for its KV cache).
+    _, _, controller, _ = make_planning(
+        tenants, h2d_bytes_per_s=2 * PAGE / 1e-3, revert_reserve=0.0
+    )
     a = tenants["a"]
     controller.begin(Step(0.0))
     controller._evict(a, 3)
     controller._evict(a, 2)
     blocks = a.pool.allocate(16)  # the pool grows onto pages 2..5, all of them live
     assert blocks is not None and sorted(a.pool._pages) == [2, 3, 4, 5]
-    a.pool.free([x for x in blocks if x // a.pool.blocks_per_page in (3, 5)])
+    bpp = a.pool.blocks_per_page
+    a.pool.free([x for x in blocks if x // bpp in (3, 5)])
     a.pool.shrink()
+    kept = [x for x in blocks if x // bpp in (2, 4)]
+    req = make_request(len(kept) * 4, model="a")
+    req.block_ids = kept
+    req.status = RequestStatus.RUNNING
+    a.scheduler.running.append(req)
+    a.pool.cache_block(kept[-1], chain_hash(b"p", [1, 2, 3, 4]), b"p", [1, 2, 3, 4])
     assert sorted(p for p in range(arena.num_pages) if arena.owner(p).kind is OwnerKind.FREE) == [
         3, 5
     ]
     controller.observe_step("a", 1e-4)  # streaming hides nothing: restore if at all possible
+    return arena, tenants, controller, req
+
+
+def test_kv_pages_move_so_a_slab_fits_and_block_tables_follow():
+    arena, tenants, controller, req = _split_free_pages()
+    a = tenants["a"]
+    before = list(req.block_ids)
     step = Step(1.0)
     controller.begin(step)
     controller.prepare(a)
+    moves = [op for op in step.memory if isinstance(op, MoveKV)]
+    assert moves == [MoveKV("a", (4,), (3,))]  # the highest window holding one KV page: 4-5
+    restore = next(op for op in step.memory if isinstance(op, RestoreLayer))
+    assert step.memory.index(moves[0]) < step.memory.index(restore)
+    assert restore.pages == (4, 5)
+    bpp = a.pool.blocks_per_page
+    assert req.block_ids == [b if b // bpp != 4 else b - bpp for b in before]
+    assert a.pool.cache.lookup([chain_hash(b"p", [1, 2, 3, 4])]) == [req.block_ids[-1]]  # the index follows its block
+    assert step.notes["a", "restore_failures"] == 0
+    check(tenants)
+
+
+def test_a_failed_restore_is_noted_and_backs_off():
+    """KV pages may not move once the step holds a swap: the restore fails and backs off."""
+    arena, tenants, controller, req = _split_free_pages()
+    a = tenants["a"]
+    step = Step(1.0)
+    controller.begin(step)
+    controller.kv_moves_ok = False
+    controller.prepare(a)
     assert step.notes["a", "restore_failures"] == 1
-    assert not any(isinstance(op, (RestoreLayer, MoveLayer)) for op in step.memory)
+    assert not any(isinstance(op, (RestoreLayer, MoveLayer, MoveKV)) for op in step.memory)
     again = Step(2.0)
     controller.begin(again)
     controller.prepare(a)  # backing off: no second attempt at once
     assert again.notes["a", "restore_failures"] == 0
-    arena.check_integrity()
-    a.pool.check_integrity()
+    check(tenants)
 
 
 def test_compaction_moves_slabs_so_free_pages_join():
@@ -373,7 +414,7 @@ def test_planning_random_bursts_keeps_every_invariant(sharing, reserve):
             reqs.append(r)
         step = run_step(planner, float(k))
         for op in step.memory:
-            assert isinstance(op, (EvictLayer, RestoreLayer, MoveLayer, ResizeKV))
+            assert isinstance(op, (EvictLayer, RestoreLayer, MoveLayer, MoveKV, ResizeKV))
         check(tenants)
         if k > 150 and not any(t.scheduler.has_work for t in tenants.values()):
             break
@@ -404,4 +445,60 @@ def test_the_growth_reserve_counts_other_models_requests_and_the_layers_they_cou
     step = run_step(planner, 1.0)
     assert [p.model for p in step.plans] == (["a"] if remap else ["b"])  # b runs meanwhile
     assert (len(a.running), len(a.waiting)) == ((1, 0) if remap else (0, 1))
+    check(tenants)
+
+
+def test_kv_pages_stay_put_once_a_step_plans_a_swap():
+    """Spatial: the first model's plan swaps blocks out, so a later model's prepare may not move
+    KV pages in the same step (the swap names blocks by their pages); the next step may."""
+    arena = PageArena(2 * (1 + 2 * 2) + 4, PAGE)
+    tenants = make_tenants(arena, {"a": 2, "b": 2})
+    _, _, controller, planner = make_planning(tenants, sharing="spatial")
+    for name in tenants:
+        tenants[name].scheduler.add(make_request(4, model=name))
+    tenants["a"].scheduler.schedule = lambda: StepPlan("a", swap_out=[(0, 0)])
+    seen = {}
+    prepare = controller.prepare
+
+    def spy(t):
+        seen[t.name] = controller.kv_moves_ok
+        prepare(t)
+
+    controller.prepare = spy
+    tenants["a"].residency.evict(1)  # only models with missing layers are prepared
+    tenants["b"].residency.evict(1)
+    planner.plan(0.0)
+    assert seen == {"a": True, "b": False}
+    planner.plan(1.0)
+    assert seen["a"] is True
+
+
+@pytest.mark.parametrize("reserve", [0.0, 0.25])
+def test_a_restore_before_a_pass_leaves_the_reversion_reserve_to_the_kv_cache(reserve):
+    """A model about to run restores the layer its passes cannot hide from free pages only beyond
+    the reversion reserve (a share of the KV pages in use, kept for running requests as reversion
+    and prefetches keep it); short of that it takes the layer of a model without work."""
+    arena = PageArena(2 * (1 + 3 * 2) + 1, PAGE)
+    tenants = make_tenants(arena, {"a": 3, "b": 3})
+    _, _, controller, _ = make_planning(
+        tenants, h2d_bytes_per_s=2 * PAGE / 1e-3, revert_reserve=reserve
+    )
+    a, b = tenants["a"], tenants["b"]
+    controller.begin(Step(0.0))
+    controller._evict(a, 1)
+    req = make_request(4, model="a")
+    req.block_ids = a.pool.allocate(4)  # one KV page in use, two pages free: one slab's worth
+    req.status = RequestStatus.RUNNING
+    a.scheduler.running.append(req)
+    assert arena.num_free == a.residency.pages_per_layer
+    controller.observe_step("a", 1e-4)  # streaming hides nothing: restore if at all possible
+    a.state.active = a.state.running = True
+    step = Step(1.0)
+    controller.begin(step)
+    controller.prepare(a)
+    evicted = [(op.model, op.layer) for op in step.memory if isinstance(op, EvictLayer)]
+    restored = [(op.model, op.layer) for op in step.memory if isinstance(op, RestoreLayer)]
+    assert restored == [("a", 1)]
+    assert evicted == ([] if reserve == 0 else [("b", 2)])
+    assert arena.num_free == (0 if reserve == 0 else b.residency.pages_per_layer)
     check(tenants)

@@ -316,6 +316,35 @@ class ArenaMachine(RuleBasedStateMachine):
         for p in pages:
             self.mirror[p] = new
 
+    @precondition(lambda self: self.arena is not None)
+    @rule(n=st.integers(1, 8))
+    def plan_kv_moves(self, n):
+        """Against brute force: the cheapest window of n pages without parameters (the highest
+        of equals) is emptied onto the lowest free pages outside it; then a run of n exists."""
+        size, m = len(self.mirror), self.mirror
+        moves = self.arena.plan_kv_moves(n)
+        free = self._free_pages()
+        windows = [
+            (sum(m[q].kind is OwnerKind.KV for q in range(b, b + n)), b)
+            for b in range(size - n + 1)
+            if all(m[q].kind in (OwnerKind.FREE, OwnerKind.KV) for q in range(b, b + n))
+        ]
+        if len(free) < n or not windows:
+            assert moves is None
+            return
+        cost = min(c for c, _ in windows)
+        bottom = max(b for c, b in windows if c == cost)
+        window = range(bottom, bottom + n)
+        assert [src for _, src, _ in moves] == [q for q in window if m[q].kind is OwnerKind.KV]
+        assert [dst for _, _, dst in moves] == [q for q in free if q not in window][:cost]
+        for owner, src, dst in moves:
+            assert owner == m[src]
+            self.arena.transfer([dst], FREE, owner)
+            self.arena.free([src], owner)
+            m[dst], m[src] = owner, FREE
+        assert all(m[q] == FREE for q in window)
+        assert any(length >= n for _, length in self.arena.runs())
+
     @invariant()
     def matches_mirror(self):
         if self.arena is None:

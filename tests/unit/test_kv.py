@@ -292,6 +292,32 @@ class KVMachine(RuleBasedStateMachine):
         assert pool.num_free_blocks == free_before + len(pages) * pool.blocks_per_page
 
     @ready
+    @rule(owner=st.sampled_from(SLABS), n=st.integers(1, 4))
+    def compact_kv_for_a_slab(self, owner, n):
+        """Restore a layer where KV pages split the free ones: move them (the pools renumber
+        their blocks; the requests' tables follow the returned map), then take the run."""
+        moves = self.arena.plan_kv_moves(n)
+        if moves is None:
+            assert self.arena.num_free < n or self.arena.alloc_run(n, owner) is None
+            return
+        for name, pool in self.pools.items():
+            pairs = [(src, dst) for o, src, dst in moves if o == pool.owner]
+            if not pairs:
+                continue
+            before = (pool.num_pages, pool.num_free_blocks, pool.references())
+            new_of = pool.move_pages(pairs)
+            held = {new_of.get(b, b) for b in self.held[name]}
+            assert len(held) == len(self.held[name])
+            self.held[name] = held
+            assert set(pool.references()) == held
+            refs = before[2]
+            assert pool.references() == {new_of.get(b, b): r for b, r in refs.items()}
+            assert (pool.num_pages, pool.num_free_blocks) == before[:2]
+        got = self.arena.alloc_run(n, owner)
+        assert got is not None, "no run after the KV pages moved"
+        self.slabs[owner].update(got)
+
+    @ready
     @rule(owner=st.sampled_from(SLABS), data=st.data())
     def reclaim_kv_for_a_slab(self, owner, data):
         """Restore a layer: shrink a pool, then take a contiguous run for the slab."""

@@ -237,6 +237,21 @@ def test_full_size_models_simulate_on_the_meta_device():
     assert remapped > 0  # 96 GB hold the weights with little KV to spare
 
 
+def test_kv_page_moves_cost_device_copies_before_the_step():
+    """A memory-only step with KV compaction advances the clock by its device copies: each
+    moved page read and written at the profile's effective memory bandwidth."""
+    from oneiros.core import MoveKV, Step
+    from oneiros.engine.clock import VirtualClock
+    from oneiros.sim.executor import SimExecutor, SimTenant
+
+    page = 2 * 1024 * 1024
+    clock = VirtualClock()
+    sim = SimExecutor(GH200, clock, {"m": SimTenant(_cost(), 1 << 20, 4096, 100, None, page)})
+    step = Step(0.0, memory=[MoveKV("m", (4, 5, 6), (0, 1, 2))])
+    assert sim.execute(step) == []
+    assert clock.now() == pytest.approx(2 * 3 * page / (GH200.mem_bw * GH200.mem_eff))
+
+
 def test_step_noise_is_seeded_and_moves_the_clock_around_the_noise_free_run():
     """sim_noise draws each step's compute factor from the config's seed: one seed repeats
     exactly, another gives another run, and the runs scatter around the noise-free one (the
