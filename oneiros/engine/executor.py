@@ -22,6 +22,7 @@ from oneiros.core import (
     StepPlan,
     StepResult,
 )
+from oneiros.engine import faults
 from oneiros.engine.backends import Backend, Executor
 from oneiros.engine.clock import Clock
 from oneiros.engine.graphs import CudaGraphCapture, DecodeGraphs, GraphCapture, batch_sizes
@@ -98,6 +99,7 @@ class ModelRunner:
 
     def move_kv(self, op: MoveKV) -> None:
         """Copy KV pages to their new places on the device (compaction; blocks keep their slot)."""
+        faults.maybe("kv_move")  # fault injection (tests, drills): a failed move copies nothing
         src = torch.tensor(op.src, device=self.device)
         dst = torch.tensor(op.pages, device=self.device)
         self.kv[dst] = self.kv[src]

@@ -6,6 +6,8 @@ A spec names faults and their rates, from `--faults` or the ONEIROS_FAULTS envir
 
 - `copy`: a host-to-device copy of a streamed layer fails (memory/transfer.py);
 - `restore`: restoring a remapped layer fails before it touches anything (memory/weights.py);
+- `kv_move`: moving KV pages on the device (compaction) fails before it copies anything
+  (engine/executor.py);
 - `step`: the model step raises after the step was planned (blocks allocated), around the executor;
 - `slow`: the step first sleeps `@SECONDS` (default 0.2);
 - `crash`: the engine's loop dies (a BaseException the loop does not catch), for supervisor drills.
@@ -29,9 +31,12 @@ from dataclasses import dataclass, field
 
 from oneiros.core import ConfigError
 
-KINDS = ("copy", "restore", "step", "slow", "crash")
+KINDS = ("copy", "restore", "kv_move", "step", "slow", "crash")
 # Which kinds a call site can fire, in the order they are tried.
-SITES = {"copy": ("copy",), "restore": ("restore",), "step": ("slow", "crash", "step")}
+SITES = {
+    "copy": ("copy",), "restore": ("restore",), "kv_move": ("kv_move",),
+    "step": ("slow", "crash", "step"),
+}
 
 
 class InjectedFault(RuntimeError):

@@ -599,8 +599,10 @@ class AsyncLLMEngine(EngineClient):
         touched = {s.request.request_id for p in plans for s in p.seqs}
         # A request the step swapped out has no KV copy on the host yet: it cannot resume.
         touched |= {r.request_id for p in plans for r in p.preempted if r.host_block_ids}
-        # KV pages the step moved may not hold their blocks: every request of that model ends.
-        for model in {op.model for op in f.step.memory if isinstance(op, MoveKV)}:
+        # KV pages the step moved may not hold their blocks: every request of that model ends,
+        # and its pool is emptied below (cached prefix blocks on those pages go with it).
+        moved = {op.model for op in f.step.memory if isinstance(op, MoveKV)}
+        for model in moved:
             touched |= {r.request_id for r in self.engine.tenants[model].scheduler.running}
         logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
         error = f"the engine failed while running this request: {f}"
@@ -612,6 +614,8 @@ class AsyncLLMEngine(EngineClient):
                 logger.exception("abort of %s failed", rid)
             if stream is not None:
                 stream._push(EngineStepError(error))
+        for model in moved:
+            self.engine.tenants[model].pool.shrink()
         for model in f.models:
             self._repair(model)
         self._check()

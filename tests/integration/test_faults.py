@@ -143,6 +143,54 @@ def test_failed_restore_is_repaired(llama12: str) -> None:
         asyncio.run(ae.shutdown(0))
 
 
+def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> None:
+    """Three models, every burst at once, turn reloads: restores need KV pages moved on the
+    device. The first move fails before copying anything: every running request of the moved
+    model ends with a clean error (its blocks may not hold their tokens), as do those of the
+    step, and its pool is emptied (cached prefixes on those pages too); the other requests finish
+    with the tokens of a healthy run, and nothing is left allocated."""
+    from tests.integration.test_remapping import (
+        GREEDY as G, TENANTS, WORKLOAD_MAX_TOKENS, burst, workload_engine,
+    )
+
+    params = SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **G)
+
+    async def run_all_bursts(ae: AsyncLLMEngine) -> dict:
+        jobs = {
+            (name, tuple(p)): asyncio.ensure_future(tokens(ae, name, p, params))
+            for name in TENANTS for p in burst(name)
+        }
+        got = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        return dict(zip(jobs, got, strict=True))
+
+    def engine() -> AsyncLLMEngine:
+        ae = AsyncLLMEngine(workload_engine("oneiros", turn_reload="on", turn_steps=2),
+                            idle_poll_s=0.05)
+        ae.start()
+        return ae
+
+    healthy = engine()
+    try:
+        expected = asyncio.run(run_all_bursts(healthy))
+        moved = healthy.call_sync(
+            lambda e: sum(s.counters.kv_pages_moved for s in e.store.states.values()))
+    finally:
+        asyncio.run(healthy.shutdown(0))
+    assert moved > 0 and all(isinstance(v, list) for v in expected.values())
+    plan = faults.parse("kv_move:1*1")
+    faults.install(plan)
+    ae = engine()
+    try:
+        got = asyncio.run(run_all_bursts(ae))
+        assert plan.fired["kv_move"] == 1 and "kv_move" in (ae.last_step_error or "")
+        failed = {k for k, v in got.items() if isinstance(v, EngineStepError)}
+        assert failed and len(failed) < len(got)
+        assert all(got[k] == expected[k] for k in got if k not in failed)
+        assert settled(ae) == {"unfinished": False, "blocks_used": 0}
+    finally:
+        asyncio.run(ae.shutdown(0))
+
+
 def test_dead_engine_loop_fails_requests_and_reports_it(llama12: str) -> None:
     ae = streaming_engine(llama12)
     deaths: list[str] = []
