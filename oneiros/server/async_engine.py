@@ -582,6 +582,9 @@ class AsyncLLMEngine(EngineClient):
             self.num_step_errors += 1
             self.last_step_error = f"idle restore: {f}"
             logger.warning("restoring idle layers failed (%s); serving goes on", f)
+            for op in f.step.memory:
+                if isinstance(op, MoveKV):  # its cached prefixes may not be on those pages
+                    e.tenants[op.model].pool.shrink()
             for model in f.models:
                 self._repair(model)
         except Exception as err:
