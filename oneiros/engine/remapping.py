@@ -62,6 +62,7 @@ from oneiros.memory.remap import (
     next_to_restore,
     rebalance,
     restore_priority,
+    revert_shortfall,
     should_revert,
 )
 
@@ -482,7 +483,9 @@ class RemapController:
             # KV cache of the running requests, as reversion and prefetches keep it: a restore
             # into it would preempt them later), else the layers of models not running now (the
             # parameter deficit moves to them: one copy now instead of one every pass).
-            short = ppl + math.ceil(self.revert_reserve * self._kv_in_use()) - self._free_pages()
+            short = revert_shortfall(
+                self._free_pages(), ppl, self._kv_in_use(), self.revert_reserve
+            )
             if short > 0 and self.take(t.name, short, exclude=t.name) < short:
                 self._backoff[t.name] = self.hysteresis.hold_steps
                 break

@@ -172,13 +172,12 @@ class PageArena:
             return None if n > 0 else []
         best = best_cost = None
         walls = kv = 0  # parameter and KV pages in the window ending at page p
-        for p, o in enumerate(self._owner):
-            walls += o.kind in (OwnerKind.SLAB, OwnerKind.RESIDENT)
-            kv += o.kind is OwnerKind.KV
+        for p in range(self.num_pages):
+            walls += self._is_param(p)
+            kv += self._is_kv(p)
             if p >= n:
-                gone = self._owner[p - n].kind
-                walls -= gone in (OwnerKind.SLAB, OwnerKind.RESIDENT)
-                kv -= gone is OwnerKind.KV
+                walls -= self._is_param(p - n)
+                kv -= self._is_kv(p - n)
             if p >= n - 1 and not walls and (best_cost is None or kv <= best_cost):
                 best, best_cost = p - n + 1, kv
         if best is None:

@@ -177,9 +177,17 @@ class Hysteresis:
         return self.streak >= self.hold_steps
 
 
+def revert_shortfall(
+    free_pages: int, pages_per_layer: int, kv_pages_in_use: int, reserve: float
+) -> int:
+    """Pages missing to restore one layer and still leave `reserve` x the KV pages in use free
+    (<= 0: none)."""
+    return math.ceil(pages_per_layer + reserve * kv_pages_in_use - free_pages)
+
+
 def should_revert(free_pages: int, pages_per_layer: int, kv_pages_in_use: int, reserve: float) -> bool:
     """True when one layer can be restored and still leave `reserve` x the KV pages in use free."""
-    return free_pages >= pages_per_layer + reserve * kv_pages_in_use
+    return revert_shortfall(free_pages, pages_per_layer, kv_pages_in_use, reserve) <= 0
 
 
 def restore_priority(

@@ -165,6 +165,12 @@ class StepFailure(Exception):
         """Models whose bytes the step may have left half-moved."""
         return {p.model for p in self.step.plans} | {op.model for op in self.step.memory}
 
+    @property
+    def kv_moved(self) -> set[str]:
+        """Models whose KV pages the step moved: their blocks may not be where the accounting
+        says (requests and cached prefixes alike)."""
+        return {op.model for op in self.step.memory if isinstance(op, MoveKV)}
+
 
 class GuardedExecutor(Executor):
     """Wraps the engine's executor on the engine thread: a failure while executing a step comes
@@ -582,9 +588,8 @@ class AsyncLLMEngine(EngineClient):
             self.num_step_errors += 1
             self.last_step_error = f"idle restore: {f}"
             logger.warning("restoring idle layers failed (%s); serving goes on", f)
-            for op in f.step.memory:
-                if isinstance(op, MoveKV):  # its cached prefixes may not be on those pages
-                    e.tenants[op.model].pool.shrink()
+            for model in f.kv_moved:  # its cached prefixes may not be on those pages
+                e.tenants[model].pool.shrink()
             for model in f.models:
                 self._repair(model)
         except Exception as err:
@@ -604,8 +609,7 @@ class AsyncLLMEngine(EngineClient):
         touched |= {r.request_id for p in plans for r in p.preempted if r.host_block_ids}
         # KV pages the step moved may not hold their blocks: every request of that model ends,
         # and its pool is emptied below (cached prefix blocks on those pages go with it).
-        moved = {op.model for op in f.step.memory if isinstance(op, MoveKV)}
-        for model in moved:
+        for model in f.kv_moved:
             touched |= {r.request_id for r in self.engine.tenants[model].scheduler.running}
         logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
         error = f"the engine failed while running this request: {f}"
@@ -617,7 +621,7 @@ class AsyncLLMEngine(EngineClient):
                 logger.exception("abort of %s failed", rid)
             if stream is not None:
                 stream._push(EngineStepError(error))
-        for model in moved:
+        for model in f.kv_moved:
             self.engine.tenants[model].pool.shrink()
         for model in f.models:
             self._repair(model)

@@ -158,28 +158,14 @@ def test_kv_pages_moved_on_the_device_keep_every_token():
     (after the copy streams' work, before the step's swaps and restores); the tokens are those
     of each model alone in an ample arena."""
     from tests.integration.test_remapping import (
-        GREEDY, TENANTS, WORKLOAD_EXTRA, WORKLOAD_MAX_TOKENS, burst, make_engine, run_all, total,
+        KV_MOVE_ATTEMPTS, KV_MOVES, every_burst_at_once, solo_tokens, total, workload_engine,
     )
 
     cuda = {"device": "cuda", "dtype": "float32"}
-    ref = {}
-    for name, src in TENANTS.items():
-        solo = make_engine({name: src}, extra_pages=64, **cuda)
-        ids = {
-            solo.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
-            .request_id: (name, tuple(p))
-            for p in burst(name)
-        }
-        ref.update({ids[r]: out.token_ids for r, out in run_all(solo).items()})
-    e = make_engine(
-        TENANTS, WORKLOAD_EXTRA, policy="oneiros", max_num_seqs=16, max_wait_s=1e9,
-        revert_hold_steps=2, turn_reload="on", turn_steps=2, cuda_graphs=True, **cuda,
-    )
-    ids = {}
-    for name in TENANTS:
-        for p in burst(name):
-            req = e.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
-            ids[req.request_id] = (name, tuple(p))
-    outs = {ids[r]: out.token_ids for r, out in run_all(e).items()}
-    assert outs == ref
+    ref = solo_tokens(**cuda)
+    for _ in range(KV_MOVE_ATTEMPTS):
+        e = workload_engine("oneiros", cuda_graphs=True, **KV_MOVES, **cuda)
+        assert every_burst_at_once(e) == ref
+        if total(e, "kv_pages_moved"):
+            break
     assert total(e, "kv_pages_moved") > 0

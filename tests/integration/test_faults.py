@@ -150,7 +150,7 @@ def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> 
     step, and its pool is emptied (cached prefixes on those pages too); the other requests finish
     with the tokens of a healthy run, and nothing is left allocated."""
     from tests.integration.test_remapping import (
-        GREEDY as G, TENANTS, WORKLOAD_MAX_TOKENS, burst, workload_engine,
+        GREEDY as G, KV_MOVE_ATTEMPTS, TENANTS, WORKLOAD_MAX_TOKENS, burst, workload_engine,
     )
 
     params = SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **G)
@@ -172,23 +172,28 @@ def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> 
     healthy = engine()
     try:
         expected = asyncio.run(run_all_bursts(healthy))
-        moved = healthy.call_sync(
-            lambda e: sum(s.counters.kv_pages_moved for s in e.store.states.values()))
     finally:
         asyncio.run(healthy.shutdown(0))
-    assert moved > 0 and all(isinstance(v, list) for v in expected.values())
-    plan = faults.parse("kv_move:1*1")
-    faults.install(plan)
-    ae = engine()
-    try:
-        got = asyncio.run(run_all_bursts(ae))
-        assert plan.fired["kv_move"] == 1 and "kv_move" in (ae.last_step_error or "")
-        failed = {k for k, v in got.items() if isinstance(v, EngineStepError)}
-        assert failed and len(failed) < len(got)
-        assert all(got[k] == expected[k] for k in got if k not in failed)
-        assert settled(ae) == {"unfinished": False, "blocks_used": 0}
-    finally:
-        asyncio.run(ae.shutdown(0))
+    assert all(isinstance(v, list) for v in expected.values())
+    # The schedule follows measured step times: a run may need no move (then nothing fails and
+    # every request must finish as in the healthy run); one of the attempts must move pages.
+    for _ in range(KV_MOVE_ATTEMPTS):
+        plan = faults.parse("kv_move:1*1")
+        faults.install(plan)
+        ae = engine()
+        try:
+            got = asyncio.run(run_all_bursts(ae))
+            failed = {k for k, v in got.items() if isinstance(v, EngineStepError)}
+            assert all(got[k] == expected[k] for k in got if k not in failed)
+            assert settled(ae) == {"unfinished": False, "blocks_used": 0}
+            if plan.fired["kv_move"]:
+                assert "kv_move" in (ae.last_step_error or "")
+                assert failed and len(failed) < len(got)
+                break
+            assert not failed
+        finally:
+            asyncio.run(ae.shutdown(0))
+    assert plan.fired["kv_move"] == 1
 
 
 def test_dead_engine_loop_fails_requests_and_reports_it(llama12: str) -> None:

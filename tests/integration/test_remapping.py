@@ -226,15 +226,32 @@ def run_bursts(engine: LLMEngine) -> tuple[dict[tuple, list[int]], list[tuple[st
     return outs, spans
 
 
-@pytest.fixture(scope="module")
-def solo_outputs() -> dict[tuple, list[int]]:
+def solo_tokens(**kw) -> dict[tuple, list[int]]:
+    """Each tenant's burst on an engine of its own with ample memory, keyed by (model, prompt)."""
     outs = {}
     for name, src in TENANTS.items():
-        e = make_engine({name: src}, extra_pages=64)
+        e = make_engine({name: src}, extra_pages=64, **kw)
         toks = generate(e, name, burst(name), WORKLOAD_MAX_TOKENS)
         for p, t in zip(burst(name), toks, strict=True):
             outs[(name, tuple(p))] = t
     return outs
+
+
+@pytest.fixture(scope="module")
+def solo_outputs() -> dict[tuple, list[int]]:
+    return solo_tokens()
+
+
+def every_burst_at_once(engine: LLMEngine) -> dict[tuple, list[int]]:
+    """Every tenant's burst added at once and run to completion, keyed by (model, prompt)."""
+    ids = {}
+    for name in TENANTS:
+        for p in burst(name):
+            req = engine.add_request(
+                p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name
+            )
+            ids[req.request_id] = (name, tuple(p))
+    return {ids[rid]: out.token_ids for rid, out in run_all(engine).items()}
 
 
 def total(engine: LLMEngine, field: str) -> int:
@@ -321,18 +338,8 @@ def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs)
     fallback preemption, vary)."""
     e = workload_engine("oneiros", turn_reload="on", turn_steps=2)
     assert e.planner.remap.turn_reload and not e.oversubscribed
-    ids = {}
-    for name in TENANTS:
-        for p in burst(name):
-            req = e.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
-            ids[req.request_id] = (name, tuple(p))
-    outs = {ids[rid]: out.token_ids for rid, out in run_all(e).items()}
-    assert outs == solo_outputs
+    assert every_burst_at_once(e) == solo_outputs
     assert total(e, "prefetched_layers") > 0  # copied back ahead of a turn
-    # KV pages of running requests moved on the device so that slabs fit (every idle KV page is
-    # given back before a move: what moves holds live blocks), and the tokens above stayed the
-    # same.
-    assert total(e, "kv_pages_moved") > 0
     # A model whose turn was not next lent every layer but layer 0 (which a model with requests
     # running keeps: it can always run, streaming the rest).
     lent = [
@@ -342,6 +349,24 @@ def test_turn_reloads_with_every_tenant_busy_keep_tokens_identical(solo_outputs)
     ]
     assert lent, "no model with work lent all but its layer 0"
     e.check_integrity()
+
+
+# Every burst at once in turns of two steps, restores as soon as memory allows: a restore finds the
+# free pages split by live KV pages of the other models in nearly every run (19 of 20 on this CPU).
+KV_MOVES = {"turn_reload": "on", "turn_steps": 2, "revert_hold_steps": 1}
+KV_MOVE_ATTEMPTS = 5  # the schedule follows measured step times: a run may need no move
+
+
+def test_kv_pages_of_running_requests_move_and_tokens_stay(solo_outputs):
+    """KV pages of running requests move on the device so that slabs fit (every idle KV page is
+    given back before a move: what moves holds live blocks); the tokens are each model's alone.
+    Every attempt must keep the tokens; one of them must have moved pages."""
+    for _ in range(KV_MOVE_ATTEMPTS):
+        e = workload_engine("oneiros", **KV_MOVES)
+        assert every_burst_at_once(e) == solo_outputs
+        if total(e, "kv_pages_moved"):
+            break
+    assert total(e, "kv_pages_moved") > 0
 
 
 def test_reversion_restores_every_layer_once_the_load_falls():
