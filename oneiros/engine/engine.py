@@ -30,6 +30,17 @@ from oneiros.engine.tenant import Tenant
 from oneiros.engine.trace import StepTrace
 
 
+class AfterStepFailed(Exception):
+    """The step ran and committed `outputs`; planning or executing the memory-only step after it
+    (reversion) raised `cause`. The outputs are the caller's to deliver: requests may have
+    finished in them."""
+
+    def __init__(self, outputs: list[RequestOutput], cause: Exception) -> None:
+        super().__init__(f"after the step: {type(cause).__name__}: {cause}")
+        self.outputs = outputs
+        self.cause = cause
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -144,9 +155,12 @@ class LLMEngine:
         step = self.planner.plan(self.clock.now())
         results = self.executor.execute(step)
         outputs = self._commit(step, results)
-        after = self.planner.observe(step, results) if step.plans else None
-        if after is not None:
-            self._commit(after, self.executor.execute(after))
+        try:
+            after = self.planner.observe(step, results) if step.plans else None
+            if after is not None:
+                self._commit(after, self.executor.execute(after))
+        except Exception as e:
+            raise AfterStepFailed(outputs, e) from e
         if step.plans:
             self._record_pages(self.clock.now())
         if self._trace is not None and (step.plans or step.idle):

@@ -46,7 +46,7 @@ from oneiros.core import (
 )
 from oneiros.engine import faults
 from oneiros.engine.backends import Executor
-from oneiros.engine.engine import LLMEngine
+from oneiros.engine.engine import AfterStepFailed, LLMEngine
 from oneiros.server.engine_client import (
     EngineClient,
     EngineDeadError,
@@ -552,12 +552,24 @@ class AsyncLLMEngine(EngineClient):
             return False
         try:
             outputs = self.engine.step()
-        except StepFailure as f:
-            self._step_failed(f)
+        except AfterStepFailed as e:  # the step ran: its outputs go out before the recovery
+            self._deliver(e.outputs)
+            self._failed(e.cause)
             return True
-        except Exception as e:  # raised while planning (a failed restore, say)
+        except Exception as e:
+            self._failed(e)
+            return True
+        self._deliver(outputs)
+        return True
+
+    def _failed(self, e: Exception) -> None:
+        if isinstance(e, StepFailure):
+            self._step_failed(e)
+        else:  # raised while planning (a failed restore, say)
             self._plan_failed(e)
-            return True
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A step ran and committed `outputs`: each goes to its stream."""
         self.num_steps += 1
         self._plan_failures = 0
         self._idle_released = False
@@ -568,7 +580,6 @@ class AsyncLLMEngine(EngineClient):
             if out.finished:
                 del self._streams[out.request_id]
             stream._push(out)
-        return True
 
     def _release_idle(self) -> None:
         """No request anywhere: KV pages without a live or cached block go back to the arena

@@ -143,33 +143,40 @@ def test_failed_restore_is_repaired(llama12: str) -> None:
         asyncio.run(ae.shutdown(0))
 
 
+async def run_all_bursts(ae: AsyncLLMEngine) -> dict:
+    """Every tenant's burst of the remapping workload at once; each (model, prompt) maps to its
+    tokens or the error it ended with."""
+    from tests.integration.test_remapping import (
+        GREEDY as G, TENANTS, WORKLOAD_MAX_TOKENS, burst,
+    )
+
+    params = SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **G)
+    jobs = {
+        (name, tuple(p)): asyncio.ensure_future(tokens(ae, name, p, params))
+        for name in TENANTS for p in burst(name)
+    }
+    got = await asyncio.gather(*jobs.values(), return_exceptions=True)
+    return dict(zip(jobs, got, strict=True))
+
+
+def remapping_engine(**kw) -> AsyncLLMEngine:
+    """The three-tenant remapping workload's engine (policy oneiros) behind an async engine."""
+    from tests.integration.test_remapping import workload_engine
+
+    ae = AsyncLLMEngine(workload_engine("oneiros", **kw), idle_poll_s=0.05)
+    ae.start()
+    return ae
+
+
 def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> None:
     """Three models, every burst at once, turn reloads: restores need KV pages moved on the
     device. The first move fails before copying anything: every running request of the moved
     model ends with a clean error (its blocks may not hold their tokens), as do those of the
     step, and its pool is emptied (cached prefixes on those pages too); the other requests finish
     with the tokens of a healthy run, and nothing is left allocated."""
-    from tests.integration.test_remapping import (
-        GREEDY as G, KV_MOVE_ATTEMPTS, TENANTS, WORKLOAD_MAX_TOKENS, burst, workload_engine,
-    )
+    from tests.integration.test_remapping import KV_MOVE_ATTEMPTS, KV_MOVES
 
-    params = SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **G)
-
-    async def run_all_bursts(ae: AsyncLLMEngine) -> dict:
-        jobs = {
-            (name, tuple(p)): asyncio.ensure_future(tokens(ae, name, p, params))
-            for name in TENANTS for p in burst(name)
-        }
-        got = await asyncio.gather(*jobs.values(), return_exceptions=True)
-        return dict(zip(jobs, got, strict=True))
-
-    def engine() -> AsyncLLMEngine:
-        ae = AsyncLLMEngine(workload_engine("oneiros", turn_reload="on", turn_steps=2),
-                            idle_poll_s=0.05)
-        ae.start()
-        return ae
-
-    healthy = engine()
+    healthy = remapping_engine(**KV_MOVES)
     try:
         expected = asyncio.run(run_all_bursts(healthy))
     finally:
@@ -180,7 +187,7 @@ def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> 
     for _ in range(KV_MOVE_ATTEMPTS):
         plan = faults.parse("kv_move:1*1")
         faults.install(plan)
-        ae = engine()
+        ae = remapping_engine(**KV_MOVES)
         try:
             got = asyncio.run(run_all_bursts(ae))
             failed = {k for k, v in got.items() if isinstance(v, EngineStepError)}
@@ -194,6 +201,32 @@ def test_failed_kv_move_ends_the_moved_models_requests_and_spares_the_rest() -> 
         finally:
             asyncio.run(ae.shutdown(0))
     assert plan.fired["kv_move"] == 1
+
+
+def test_a_failure_after_the_step_delivers_the_steps_outputs_first() -> None:
+    """Reversion is planned and executed after a step committed its outputs (requests may have
+    finished in them). When that follow-up fails, the outputs still reach their streams: every
+    request finishes with the tokens of a healthy run, none waits forever."""
+    from tests.integration.test_remapping import KV_MOVES
+
+    healthy = remapping_engine(**KV_MOVES)
+    try:
+        expected = asyncio.run(run_all_bursts(healthy))
+    finally:
+        asyncio.run(healthy.shutdown(0))
+    ae = remapping_engine(**KV_MOVES)
+
+    def fails(step, results):
+        raise RuntimeError("injected: planning the reversion failed")
+
+    ae.engine.planner.observe = fails  # after every step: each finishing step is hit
+    try:
+        got = asyncio.run(asyncio.wait_for(run_all_bursts(ae), 30))
+        assert got == expected
+        assert "injected" in (ae.last_step_error or "")
+        assert settled(ae) == {"unfinished": False, "blocks_used": 0}
+    finally:
+        asyncio.run(ae.shutdown(0))
 
 
 def test_dead_engine_loop_fails_requests_and_reports_it(llama12: str) -> None:
