@@ -168,7 +168,16 @@ class LLMEngine:
         return outputs
 
     def _commit(self, step: Step, results: list) -> list[RequestOutput]:
-        outputs = self.committer.commit(step, results, self.clock.now())
+        return self._forget_finished(self.committer.commit(step, results, self.clock.now()))
+
+    def finished_in_planning(self, step: Step) -> list[RequestOutput]:
+        """The final outputs of the requests that planning `step` finished (out of KV capacity),
+        for a step that failed to run: those requests are over whatever became of the step."""
+        return self._forget_finished(
+            [self.committer.finish(self.tenants[r.model], r) for r in step.finished]
+        )
+
+    def _forget_finished(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         for out in outputs:
             if out.finished:
                 self._requests.pop(out.request_id, None)

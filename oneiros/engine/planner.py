@@ -89,8 +89,6 @@ class Planner:
             plan = t.scheduler.schedule()
             if self.remap is not None and self._swaps_planned(plan):
                 self.remap.kv_moves_ok = False  # KV pages stay put for the rest of the step
-            step.finished += t.scheduler.finished_in_schedule
-            t.scheduler.finished_in_schedule.clear()
             self.arbiter.planned_model(name)
             if not plan.empty:
                 step.plans.append(plan)
@@ -104,6 +102,9 @@ class Planner:
         for plan in step.plans:
             plan.stream = tuple(self.tenants[plan.model].residency.missing_layers)
         self._collect_resizes(step)
+        for t in self.tenants.values():  # last: planning that raises before here loses none
+            step.finished += t.scheduler.finished_in_schedule
+            t.scheduler.finished_in_schedule.clear()
         return step
 
     def _swaps_planned(self, plan: StepPlan) -> bool:

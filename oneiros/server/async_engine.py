@@ -573,6 +573,9 @@ class AsyncLLMEngine(EngineClient):
         self.num_steps += 1
         self._plan_failures = 0
         self._idle_released = False
+        self._send(outputs)
+
+    def _send(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -623,6 +626,7 @@ class AsyncLLMEngine(EngineClient):
         for model in f.kv_moved:
             touched |= {r.request_id for r in self.engine.tenants[model].scheduler.running}
         logger.error("engine step failed (%s); ending %d request(s) it ran", f, len(touched))
+        self._send(self.engine.finished_in_planning(f.step))  # over before the step ran
         error = f"the engine failed while running this request: {f}"
         for rid in touched:
             stream = self._streams.pop(rid, None)

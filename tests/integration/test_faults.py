@@ -229,6 +229,43 @@ def test_a_failure_after_the_step_delivers_the_steps_outputs_first() -> None:
         asyncio.run(ae.shutdown(0))
 
 
+def test_a_request_finished_for_capacity_in_a_failed_step_gets_its_final_output() -> None:
+    """Planning finishes a request that outgrew its model's memory alone (out of KV capacity);
+    the step it was planned in then fails. The request is over whatever became of the step: its
+    stream gets the final output, as in a healthy run, instead of waiting forever."""
+
+    def engine() -> LLMEngine:
+        return LLMEngine(EngineConfig(models={"m": "random:llama-tiny"}, block_size=4,
+                                      page_bytes=16 * 1024, memory_budget="1MiB",
+                                      policy="recompute"))
+
+    from tests.integration.test_remapping import run_all
+
+    params = SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True)
+    healthy = engine()
+    req = healthy.add_request(PROMPT, params, "m")
+    expected = run_all(healthy)[req.request_id].token_ids
+    assert req.stop_reason == "kv_capacity"
+    ae = AsyncLLMEngine(engine(), idle_poll_s=0.05)
+    inner = ae.engine.executor.inner
+    execute = inner.execute
+
+    def fails_once_planning_finished_one(step):
+        if step.finished:
+            raise RuntimeError("injected: the step failed")
+        return execute(step)
+
+    inner.execute = fails_once_planning_finished_one
+    ae.start()
+    try:
+        got = asyncio.run(asyncio.wait_for(tokens(ae, "m", PROMPT, params), 30))
+        assert got == list(expected)
+        assert "injected" in (ae.last_step_error or "")
+        assert settled(ae) == {"unfinished": False, "blocks_used": 0}
+    finally:
+        asyncio.run(ae.shutdown(0))
+
+
 def test_dead_engine_loop_fails_requests_and_reports_it(llama12: str) -> None:
     ae = streaming_engine(llama12)
     deaths: list[str] = []
