@@ -260,7 +260,7 @@ def metrics(r: RunResult) -> dict:
         **{k: eng.get(k, 0) for k in (
             "preemptions", "remapped_layers", "restored_layers", "h2d_bytes", "steps",
             "donor_order_decisive", "cap_hits", "prefetched_layers", "stream_exposed_s",
-            "stream_copy_s", "restore_failures", "kv_pages_moved",
+            "stream_copy_s", "restore_failures", "kv_pages_moved", "admit_remaps",
         )},
     }
 
@@ -363,7 +363,10 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
         "spatial; vLLM V0's admission watermark, 1% of the KV cache, under every policy; "
         "oneiros also admits only while every running request can still grow by "
         f"{GROWTH_RESERVE_TOKENS} tokens, counting the layers remapping would give it: row "
-        "admission-reserve shows oneiros without that rule and vLLM with it). "
+        "admission-reserve shows oneiros without that rule and vLLM with it; an admission takes "
+        "layers of models not running only after its request waited "
+        f"{EngineConfig.admit_remap_after_s} s while at most half as many requests wait as run, "
+        "counted as admit_remaps). "
         "Change = (oneiros - baseline) / baseline: negative is better for latencies, "
         "positive for throughput. TBT is judged on TPOT P99 (each request's mean gap, as vLLM's "
         "serving benchmark reports it); pooled gaps (ITL) and each request's worst gap are shown "
@@ -409,6 +412,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
         extra = {k: round(ours.get(k, 0), 1) for k in (
             "preemptions", "remapped_layers", "restored_layers", "prefetched_layers",
             "donor_order_decisive", "cap_hits", "restore_failures", "kv_pages_moved",
+            "admit_remaps",
         )}
         base_pre = ", ".join(f"{k} {row.results[k]['preemptions']}" for k in row.baselines)
         notes = f"clipped {ours['clipped']}, rejected {ours['rejected']}" if ours["clipped"] else ""

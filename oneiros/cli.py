@@ -98,6 +98,12 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--kv-watermark", type=float, default=DEFAULTS["kv_watermark"], metavar="SHARE",
                    help="share of the KV cache admissions leave free while requests run, as "
                    "vLLM V0's watermark (0.01 there too; 0 turns it off)")
+    p.add_argument("--admit-remap-after-s", type=float,
+                   default=DEFAULTS["admit_remap_after_s"], metavar="S",
+                   help="policy oneiros: a request waiting this long for KV cache, while at most "
+                   "half as many requests wait as run, may be admitted with layers of models not "
+                   "running "
+                   "(default: %(default)s; a negative value: never)")
     p.add_argument("--growth-reserve-tokens", type=int, default=DEFAULTS["growth_reserve_tokens"],
                    metavar="N", help="admissions leave room for every running request to grow "
                    "by N tokens, counting the layers remapping would give them (default: 32 "
@@ -153,6 +159,9 @@ def _config(
         swap_space=args.swap_space,
         kv_watermark=args.kv_watermark,
         growth_reserve_tokens=args.growth_reserve_tokens,
+        admit_remap_after_s=(
+            None if (args.admit_remap_after_s or 0) < 0 else args.admit_remap_after_s
+        ),
         host_memory_budget=args.host_memory_budget,
         max_remap_fraction=args.max_remap_fraction,
         remap_fallback=args.remap_fallback,

@@ -85,6 +85,12 @@ class EngineConfig:
     # True lets admitting a request also remap layers of models not running (a bigger batch,
     # longer decode steps: measured worse on TPOT in benchmarks/paper.py's grid).
     remap_on_admit: bool = False
+    # A request that has waited this long since it arrived (seconds) may take them anyway, while
+    # there is no backlog (at most half as many requests wait as run): a bound on how long a
+    # transient shortage (a long prompt at the head of the queue) keeps requests queued when
+    # layers of models not running could hold their KV cache. None: never (only remap_on_admit).
+    # 0.5 s chosen on benchmarks/paper.py's grid (docs/paper_reproduction.md).
+    admit_remap_after_s: float | None = 0.5
     # A model with work waiting for its turn lends no more layers than its passes hide (with the
     # fraction cap, the paper's per-model cap); off: it lends up to max_remap_fraction (ablation).
     cap_waiting: bool = True
@@ -170,6 +176,10 @@ class EngineConfig:
             raise ConfigError(f"h2d_bytes_per_s must be positive, got {self.h2d_bytes_per_s}")
         if self.turn_max_s is not None and not self.turn_max_s > 0:
             raise ConfigError(f"turn_max_s must be positive, got {self.turn_max_s}")
+        if self.admit_remap_after_s is not None and not self.admit_remap_after_s >= 0:
+            raise ConfigError(
+                f"admit_remap_after_s must be at least 0, got {self.admit_remap_after_s}"
+            )
         if self.turn_steps < 1:
             raise ConfigError(f"turn_steps must be at least 1, got {self.turn_steps}")
         if not 0.0 <= self.stream_exposure_target < 1.0:

@@ -183,7 +183,8 @@ def make_tenants(
 
 
 def make_planning(tenants: dict[str, Tenant], *, remap: bool = True, sharing: str = "temporal",
-                  h2d_bytes_per_s: float = float("inf"), **remap_kw):
+                  h2d_bytes_per_s: float = float("inf"), admit_remap_after_s: float | None = None,
+                  **remap_kw):
     """The engine's planning components over torch-free tenants: (store, arbiter, controller,
     planner). The store is the one the tenants' states belong to."""
     from oneiros.engine.arbiter import Arbiter
@@ -194,7 +195,8 @@ def make_planning(tenants: dict[str, Tenant], *, remap: bool = True, sharing: st
     arena = next(iter(tenants.values())).pool.arena
     store = MetadataStore(list(tenants))
     store.states = {n: t.state for n, t in tenants.items()}
-    arbiter = Arbiter({n: t.scheduler for n, t in tenants.items()}, store)
+    arbiter = Arbiter({n: t.scheduler for n, t in tenants.items()}, store,
+                      admit_remap_after_s=admit_remap_after_s)
     controller = None
     if remap:
         kw = dict(max_remap_fraction=0.9, revert_reserve=0.25, revert_hold_steps=2,

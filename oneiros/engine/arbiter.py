@@ -47,17 +47,21 @@ class Arbiter:
         shares_memory: bool = True,
         remap: RemapController | None = None,
         remap_on_admit: bool = False,
+        admit_remap_after_s: float | None = None,
     ) -> None:
         self.schedulers = schedulers
         self.store = store
         self.shares_memory = shares_memory
         self.remap = remap
         self.remap_on_admit = remap_on_admit
+        self.admit_remap_after_s = admit_remap_after_s
+        self.now = 0.0  # the step being planned
         self.planned: set[str] = set()  # models whose plan for the current step is made
         self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
 
     # ---- the step --------------------------------------------------------------------------------
-    def begin(self) -> None:
+    def begin(self, now: float = 0.0) -> None:
+        self.now = now
         self.planned = set()
         self.foreign = {}
 
@@ -89,16 +93,32 @@ class Arbiter:
             return 0
         return sum(s.pool.num_idle_pages for n, s in self.schedulers.items() if n != model)
 
-    def admission_pages(self, model: str) -> int:
-        """Pages beyond the free ones that an admission of `model` could still draw on: other
-        models' idle KV pages, and the parameter pages `make_room` would take for an admission
-        (with remap_on_admit, or layers loaded on demand: oversubscribed weights or turn reloads;
-        never a running model's layers). The admission watermark counts these: memory that comes
-        from layers is not held back from admissions that take layers anyway."""
+    def remaps_for(self, req: Request) -> bool:
+        """Admitting `req` may remap layers of models not running: with remap_on_admit, or when
+        it has waited `admit_remap_after_s` since it arrived while there is no backlog (at most
+        half as many requests wait as run, every model together). That bounds a wait behind a
+        transient shortage (a long prompt at the head of the queue, a burst); under a backlog
+        the layers would only grow the batch (longer steps for every running request), not
+        shorten the queue (measured on benchmarks/paper.py's grid: with a gate of as many
+        waiting as running, the slow links' TPOT rose up to 21%)."""
+        after = self.admit_remap_after_s
+        if self.remap_on_admit:
+            return True
+        if after is None or self.now - req.arrival_time < after:
+            return False
+        waiting = sum(len(s.waiting) for s in self.schedulers.values())
+        return 2 * waiting <= sum(len(s.running) for s in self.schedulers.values())
+
+    def admission_pages(self, model: str, req: Request | None = None) -> int:
+        """Pages beyond the free ones that an admission of `model` (of `req`) could still draw
+        on: other models' idle KV pages, and the parameter pages `make_room` would take for that
+        admission (`remaps_for` it, or layers loaded on demand: oversubscribed weights or turn
+        reloads; never a running model's layers). The admission watermark counts these: memory
+        that comes from layers is not held back from admissions that take layers anyway."""
         pages = self.idle_pages(model)
         if self.remap is None:
             return pages
-        if self.remap_on_admit:
+        if self.remap_on_admit or (req is not None and self.remaps_for(req)):
             pages += self.remap.takeable_pages(admitting=True)
         elif self.remap.loads_on_demand:
             pages += self.remap.takeable_pages(
@@ -142,16 +162,18 @@ class Arbiter:
             if name != requester:
                 freed += len(self.schedulers[name].pool.shrink(need - freed))
         if freed < need and self.remap is not None:
-            # A request being admitted takes parameter pages only with remap_on_admit, so that
-            # admission never adds copies to a pass; a running one may take what its model can
-            # hide. When nothing runs anywhere no page would ever be freed, so admission may take
-            # then too (else the engine would wait forever).
+            # A request being admitted takes parameter pages only when `remaps_for` it (with
+            # remap_on_admit, or after it waited long), so that admission rarely adds copies to a
+            # pass; a running one may take what its model can hide. When nothing runs anywhere no
+            # page would ever be freed, so admission may take then too (else the engine would
+            # wait forever).
             admitting = req.status is not RequestStatus.RUNNING
             idle = not self.running_anywhere()
-            if self.remap_on_admit or not admitting or idle:
-                freed += self.remap.take(
-                    requester, need - freed, admitting=admitting, stuck=idle
-                )
+            if not admitting or idle or self.remaps_for(req):
+                took = self.remap.take(requester, need - freed, admitting=admitting, stuck=idle)
+                if took and admitting and not idle and not self.remap_on_admit:
+                    self.remap.note(requester, "admit_remaps")  # past the bound on its wait
+                freed += took
             elif self.remap.loads_on_demand:
                 # Oversubscribed, the layers of models without work are the free memory, and with
                 # turn reloads those of models whose turn is not next: an admission takes them

@@ -61,7 +61,10 @@ def build(config: EngineConfig) -> EngineParts:
     oversubscribed = arena.num_pages < weight_bytes // page + 1
     store = MetadataStore(list(models))
     schedulers: dict[str, Scheduler] = {}
-    arbiter = Arbiter(schedulers, store, policy.shares_memory, remap_on_admit=config.remap_on_admit)
+    arbiter = Arbiter(
+        schedulers, store, policy.shares_memory, remap_on_admit=config.remap_on_admit,
+        admit_remap_after_s=config.admit_remap_after_s,
+    )
     tenants = {
         n: tenant(config, policy, n, sources[n], m, arena, store, arbiter, dtype)
         for n, m in models.items()

@@ -50,7 +50,7 @@ class Planner:
     def plan(self, now: float) -> Step:
         step = Step(now)
         self.refresh()
-        self.arbiter.begin()
+        self.arbiter.begin(now)
         if self.remap is not None:
             self.remap.begin(step)
         hold = False

@@ -307,6 +307,10 @@ class RemapController:
                         freed += self._evict(t, i)
         return freed
 
+    def note(self, model: str, counter: str) -> None:
+        """Tally a decision taken for `model` in this step (commit adds it to its counter)."""
+        self.step.notes[model, counter] += 1
+
     def _note_decisions(
         self, donors: list[DonorInfo], uncapped: list[DonorInfo], chosen: str | None
     ) -> None:
@@ -560,6 +564,9 @@ class RemapController:
         """Dynamic reversion: after free KV memory held for the hysteresis, restore as many layers
         as keep the reserve free, at most as many as one pass of `step_s` hides on the link."""
         if not self.revert or self.whole_models:
+            return
+        if any(t.scheduler.short_of_memory for t in self.tenants.values()):
+            self.hysteresis.streak = 0  # a request waits for KV cache: demand has not fallen
             return
         donors = [self._donor(t) for t in self.tenants.values()]
         if self.oversubscribed:  # layers of a model without work would only go again

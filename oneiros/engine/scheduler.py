@@ -95,6 +95,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished_in_schedule: list[Request] = []
+        # The last admission attempt stopped for want of KV cache (a request waits for memory,
+        # not for the batch budget or its turn): KV demand has not fallen.
+        self.short_of_memory = False
 
     # ---- intake ---------------------------------------------------------------------------------
     def validate(self, req: Request) -> None:
@@ -163,12 +166,14 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan, budget: int) -> None:
+        self.short_of_memory = False
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             start = self._start(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._reserve(req, req.num_computed_tokens + n) or self._below_reserves():
+            if not self._reserve(req, req.num_computed_tokens + n) or self._below_reserves(req):
                 self._undo_start(req, start)
+                self.short_of_memory = True
                 break
             self.waiting.popleft()
             ahead = self._resume(req, start, plan)
@@ -265,7 +270,7 @@ class Scheduler:
         req.block_ids.extend(blocks)
         return True
 
-    def _below_reserves(self) -> bool:
+    def _below_reserves(self, req: Request) -> bool:
         """After an admission took its blocks, while requests run: too little is left, by either
         reserve. The watermark: fewer than `watermark_blocks` of what a further admission could
         draw on (this model's reusable blocks, free arena pages and, memory being shared, other
@@ -280,7 +285,7 @@ class Scheduler:
         if self.watermark_blocks:
             pages = pool.arena.num_free
             if self.arbiter is not None:
-                pages += self.arbiter.admission_pages(self.model)
+                pages += self.arbiter.admission_pages(self.model, req)
             if pool.num_reusable + pages * pool.blocks_per_page < self.watermark_blocks:
                 return True
         if self.growth_reserve_tokens:

@@ -54,6 +54,7 @@ class TenantCounters:
     rebalances: int = 0  # a misplaced missing layer moved into the even layout (it paid its copy)
     donor_order_decisive: int = 0  # layers given where MRU and LRU would have chosen differently
     cap_hits: int = 0  # takes where the per-model cap kept a model from giving another layer
+    admit_remaps: int = 0  # admissions given layers after waiting admit_remap_after_s
 
 
 @dataclass(slots=True)

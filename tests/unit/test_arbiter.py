@@ -95,6 +95,37 @@ def test_remapping_takes_an_inactive_models_layer_before_preempting():
     check(tenants)
 
 
+@pytest.mark.parametrize(("after_s", "backlog"), [(None, False), (1.0, False), (1.0, True)])
+def test_a_request_waiting_past_the_bound_is_admitted_with_a_remapped_layer(after_s, backlog):
+    """While a request runs, an admission takes no parameter page (a bigger batch, longer
+    steps); one that has waited `admit_remap_after_s` since it arrived may (a bound on its TTFT),
+    unless more than half as many requests wait as run (a backlog: layers would only grow the
+    batch)."""
+    arena = PageArena(2 * (1 + 4 * 2), PAGE)  # two models of 4 layers, no free page at all
+    tenants = make_tenants(arena, {"a": 4, "b": 4})
+    _, _, _, planner = make_planning(tenants, admit_remap_after_s=after_s)
+    a, b = tenants["a"], tenants["b"]
+    for _ in range(2):
+        a.scheduler.add(make_request(3, max_tokens=40, model="a"))
+    run_step(planner, now=0.0)  # nothing ran anywhere: admitted with b's layer
+    assert len(a.scheduler.running) == 2 and b.residency.missing_layers == [2]
+    late = [make_request(40, max_tokens=4, model="a") for _ in range(1 + 2 * backlog)]
+    for req in late:  # 10 blocks each: more than the free pages
+        req.arrival_time = 0.0
+        a.scheduler.add(req)
+    step = run_step(planner, now=0.5)
+    assert late[0] in a.scheduler.waiting
+    assert not any(isinstance(op, EvictLayer) for op in step.memory)
+    step = run_step(planner, now=1.5)
+    evicted = [(op.model, op.layer) for op in step.memory if isinstance(op, EvictLayer)]
+    if after_s is None or backlog:
+        assert late[0] in a.scheduler.waiting and evicted == []
+    else:
+        assert late[0] in a.scheduler.running and evicted and {m for m, _ in evicted} == {"b"}
+    assert step.notes["a", "admit_remaps"] == (0 if after_s is None or backlog else 1)
+    check(tenants)
+
+
 def test_the_per_model_cap_keeps_layers_and_preemption_follows():
     arena = PageArena(1 + 3 * 2 + 1, PAGE)  # one model of 3 layers; one free page
     tenants = make_tenants(arena, {"a": 3})
@@ -389,6 +420,24 @@ def test_reversion_waits_for_the_hysteresis_then_restores():
         controller.after_step(["a"], step_s=1e-3)
         restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
     assert restored == [[], [], [2], []]
+
+
+def test_reversion_holds_while_a_request_waits_for_kv_cache():
+    """Memory free for the whole hold, but the last admission stopped for want of KV cache:
+    demand has not fallen, nothing is restored; once no request waits for memory it is."""
+    arena = PageArena(1 + 4 * 2 + 4, PAGE)
+    tenants = make_tenants(arena, {"a": 4})
+    _, _, controller, _ = make_planning(tenants, revert_hold_steps=1)
+    controller.begin(Step(0.0))
+    controller._evict(tenants["a"], 2)
+    restored = []
+    for k, short in enumerate([True, True, False]):
+        tenants["a"].scheduler.short_of_memory = short
+        after = Step(float(k))
+        controller.begin(after)
+        controller.after_step(["a"], step_s=1e-3)
+        restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
+    assert restored == [[], [], [2]]
 
 
 @pytest.mark.parametrize("reserve", [0, 8])

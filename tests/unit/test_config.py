@@ -163,6 +163,8 @@ def test_engine_config_defaults_and_budget_parsing():
         ({"kv_watermark": -0.01}, "kv_watermark"),
         ({"turn_max_s": 0}, "turn_max_s"),
         ({"turn_max_s": float("nan")}, "turn_max_s"),
+        ({"admit_remap_after_s": -1.0}, "admit_remap_after_s"),
+        ({"admit_remap_after_s": float("nan")}, "admit_remap_after_s"),
         ({"sim_noise": 1.0}, "sim_noise"),
         ({"sim_noise": float("nan")}, "sim_noise"),
     ],

@@ -112,7 +112,7 @@ def test_running_requests_go_first_and_admission_is_fifo():
         sched.add(r)
     plan, _ = step(sched)
     assert [s.request for s in plan.seqs] == [a, b]
-    assert list(sched.waiting) == [c]
+    assert list(sched.waiting) == [c] and not sched.short_of_memory  # c waits for a slot
     plan, _ = step(sched)
     assert [s.request for s in plan.seqs] == [a, b]
     assert all(s.num_new_tokens == 1 for s in plan.seqs)
@@ -129,8 +129,10 @@ def test_admission_leaves_the_watermark_free_while_requests_run():
     # Nothing ran before: the first takes its 7 blocks; the second would leave 2 < 3 free.
     assert [s.request for s in plan.seqs] == [first] and list(sched.waiting) == [second]
     assert not second.block_ids and second.num_computed_tokens == 0
+    assert sched.short_of_memory  # the second waits for KV cache
     check_all(sched)
     run_until_done(sched)
+    assert not sched.short_of_memory
     assert second.status is RequestStatus.FINISHED_LENGTH and sched.pool.num_used == 0
 
 
