@@ -101,9 +101,9 @@ class Arbiter:
         the layers would only grow the batch (longer steps for every running request), not
         shorten the queue (measured on benchmarks/paper.py's grid: with a gate of as many
         waiting as running, the slow links' TPOT rose up to 21%)."""
-        after = self.admit_remap_after_s
         if self.remap_on_admit:
             return True
+        after = self.admit_remap_after_s
         if after is None or self.now - req.arrival_time < after:
             return False
         waiting = sum(len(s.waiting) for s in self.schedulers.values())

@@ -368,7 +368,8 @@ def test_kv_pages_move_so_a_slab_fits_and_block_tables_follow():
     assert restore.pages == (4, 5)
     bpp = a.pool.blocks_per_page
     assert req.block_ids == [b if b // bpp != 4 else b - bpp for b in before]
-    assert a.pool.cache.lookup([chain_hash(b"p", [1, 2, 3, 4])]) == [req.block_ids[-1]]  # the index follows its block
+    # The prefix-cache index follows its block.
+    assert a.pool.cache.lookup([chain_hash(b"p", [1, 2, 3, 4])]) == [req.block_ids[-1]]
     assert step.notes["a", "restore_failures"] == 0
     check(tenants)
 
@@ -407,37 +408,32 @@ def test_compaction_moves_slabs_so_free_pages_join():
     check(tenants)
 
 
-def test_reversion_waits_for_the_hysteresis_then_restores():
+def reversions(hold_steps: int, short_of_memory: list[bool]) -> list[list[int]]:
+    """One model of 4 layers with layer 2 remapped and free pages for it: the layers reversion
+    restores after each step, the model's last admission short of KV cache or not."""
     arena = PageArena(1 + 4 * 2 + 4, PAGE)
     tenants = make_tenants(arena, {"a": 4})
-    store, _, controller, planner = make_planning(tenants, revert_hold_steps=3)
+    _, _, controller, _ = make_planning(tenants, revert_hold_steps=hold_steps)
     controller.begin(Step(0.0))
     controller._evict(tenants["a"], 2)
     restored = []
-    for k in range(4):
-        after = Step(float(k))
-        controller.begin(after)
-        controller.after_step(["a"], step_s=1e-3)
-        restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
-    assert restored == [[], [], [2], []]
-
-
-def test_reversion_holds_while_a_request_waits_for_kv_cache():
-    """Memory free for the whole hold, but the last admission stopped for want of KV cache:
-    demand has not fallen, nothing is restored; once no request waits for memory it is."""
-    arena = PageArena(1 + 4 * 2 + 4, PAGE)
-    tenants = make_tenants(arena, {"a": 4})
-    _, _, controller, _ = make_planning(tenants, revert_hold_steps=1)
-    controller.begin(Step(0.0))
-    controller._evict(tenants["a"], 2)
-    restored = []
-    for k, short in enumerate([True, True, False]):
+    for k, short in enumerate(short_of_memory):
         tenants["a"].scheduler.short_of_memory = short
         after = Step(float(k))
         controller.begin(after)
         controller.after_step(["a"], step_s=1e-3)
         restored.append([op.layer for op in after.memory if isinstance(op, RestoreLayer)])
-    assert restored == [[], [], [2]]
+    return restored
+
+
+def test_reversion_waits_for_the_hysteresis_then_restores():
+    assert reversions(3, [False] * 4) == [[], [], [2], []]
+
+
+def test_reversion_holds_while_a_request_waits_for_kv_cache():
+    """Memory free for the whole hold, but the last admission stopped for want of KV cache:
+    demand has not fallen, nothing is restored; once no request waits for memory it is."""
+    assert reversions(1, [True, True, False]) == [[], [], [2]]
 
 
 @pytest.mark.parametrize("reserve", [0, 8])
