@@ -84,7 +84,7 @@ def _add_engine_args(p: argparse.ArgumentParser, default_policy: str) -> None:
                    help="temporal sharing: steps a model runs before the next model's turn")
     p.add_argument("--turn-max-s", type=float, default=DEFAULTS["turn_max_s"],
                    help="temporal sharing: a turn also ends before a step that would take it past "
-                   "this many seconds (default: steps only)")
+                   "this many seconds, unless the model streams lent layers (default: steps only)")
     p.add_argument("--turn-reload", default=DEFAULTS["turn_reload"], choices=["auto", "on", "off"],
                    help="temporal sharing, policy oneiros: models waiting for a later turn lend "
                    "every layer and are copied back during the turn before theirs (auto: when "

@@ -74,10 +74,10 @@ class EngineConfig:
     sharing: str = "temporal"
     max_wait_s: float = 1.0
     turn_steps: int = 8
-    # ... and before a step that would take it past turn_max_s seconds at its pace (None: steps
-    # only, the default: on the A100 grid a 0.16 s limit evened pooled TBT on the C1 rows but left
-    # Llama-3-8B streaming lent layers in most of its steps on the Azure row; see
-    # docs/paper_reproduction.md).
+    # ... and before a step that would take it past turn_max_s seconds at its pace, unless the
+    # model streams lent layers in its passes (None: steps only, the default: on the A100 grid a
+    # 0.16 s limit evens pooled TBT on the C1 rows, but the H100-PCIe C1 16 req/s row loses it;
+    # see docs/paper_reproduction.md).
     turn_max_s: float | None = None
     # Share of a pass its streamed copies may leave exposed (the replayed plan sets alpha by it).
     stream_exposure_target: float = 0.02

@@ -57,7 +57,7 @@ class Planner:
         if self.remap is not None and self.remap.turn_reload:
             hold = self.remap.reloading(self.tenancy.next_up(self.store, now), now)
             self.tenancy.turn_min_steps = self.remap.turn_quantum()
-        queue = self.tenancy.order(self.store, now, hold)
+        queue = self.tenancy.order(self.store, now, hold, self._streams(self.tenancy.turn))
         for name in [n for n in self._blocked_since if n not in queue]:
             del self._blocked_since[name]  # no work left: its wait is over
         fallback: list[str] = []  # could run, but only by streaming more than its passes hide
@@ -114,6 +114,10 @@ class Planner:
             or any(f.swap_out for f in self.arbiter.foreign.values())
         )
 
+    def _streams(self, name: str | None) -> bool:
+        """`name` has lent layers that its passes stream (copied in, not restored)."""
+        return name in self.tenants and bool(self.tenants[name].residency.missing_layers)
+
     def _waited_max(self, name: str, now: float) -> bool:
         """`name` could run only by streaming more than its passes hide, and has waited for memory
         to bring its layers back for `max_wait_s`: it runs so (its copies exposed) rather than wait
@@ -140,9 +144,8 @@ class Planner:
         nxt = self.tenancy.next_up(self.store, now)
         if nxt is None or nxt == running or not self.tenants[nxt].residency.missing_layers:
             return
-        if self.tenancy.steps_left(self.store) <= self.remap.prefetch_lead_steps(
-            self.tenants[nxt], running
-        ):
+        left = self.tenancy.steps_left(self.store, self._streams(running))
+        if left <= self.remap.prefetch_lead_steps(self.tenants[nxt], running):
             self.remap.prefetch(self.tenants[nxt])
 
     def observe(self, step: Step, results: list[StepResult]) -> Step | None:

@@ -1,7 +1,8 @@
 """Which models run in a step, and the per-model state the remapping controller reads.
 
 Temporal sharing runs one model per step, in turns: the model whose turn it is runs for `turn_steps`
-steps (or until it has nothing to run, or for at most `turn_max_s` when set), then the turn passes
+steps (or until it has nothing to run, or for at most `turn_max_s` unless it streams lent layers
+in its passes), then the turn passes
 to the next model with work in round-robin order, except that a model which has not been offered
 a step for `max_wait_s` goes first. Models out of their turn are not running: they are the first
 to give parameter memory (the one that ran most recently is needed last), and the next one gets
@@ -124,12 +125,16 @@ class TenancyPolicy:
     def spatial(self) -> bool:
         return self.sharing == "spatial"
 
-    def order(self, store: MetadataStore, now: float, hold: bool = False) -> list[str]:
+    def order(
+        self, store: MetadataStore, now: float, hold: bool = False, streams: bool = False
+    ) -> list[str]:
         """Active models in the order they should be offered this step. Spatial sharing runs all of
         them; temporal sharing runs the first one that has something to run (see `ran`): the turn
         holder while its turn lasts and no other model starves, else the next in rotation. `hold`:
         the next model's layers are still on their way, so the holder's turn goes on (starved
-        models included: the next one could not run before its copies land anyway)."""
+        models included: the next one could not run before its copies land anyway). `streams`:
+        the holder runs with lent layers it streams in every pass; its turn is not cut by
+        turn_max_s (a shorter turn would pay those copies again for fewer tokens)."""
         names = list(store.states)
         rotated = names[self._next :] + names[: self._next]
         active = [n for n in rotated if store.states[n].active]
@@ -147,7 +152,8 @@ class TenancyPolicy:
         if (
             not self.spatial and holder in active and (
                 hold or self.turn_used < self.turn_min_steps
-                or (self.turn_used < self.turn_steps and not self._timed_out(now)
+                or (self.turn_used < self.turn_steps
+                    and (streams or not self._timed_out(now))
                     and not any(n != holder for n in starved))
             )
         ):
@@ -173,11 +179,11 @@ class TenancyPolicy:
         elapsed = now - self.turn_began
         return elapsed + elapsed / self.turn_used > self.turn_max_s
 
-    def steps_left(self, store: MetadataStore) -> int:
+    def steps_left(self, store: MetadataStore, streams: bool = False) -> int:
         """Steps left in the current turn after the one just offered (temporal); with a time
-        limit, at the mean pace of the turn's steps so far."""
+        limit (unless the holder `streams`, see `order`), at the mean pace of its steps so far."""
         left = max(0, self.turn_steps - self.turn_used)
-        if self.turn_max_s is None or self.turn_used < 2:
+        if self.turn_max_s is None or streams or self.turn_used < 2:
             return left
         elapsed = store.states[self.turn].last_offer - self.turn_began
         if elapsed <= 0:

@@ -547,3 +547,22 @@ def test_a_restore_before_a_pass_leaves_the_reversion_reserve_to_the_kv_cache(re
     assert evicted == ([] if reserve == 0 else [("b", 2)])
     assert arena.num_free == (0 if reserve == 0 else b.residency.pages_per_layer)
     check(tenants)
+
+
+# ---- turns ---------------------------------------------------------------------------------------
+def test_a_turn_is_cut_by_time_unless_its_model_streams_lent_layers():
+    """turn_max_s ends b's turns after two 1 ms steps (a third would end past 2.5 ms); a has a
+    layer lent, streamed in every pass, and keeps its turns for turn_steps steps."""
+    arena = PageArena(2 * (1 + 2 * 2) + 8, PAGE)
+    tenants = make_tenants(arena, {"a": 2, "b": 2})
+    _, _, _, planner = make_planning(tenants, remap=False)
+    planner.tenancy.turn_steps, planner.tenancy.turn_max_s = 4, 0.0025
+    tenants["a"].residency.evict(1)
+    for name in tenants:
+        tenants[name].scheduler.add(make_request(4, max_tokens=100, model=name))
+    runs = []
+    for k in range(12):
+        step = run_step(planner, k * 1e-3)
+        runs += [p.model for p in step.plans]
+        assert all(p.stream == ((1,) if p.model == "a" else ()) for p in step.plans)
+    assert runs == ["a"] * 4 + ["b"] * 2 + ["a"] * 4 + ["b"] * 2

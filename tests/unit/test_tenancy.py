@@ -187,6 +187,30 @@ def test_a_turn_ends_at_its_time_limit_whichever_comes_first():
         TenancyPolicy("temporal", turn_max_s=0.0)
 
 
+def test_a_turn_that_streams_lent_layers_is_not_cut_by_time():
+    """A holder that streams lent layers in its passes keeps its turn for turn_steps steps
+    however long they take (cutting it would pay the copies again for fewer tokens); steps_left
+    counts steps only then. A model starved past max_wait_s still goes first."""
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=4, turn_max_s=0.1)
+    ran = []
+    for t in range(5):
+        first = policy.order(store, t * 0.03, streams=True)[0]
+        policy.ran(store, first, t * 0.03)
+        ran.append(first)
+    assert ran == ["a"] * 4 + ["b"]
+    store = make_store()
+    policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=8, turn_max_s=0.1)
+    offer(policy, store, 0.0)
+    offer(policy, store, 0.05)
+    assert policy.steps_left(store) == 0  # a step from 100 ms would end past the limit
+    assert policy.steps_left(store, streams=True) == 6
+    policy = TenancyPolicy("temporal", max_wait_s=0.5, turn_steps=100, turn_max_s=0.1)
+    store = make_store()
+    policy.ran(store, "a", 0.0)
+    assert policy.order(store, 0.6, streams=True)[0] == "b"  # b and c starved: b goes first
+
+
 def test_turns_do_not_apply_to_spatial_sharing():
     store = make_store()
     policy = TenancyPolicy("spatial", max_wait_s=1e9, turn_steps=4)
