@@ -11,9 +11,11 @@ Failing that, the scheduler preempts its own youngest running request: a model p
 requests, as each model's vLLM scheduler did in the paper's system. One exception keeps the engine
 live: the oldest running request in the engine, alone in its model and preempted before, may
 preempt younger running requests of models not yet planned in the step, the youngest first
-(`_preempt_younger`); otherwise two models could each recompute-preempt their own request at a
+(`preempt_others`); otherwise two models could each recompute-preempt their own request at a
 block boundary while the other's holds the page, forever. The first time, it preempts itself like
-any other request (liveness needs the exception only once a request has lost that contest).
+any other request (liveness needs the exception only once a request has lost that contest). The
+same preemption frees memory for a model buying back its lent layers (`reclaim_due` in
+`engine/remapping.py`), from models out of their turn.
 Preempting another model's younger request whenever the asking request is its model's youngest
 was tried: in a temporal turn it preempts requests of a model out of its turn, which resume in
 their own turn and are preempted again in the next; in the paper's grid it made most of every
@@ -182,7 +184,7 @@ class Arbiter:
                     requester, need - freed, admitting=True, idle_only=not self.remap.turn_reload
                 )
         if freed < need and self._oldest_alone(requester, req):
-            freed += self._preempt_younger(requester, need - freed)
+            freed += self.preempt_others(requester, need - freed)
         return freed > 0
 
     def _oldest_alone(self, requester: str, req: Request) -> bool:
@@ -208,10 +210,10 @@ class Arbiter:
             for r in self.schedulers[name].running
         )
 
-    def _preempt_younger(self, requester: str, pages: int) -> int:
-        """For the engine's oldest running request (`_oldest_alone`: every other running request
-        is younger), preempt running requests of models not yet planned, youngest first, until
-        `pages` pages are free; returns the pages freed."""
+    def preempt_others(self, requester: str, pages: int) -> int:
+        """Preempt running requests of models other than `requester` not yet planned in this step,
+        youngest first, until `pages` pages are free; returns the pages freed. For the engine's
+        oldest running request (`_oldest_alone`), and for a model reclaiming its lent layers."""
         others = [s for n, s in self.schedulers.items() if n != requester and n not in self.planned]
         freed = 0
         while freed < pages:

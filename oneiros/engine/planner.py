@@ -76,6 +76,9 @@ class Planner:
             if self.remap is not None:
                 self.remap.next_up = self.tenancy.next_up(self.store, now)
                 if not lenient:
+                    need = self.remap.reclaim_due(t)
+                    if need:
+                        self.arbiter.preempt_others(name, need)
                     self.remap.prepare(t)
                 if self.remap.runnable(t, strict=not lenient):
                     self._blocked_since.pop(name, None)

@@ -10,6 +10,10 @@ It is consulted during planning only:
     for its copy;
   - `prefetch(tenant)`: the model whose turn comes next gets layers back into free memory ahead
     of its turn (the copies overlap the current model's passes);
+  - `reclaim_due(tenant)`: rent or buy: a model about to run whose passes mostly wait for lent
+    layers, and have waited as long as bringing them back costs, buys them back (the planner has
+    the arbiter preempt requests of models out of their turn for the pages; the layers come
+    back in the memory step after the step);
   - `after_step(order)`: dynamic reversion: once KV memory has stayed free for a while, restore as
     many layers as the free memory and a copy budget (what the last pass could hide) allow, the
     model most likely to run next first; `restore_all(order)` when no request is left.
@@ -71,6 +75,12 @@ if TYPE_CHECKING:
 
 REBALANCE_HORIZON = 64  # passes a layout is expected to last, when weighing a move against its copy
 EMA = 0.2  # weight of a new measurement in the step-time and exposure averages
+# A lent layer brought back while KV cache holds its memory costs its own copy and the displaced
+# KV cache's trip to host and back: three copies of a layer's bytes on the link.
+RECLAIM_COPIES = 3
+# ... and preempts requests of other models (their TPOT pays the stall): only for a model whose
+# passes wait for copies at least this share of their time (streaming at least doubles them).
+RECLAIM_EXPOSED = 0.5
 
 
 class RemapController:
@@ -129,6 +139,8 @@ class RemapController:
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
         self._penalty: dict[str, int] = {}  # layers alpha is lowered by after measured exposure
         self._calm: dict[str, int] = {}  # decode steps in a row with little exposure
+        self._rent: dict[str, float] = {}  # exposed copy time paid streaming lent layers
+        self._reclaim: dict[str, int] = {}  # layers to restore after this step (`reclaim_due`)
         self.step = Step(0.0)  # where this step's memory actions go (`begin`)
         # KV pages may move (`MoveKV`) while the step holds no KV swap: the planner lowers it
         # once one is planned (a swap planned earlier would name blocks by their old pages).
@@ -166,6 +178,12 @@ class RemapController:
         self._step_s[key] = compute_s if old is None else (1 - EMA) * old + EMA * compute_s
         t = self.tenants[name]
         missing = len(t.residency.missing_layers)
+        if missing:  # rent: exposure beyond the target share, over a layout's expected life
+            excess = max(0.0, exposed_s - self.max_exposed * (compute_s + exposed_s))
+            rent = self._rent.get(name, 0.0) * (1 - 1 / REBALANCE_HORIZON)
+            self._rent[name] = rent + excess
+        else:
+            self._rent.pop(name, None)
         if not decode_only or compute_s <= 0 or not missing:
             return
         share = exposed_s / (compute_s + exposed_s)
@@ -439,6 +457,43 @@ class RemapController:
             self.step.notes[t.name, kind] += 1
         self._rebalance(t)
 
+    def reclaim_due(self, t: Tenant) -> int | None:
+        """Rent or buy, for a model about to run with more layers lent than its passes hide while
+        other models' KV cache holds the memory (temporal sharing; reversion on; `cap_waiting`:
+        what this keeps true when a model lent layers while it had no work): once its passes
+        have waited for streamed copies as long as bringing those layers back costs (their copy,
+        and the KV cache they displace going to host and back: RECLAIM_COPIES copies a layer),
+        it buys. What counts is exposure beyond the target share (`max_exposed`: streaming the
+        controller planned to hide), decayed over REBALANCE_HORIZON passes (a rate, not a sum
+        over the whole run). Returns the pages to free for them first (the planner has the
+        arbiter preempt requests of models out of their turn), None while it still rents. The layers come back
+        in the memory step after this one (`after_step`: KV pages may move there)."""
+        if (
+            not self.revert or not self.cap_waiting or self.sharing != "temporal"
+            or self.loads_on_demand or self.whole_models or t.name in self._reclaim
+        ):
+            return None
+        over = len(t.residency.missing_layers) - self.alpha_max(t)
+        rent = self._rent.get(t.name, 0.0)
+        if over <= 0 or rent <= 0 or rent < RECLAIM_COPIES * over * self.copy_s(t):
+            return None
+        if self._exposed.get(t.name, 0.0) < RECLAIM_EXPOSED:
+            return None
+        self._reclaim[t.name] = over
+        self._rent[t.name] = 0.0
+        self.step.notes[t.name, "reclaims"] += 1
+        return max(0, over * t.residency.pages_per_layer - self._free_pages())
+
+    def _restore_reclaimed(self) -> None:
+        """The layers `reclaim_due` decided to bring back, into the memory freed for them (the
+        reversion reserve does not hold them back: they were paid for)."""
+        for name, layers in self._reclaim.items():
+            t = self.tenants[name]
+            for _ in range(layers):
+                if not t.residency.missing_layers or not self._restore_one(t):
+                    break
+        self._reclaim.clear()
+
     def runnable(self, t: Tenant, strict: bool = True) -> bool:
         """t can run a pass: every layer is resident, or layer 0 is (the missing ones stream
         through borrowed slabs, the first of them layer 0's; not under `whole_models`).
@@ -562,9 +617,11 @@ class RemapController:
 
     def after_step(self, next_to_run: list[str], step_s: float) -> None:
         """Dynamic reversion: after free KV memory held for the hysteresis, restore as many layers
-        as keep the reserve free, at most as many as one pass of `step_s` hides on the link."""
+        as keep the reserve free, at most as many as one pass of `step_s` hides on the link.
+        First the layers a model reclaimed in the step (`reclaim_due`)."""
         if not self.revert or self.whole_models:
             return
+        self._restore_reclaimed()
         if any(t.scheduler.short_of_memory for t in self.tenants.values()):
             self.hysteresis.streak = 0  # a request waits for KV cache: demand has not fallen
             return

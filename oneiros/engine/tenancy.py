@@ -56,6 +56,7 @@ class TenantCounters:
     donor_order_decisive: int = 0  # layers given where MRU and LRU would have chosen differently
     cap_hits: int = 0  # takes where the per-model cap kept a model from giving another layer
     admit_remaps: int = 0  # admissions given layers after waiting admit_remap_after_s
+    reclaims: int = 0  # lent layers bought back after their streaming cost as much (rent or buy)
 
 
 @dataclass(slots=True)

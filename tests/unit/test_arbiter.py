@@ -566,3 +566,53 @@ def test_a_turn_is_cut_by_time_unless_its_model_streams_lent_layers():
         runs += [p.model for p in step.plans]
         assert all(p.stream == ((1,) if p.model == "a" else ()) for p in step.plans)
     assert runs == ["a"] * 4 + ["b"] * 2 + ["a"] * 4 + ["b"] * 2
+
+
+# ---- reclaiming lent layers (rent or buy) --------------------------------------------------------
+def test_a_model_streaming_lent_layers_buys_them_back_once_streaming_cost_as_much():
+    """a lent 3 layers whose memory b's running request holds as KV cache; passes that wait
+    within the target share build no rent; then each of a's 1 ms passes waits 5 ms for streamed
+    copies. Bringing the layers back costs 3 copies a layer (1 ms each): once a has paid that,
+    with most of its passes' time waiting, b's youngest request is preempted for the pages and
+    the layers come back in the memory step after the step; until then a rents."""
+    layer_s = 1e-3
+    arena = PageArena(2 * (1 + 4 * 2) + 2, PAGE)  # two models of 4 layers, 2 pages for a's KV
+    tenants = make_tenants(arena, {"a": 4, "b": 4}, max_num_batched_tokens=256)
+    _, arbiter, controller, _ = make_planning(
+        tenants, h2d_bytes_per_s=tenants["a"].residency.layer_bytes / layer_s
+    )
+    for layer in (1, 2, 3):
+        tenants["a"].residency.evict(layer)
+    b = tenants["b"].scheduler
+    b.add(make_request(6 * 16, model="b"))  # its KV cache fills the 6 pages a lent
+    arbiter.begin()
+    plan = b.schedule()
+    commit(b, plan)
+    assert b.running and arena.num_free == 2
+    tenants["a"].scheduler.add(make_request(8, model="a"))
+    a = tenants["a"]
+    over = 3 - controller.alpha_max(a)
+    assert over > 0
+    for _ in range(1000):  # passes that wait no more than the target share build no rent
+        controller.observe_step("a", 1e-3, True, exposed_s=1e-5)
+    assert controller.reclaim_due(a) is None
+    paid = 0.0
+    for _ in range(50):
+        arbiter.begin()
+        step = Step(0.0)
+        controller.begin(step)
+        need = controller.reclaim_due(a)
+        if need is not None:
+            break
+        controller.observe_step("a", 1e-3, True, exposed_s=5e-3)
+        paid += 5e-3
+    assert paid >= 3 * over * layer_s  # it rented until it had paid the price
+    assert need == over * 2 - 2 and step.notes["a", "reclaims"] == 1
+    assert arbiter.preempt_others("a", need) >= need and not b.running
+    after = Step(0.0)
+    controller.begin(after)
+    controller.after_step(["a", "b"], 1e-3)
+    assert len(a.residency.missing_layers) == 3 - over
+    assert sum(isinstance(op, RestoreLayer) for op in after.memory) == over
+    assert controller.reclaim_due(a) is None  # paid for: renting starts over
+    check(tenants)
