@@ -466,8 +466,10 @@ class RemapController:
         it buys. What counts is exposure beyond the target share (`max_exposed`: streaming the
         controller planned to hide), decayed over REBALANCE_HORIZON passes (a rate, not a sum
         over the whole run). Returns the pages to free for them first (the planner has the
-        arbiter preempt requests of models out of their turn), None while it still rents. The layers come back
-        in the memory step after this one (`after_step`: KV pages may move there)."""
+        arbiter preempt requests of models out of their turn), None while it still rents. The
+        layers come back in the memory step after this one (`after_step`: KV pages may move
+        there). Only with most of its passes' time waiting (RECLAIM_EXPOSED): the preempted
+        requests' TPOT pays the stall."""
         if (
             not self.revert or not self.cap_waiting or self.sharing != "temporal"
             or self.loads_on_demand or self.whole_models or t.name in self._reclaim
