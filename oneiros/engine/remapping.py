@@ -139,7 +139,7 @@ class RemapController:
         self._exposed: dict[str, float] = {}  # EMA of the exposed share of decode passes
         self._penalty: dict[str, int] = {}  # layers alpha is lowered by after measured exposure
         self._calm: dict[str, int] = {}  # decode steps in a row with little exposure
-        self._rent: dict[str, float] = {}  # exposed copy time paid streaming lent layers
+        self._rent: dict[str, float] = {}  # exposure beyond the target share, decayed (rent)
         self._reclaim: dict[str, int] = {}  # layers to restore after this step (`reclaim_due`)
         self.step = Step(0.0)  # where this step's memory actions go (`begin`)
         # KV pages may move (`MoveKV`) while the step holds no KV swap: the planner lowers it

@@ -2,11 +2,10 @@
 
 Temporal sharing runs one model per step, in turns: the model whose turn it is runs for `turn_steps`
 steps (or until it has nothing to run, or for at most `turn_max_s` unless it streams lent layers
-in its passes), then the turn passes
-to the next model with work in round-robin order, except that a model which has not been offered
-a step for `max_wait_s` goes first. Models out of their turn are not running: they are the first
-to give parameter memory (the one that ran most recently is needed last), and the next one gets
-its layers back before its turn.
+in its passes), then the turn passes to the next model with work in round-robin order, except
+that a model which has not been offered a step for `max_wait_s` goes first. Models out of their
+turn are not running: they are the first to give parameter memory (the one that ran most recently
+is needed last), and the next one gets its layers back before its turn.
 With turn reloads (see `engine/remapping.py`) a turn lasts at least the steps that hide a reload
 and until the next model's layers have landed, and a model whose oldest request has waited
 `max_wait_s` for its first token goes before the others.
@@ -56,7 +55,7 @@ class TenantCounters:
     donor_order_decisive: int = 0  # layers given where MRU and LRU would have chosen differently
     cap_hits: int = 0  # takes where the per-model cap kept a model from giving another layer
     admit_remaps: int = 0  # admissions given layers after waiting admit_remap_after_s
-    reclaims: int = 0  # lent layers bought back after their streaming cost as much (rent or buy)
+    reclaims: int = 0  # lent layers bought back once streaming them cost as much (rent or buy)
 
 
 @dataclass(slots=True)
