@@ -483,7 +483,7 @@ class RemapController:
             return None
         self._reclaim[t.name] = over
         self._rent[t.name] = 0.0
-        self.step.notes[t.name, "reclaims"] += 1
+        self.note(t.name, "reclaims")
         return max(0, over * t.residency.pages_per_layer - self._free_pages())
 
     def _restore_reclaimed(self) -> None:

@@ -14,10 +14,10 @@ def make_store(names=("a", "b", "c"), active=None) -> MetadataStore:
     return store
 
 
-def offer(policy: TenancyPolicy, store: MetadataStore, now: float) -> str:
+def offer(policy: TenancyPolicy, store: MetadataStore, now: float, streams: bool = False) -> str:
     """What the engine does under temporal sharing when every offered model has work: the first
     model of the order runs (and is recorded as offered)."""
-    first = policy.order(store, now)[0]
+    first = policy.order(store, now, streams=streams)[0]
     policy.ran(store, first, now)
     return first
 
@@ -193,12 +193,7 @@ def test_a_turn_that_streams_lent_layers_is_not_cut_by_time():
     counts steps only then. A model starved past max_wait_s still goes first."""
     store = make_store()
     policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=4, turn_max_s=0.1)
-    ran = []
-    for t in range(5):
-        first = policy.order(store, t * 0.03, streams=True)[0]
-        policy.ran(store, first, t * 0.03)
-        ran.append(first)
-    assert ran == ["a"] * 4 + ["b"]
+    assert [offer(policy, store, t * 0.03, streams=True) for t in range(5)] == ["a"] * 4 + ["b"]
     store = make_store()
     policy = TenancyPolicy("temporal", max_wait_s=1e9, turn_steps=8, turn_max_s=0.1)
     offer(policy, store, 0.0)
