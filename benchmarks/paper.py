@@ -260,7 +260,7 @@ def metrics(r: RunResult) -> dict:
         **{k: eng.get(k, 0) for k in (
             "preemptions", "remapped_layers", "restored_layers", "h2d_bytes", "steps",
             "donor_order_decisive", "cap_hits", "prefetched_layers", "stream_exposed_s",
-            "stream_copy_s", "restore_failures", "kv_pages_moved", "admit_remaps",
+            "stream_copy_s", "restore_failures", "kv_pages_moved", "admit_remaps", "reclaims",
         )},
     }
 
@@ -412,7 +412,7 @@ def render(rows: list[Row], n: int, wall: float, explained: dict[str, str],
         extra = {k: round(ours.get(k, 0), 1) for k in (
             "preemptions", "remapped_layers", "restored_layers", "prefetched_layers",
             "donor_order_decisive", "cap_hits", "restore_failures", "kv_pages_moved",
-            "admit_remaps",
+            "admit_remaps", "reclaims",
         )}
         base_pre = ", ".join(f"{k} {row.results[k]['preemptions']}" for k in row.baselines)
         notes = f"clipped {ours['clipped']}, rejected {ours['rejected']}" if ours["clipped"] else ""

@@ -388,6 +388,7 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], Any], str | None]] = [
     ("remapped layers", _get("summary", "engine", "remapped_layers"), None),
     ("restored layers", _get("summary", "engine", "restored_layers"), None),
     ("  in cool-down", _get("cooldown", "restored_layers"), None),
+    ("layer buy-backs", _get("summary", "engine", "reclaims"), None),
     ("h2d MiB", _get("summary", "engine", "h2d_bytes", scale=2**-20), None),
     ("copy exposed (s)", _get("summary", "engine", "stream_exposed_s"), None),
     ("process CPU (s)", _get("cpu_s"), None),

@@ -221,13 +221,13 @@ class RemapController:
         for its turn (its turn would start by restoring more; with cap_waiting off a waiting
         model lends up to the fraction); nothing from a running model for an admission.
         `capped` False: the choice without either cap (what cap_hits compares with).
-        `stuck` (oversubscribed, nothing runs anywhere): every model with work down to its
-        fraction cap, since no page would ever be freed otherwise."""
+        `stuck` (nothing runs anywhere): every model with work down to its fraction cap, since no
+        page would ever be freed otherwise (it streams what it lent until reversion restores it)."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if capped else 1.0)
         if self.whole_models:
             cap = 0 if t.state.active else n
-        elif stuck and self.oversubscribed and t.state.active:
+        elif stuck and t.state.active:
             pass
         elif t.state.running and admitting:
             cap = 0
