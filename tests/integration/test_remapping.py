@@ -7,7 +7,9 @@
   - a bursty three-tenant workload on a budget where recompute and swap preempt: policy oneiros
     finishes the same requests without preempting, with outputs identical to solo runs, by turning
     the slab pages of inactive models into KV pages, and gives them back to the slabs once the load
-    falls (dynamic reversion); integrity is checked after every step and nothing leaks.
+    falls (dynamic reversion); integrity is checked after every step and nothing leaks;
+  - a model that buys its lent layers back (preempting requests of a model out of its turn) keeps
+    every token.
 """
 
 from __future__ import annotations
@@ -367,6 +369,41 @@ def test_kv_pages_of_running_requests_move_and_tokens_stay(solo_outputs):
         if total(e, "kv_pages_moved"):
             break
     assert total(e, "kv_pages_moved") > 0
+
+
+def test_a_model_that_buys_back_its_lent_layers_keeps_every_token(solo_outputs):
+    """a's burst runs alone and its KV cache takes a layer of b, which has no work; then b's
+    burst arrives. b's passes are made to have waited for their streamed layer as long as
+    bringing it back costs (its rent set: these tiny layers copy in microseconds on this CPU,
+    so waiting would never cost that much here): b buys, a's requests (out of their turn) are
+    preempted for the pages, b's layer comes back. Every token equals each model's alone."""
+    e = workload_engine("oneiros")
+    remap_ = e.planner.remap
+    ids, done = {}, {}
+
+    def add(name: str) -> None:
+        for p in burst(name):
+            req = e.add_request(p, SamplingParams(max_tokens=WORKLOAD_MAX_TOKENS, **GREEDY), name)
+            ids[req.request_id] = (name, tuple(p))
+
+    def step() -> None:
+        done.update((out.request_id, out) for out in e.step() if out.finished)
+        e.check_integrity()
+
+    add("a")
+    while not e.tenants["b"].residency.missing_layers:
+        step()
+    assert e.tenants["a"].scheduler.running
+    remap_._rent["b"], remap_._exposed["b"] = 1e9, 1.0
+    add("b")
+    while e.has_unfinished():
+        step()
+    assert {ids[r]: out.token_ids for r, out in done.items()} == {
+        k: v for k, v in solo_outputs.items() if k[0] in "ab"
+    }
+    counters = {n: s.counters for n, s in e.store.states.items()}
+    assert counters["b"].reclaims == 1 and counters["a"].preemptions > 0
+    assert counters["b"].restored_layers == counters["b"].remapped_layers
 
 
 def test_reversion_restores_every_layer_once_the_load_falls():
