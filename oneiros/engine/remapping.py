@@ -222,11 +222,13 @@ class RemapController:
         model lends up to the fraction); nothing from a running model for an admission.
         `capped` False: the choice without either cap (what cap_hits compares with).
         `stuck` (nothing runs anywhere): every model with work down to its fraction cap, since no
-        page would ever be freed otherwise (it streams what it lent until reversion restores it)."""
+        page would ever be freed otherwise (it streams what it lent until reversion restores it);
+        under `whole_models` any model but the requester (`take`) goes off whole, and comes back
+        whole once memory allows."""
         n = t.num_layers
         cap = alpha_cap(n, self.max_remap_fraction if capped else 1.0)
         if self.whole_models:
-            cap = 0 if t.state.active else n
+            cap = n if stuck or not t.state.active else 0
         elif stuck and t.state.active:
             pass
         elif t.state.running and admitting:
@@ -298,6 +300,8 @@ class RemapController:
         """Free at least `pages` arena pages by remapping layers (of any model but `exclude`;
         only of models not running when `admitting`, unless `stuck`: see `_donor`); returns the
         pages freed."""
+        if stuck and self.whole_models:
+            exclude = requester  # it runs with every layer: another model goes off whole
         freed = 0
         while freed < pages:
             donors = [

@@ -4,7 +4,7 @@ schedulers, metadata) and no model. Every memory decision must show up as data i
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from oneiros.core import (
@@ -665,22 +665,25 @@ def slow_link_bursts(
     return reqs, buys
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.integers(0, 2**31), st.sampled_from([0.0, 0.5, 4.0]), st.sampled_from(["ab", "abc"]),
     st.sampled_from(["temporal", "spatial"]), st.sampled_from([0, 8]),
     st.sampled_from([{}, {"revert": False}, {"cap_waiting": False}, {"prefetch_distance": 1},
-                     {"admit_remap_after_s": 0.0}]),
+                     {"admit_remap_after_s": 0.0}, {"donor_order": "lru"},
+                     {"turn_reload": True}, {"whole_models": True}]),
 )
 def test_random_bursts_over_a_slow_link_keep_every_invariant_and_finish(
     seed, wait_per_layer, models, sharing, reserve, options
 ):
     """Over a link slow enough that running models lend little or nothing, with passes waiting
     for streamed lent layers or not (and buying them back or not), every option of the
-    remapping controller: the page accounting stays exact after every step and every request
-    finishes (when nothing runs anywhere an admission may take any model's layers down to the
-    fraction cap: before that, two models each waiting for more KV cache than was free lent
-    nothing to each other and waited forever)."""
+    remapping controller and the offload baseline (whole models): the page accounting stays
+    exact after every step and every request finishes (when nothing runs anywhere an admission
+    may take any model's layers down to the fraction cap, or another model whole: before that,
+    two models each waiting for more KV cache than was free lent nothing to each other and
+    waited forever)."""
+    assume(sharing == "temporal" or not options.get("turn_reload"))
     reqs, buys = slow_link_bursts(seed, wait_per_layer, models, sharing, reserve, **options)
     assert all(r.finished for r in reqs)
     assert wait_per_layer > 0 or buys == 0  # nothing waited: nothing to buy
