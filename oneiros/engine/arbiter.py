@@ -60,6 +60,9 @@ class Arbiter:
         self.now = 0.0  # the step being planned
         self.planned: set[str] = set()  # models whose plan for the current step is made
         self.foreign: dict[str, StepPlan] = {}  # preemptions made for another model's request
+        # The last step planned nothing while requests waited and none ran (the planner sets it):
+        # no page would ever be freed, so admissions may take any model's layers (`make_room`).
+        self.stalled = False
 
     # ---- the step --------------------------------------------------------------------------------
     def begin(self, now: float = 0.0) -> None:
@@ -171,8 +174,12 @@ class Arbiter:
             # wait forever).
             admitting = req.status is not RequestStatus.RUNNING
             idle = not self.running_anywhere()
+            # Stuck: with oversubscribed weights as soon as nothing runs (a model off the device
+            # may need another's layers to run at all), else once a whole step found nothing to
+            # run (models with work lend down to their fraction cap then: see `_donor`).
+            stuck = idle and (self.stalled or self.remap.oversubscribed)
             if not admitting or idle or self.remaps_for(req):
-                took = self.remap.take(requester, need - freed, admitting=admitting, stuck=idle)
+                took = self.remap.take(requester, need - freed, admitting=admitting, stuck=stuck)
                 if took and admitting and not idle and not self.remap_on_admit:
                     self.remap.note(requester, "admit_remaps")  # past the bound on its wait
                 freed += took

@@ -46,11 +46,13 @@ class Planner:
         self.remap = remap
         # Models that could run only by streaming more than their passes hide: since when.
         self._blocked_since: dict[str, float] = {}
+        self._stalled = False  # the last step planned nothing, requests waited, none ran
 
     def plan(self, now: float) -> Step:
         step = Step(now)
         self.refresh()
         self.arbiter.begin(now)
+        self.arbiter.stalled = self._stalled
         if self.remap is not None:
             self.remap.begin(step)
         hold = False
@@ -108,6 +110,9 @@ class Planner:
         for t in self.tenants.values():  # last: planning that raises before here loses none
             step.finished += t.scheduler.finished_in_schedule
             t.scheduler.finished_in_schedule.clear()
+        self._stalled = not step.plans and not self.arbiter.running_anywhere() and any(
+            t.scheduler.waiting for t in self.tenants.values()
+        )
         return step
 
     def _swaps_planned(self, plan: StepPlan) -> bool:

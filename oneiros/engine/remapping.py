@@ -221,7 +221,8 @@ class RemapController:
         for its turn (its turn would start by restoring more; with cap_waiting off a waiting
         model lends up to the fraction); nothing from a running model for an admission.
         `capped` False: the choice without either cap (what cap_hits compares with).
-        `stuck` (nothing runs anywhere): every model with work down to its fraction cap, since no
+        `stuck` (nothing runs anywhere and, unless oversubscribed, a whole step found nothing to
+        run: see `Arbiter.make_room`): every model with work down to its fraction cap, since no
         page would ever be freed otherwise (it streams what it lent until reversion restores it);
         under `whole_models` any model but the requester (`take`) goes off whole, and comes back
         whole once memory allows."""

@@ -679,10 +679,10 @@ def test_random_bursts_over_a_slow_link_keep_every_invariant_and_finish(
     """Over a link slow enough that running models lend little or nothing, with passes waiting
     for streamed lent layers or not (and buying them back or not), every option of the
     remapping controller and the offload baseline (whole models): the page accounting stays
-    exact after every step and every request finishes (when nothing runs anywhere an admission
-    may take any model's layers down to the fraction cap, or another model whole: before that,
-    two models each waiting for more KV cache than was free lent nothing to each other and
-    waited forever)."""
+    exact after every step and every request finishes (once a step finds nothing to run while
+    requests wait, an admission may take any model's layers down to the fraction cap, or
+    another model whole: before that, two models each waiting for more KV cache than was free
+    lent nothing to each other and waited forever)."""
     assume(sharing == "temporal" or not options.get("turn_reload"))
     reqs, buys = slow_link_bursts(seed, wait_per_layer, models, sharing, reserve, **options)
     assert all(r.finished for r in reqs)
@@ -692,3 +692,26 @@ def test_random_bursts_over_a_slow_link_keep_every_invariant_and_finish(
 def test_random_bursts_whose_passes_wait_for_copies_buy_layers_back():
     """The property above exercises buying back: on these seeds the passes that wait buy."""
     assert sum(slow_link_bursts(seed, 4.0)[1] for seed in range(5)) > 0
+
+
+def test_a_step_that_finds_nothing_to_run_lets_the_next_take_layers_of_models_with_work():
+    """Two models with work over a slow link (a pass hides no copy), nothing running, and each
+    head request needs 3 pages where 2 are free: the first step plans nothing (a model with
+    work lends only what its passes hide), the next takes a layer of a model with work for an
+    admission and runs it."""
+    arena = PageArena(2 * (1 + 4 * 2) + 2, PAGE)
+    tenants = make_tenants(arena, {"a": 4, "b": 4})
+    _, arbiter, _, planner = make_planning(
+        tenants, h2d_bytes_per_s=tenants["a"].residency.layer_bytes / 1e-3
+    )
+    for name in "ab":
+        tenants[name].scheduler.add(make_request(40, max_tokens=4, model=name))
+    first = run_step(planner, 0.0)
+    assert not first.plans and not first.memory
+    second = run_step(planner, 1e-3)
+    assert [len(p.seqs) for p in second.plans] == [1]
+    assert any(isinstance(op, EvictLayer) for op in second.memory)
+    assert arbiter.stalled  # this step came after a stall
+    run_step(planner, 2e-3)
+    assert not arbiter.stalled  # the last one ran something
+    check(tenants)
