@@ -26,14 +26,18 @@ from tests.factories import commit, make_planning, make_request, make_tenants
 PAGE = 4096  # 4 KV blocks of 4 tokens per page (make_tenants' default block bytes)
 
 
-def run_step(planner, now: float = 0.0, step_s: float = 1e-3) -> Step:
-    """plan -> (no executor: every pass takes step_s) -> commit each plan -> observe; returns
-    the step (reversion planned after it is applied to the accounting already)."""
+def run_step(
+    planner, now: float = 0.0, step_s: float = 1e-3, wait_per_layer: float = 0.0
+) -> Step:
+    """plan -> (no executor: every pass takes step_s, plus `wait_per_layer` x step_s of exposed
+    copy time per layer it streams) -> commit each plan -> observe; returns the step
+    (reversion planned after it is applied to the accounting already)."""
     step = planner.plan(now)
     results = []
     for plan in step.plans:
         commit(planner.tenants[plan.model].scheduler, plan)
-        results.append(StepResult([], [], [], elapsed=step_s))
+        exposed = wait_per_layer * step_s * len(plan.stream)
+        results.append(StepResult([], [], [], elapsed=step_s + exposed, exposed_s=exposed))
     planner.observe(step, results)
     return step
 
@@ -650,15 +654,9 @@ def slow_link_bursts(
             r.arrival_time = now
             tenants[name].scheduler.add(r)
             reqs.append(r)
-        step = planner.plan(now)
-        results = []
-        for plan in step.plans:
-            commit(tenants[plan.model].scheduler, plan)
-            exposed = wait_per_layer * layer_s * len(plan.stream)
-            results.append(StepResult([], [], [], elapsed=layer_s + exposed, exposed_s=exposed))
-        planner.observe(step, results)
+        step = run_step(planner, now, layer_s, wait_per_layer)
         buys += sum(v for (_, what), v in step.notes.items() if what == "reclaims")
-        now += layer_s + max((r.exposed_s for r in results), default=0.0)
+        now += layer_s * (1 + wait_per_layer * max((len(p.stream) for p in step.plans), default=0))
         check(tenants)
         if k > arrivals and not any(t.scheduler.has_work for t in tenants.values()):
             break
