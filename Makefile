@@ -28,8 +28,12 @@ browser:
 		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		>/dev/null 2>&1; } || echo "chromium could not be installed: the dashboard test will skip"
 
+# The suite in TEST_JOBS processes (pytest-xdist), each test file whole in one of them, so a module's
+# server, cluster or browser still starts once; TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= 2
+
 test: setup browser
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check oneiros tests benchmarks
