@@ -1,12 +1,27 @@
-"""Helpers shared by several test modules: byte comparison and a live server on loopback."""
+"""Helpers shared by several test modules: byte comparison, a live server on loopback, loading a
+benchmark script as a module."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+
+def load_script(path: Path, name: str) -> Any:
+    """A script that is not in a package (a benchmark), loaded as module `name` and registered in
+    sys.modules (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

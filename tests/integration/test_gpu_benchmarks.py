@@ -4,7 +4,6 @@ The numbers themselves mean nothing on a CPU; this only keeps the scripts from r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "benchmarks" / "gpu"
@@ -97,10 +98,7 @@ def test_e2e(tmp_path):
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("gpu_bench_common", GPU / "common.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(GPU / "common.py", "gpu_bench_common")
 
 
 def test_peak_bandwidth_from_the_device_name():

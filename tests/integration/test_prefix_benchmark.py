@@ -4,11 +4,12 @@ numbers mean nothing here; this keeps the script from rotting and checks its acc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,11 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def load_benchmark():
-    path = ROOT / "benchmarks" / "prefix.py"
-    spec = importlib.util.spec_from_file_location("prefix_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "prefix.py", "prefix_benchmark")
 
 
 def test_prefix_benchmark_smoke(tmp_path, capsys):

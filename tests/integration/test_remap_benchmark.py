@@ -6,13 +6,14 @@ position, margins, verdicts) is checked on hand-made token lists."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from oneiros.bench.runner import RequestTokens
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 # About 24 short requests within 0.3 s: they meet in the engine whatever the machine's speed, so
@@ -27,10 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 @pytest.fixture(scope="module")
 def remap():
-    spec = importlib.util.spec_from_file_location("remap_benchmark", ROOT / "benchmarks/remap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield load_script(ROOT / "benchmarks/remap.py", "remap_benchmark")
+    del sys.modules["remap_benchmark"]
 
 
 def run(remap, tmp_path: Path, *extra: str, status: int = 0) -> dict:

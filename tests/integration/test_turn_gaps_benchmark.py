@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,16 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "turn_gaps.py"
 
 
 @pytest.fixture(scope="module")
 def turn_gaps():
-    spec = importlib.util.spec_from_file_location("turn_gaps", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield load_script(SCRIPT, "turn_gaps")
+    del sys.modules["turn_gaps"]
 
 
 def test_gaps_are_split_by_the_other_models_turns_they_span(turn_gaps):
