@@ -279,6 +279,10 @@ def test_dead_engine_loop_fails_requests_and_reports_it(llama12: str) -> None:
             await ae.add_request(PROMPT, GREEDY, "n")
 
     asyncio.run(run())
+    # The engine thread fails the streams first and runs the on_death callbacks after: wait for it
+    # to end (on a loaded machine the test could otherwise look before the callbacks ran).
+    ae._thread.join(30)
+    assert not ae._thread.is_alive()
     h = ae.health()
     assert h.state == "dead" and "InjectedCrash" in (h.error or "")
     assert len(deaths) == 1 and not ae.is_running
